@@ -1,0 +1,17 @@
+//! Outpost, the IoT Edge deployment agent.
+//!
+//! # Layout
+//!
+//! - [`manifest`]: the deployment manifest: types, schema, validation.
+//! - [`signing`]: Ed25519 keys and DSSE envelopes around manifests.
+//! - [`intake`]: the one path from untrusted bytes to an accepted deployment.
+//! - [`config`]: the device configuration, read raw and validated.
+//! - [`logging`]: tracing set-up (human or JSON).
+//! - [`cli`]: the `outpost` command line (the binary only calls [`cli::main`]).
+
+pub mod cli;
+pub mod config;
+pub mod intake;
+pub mod logging;
+pub mod manifest;
+pub mod signing;

@@ -1,0 +1,603 @@
+//! The device configuration: read raw from a TOML file and `OUTPOST__SECTION__KEY` environment
+//! variables (the `config` crate), then validated into [`Config`], the form the program uses.
+//! Every problem is reported at once, each naming its key and value.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::logging::LogFormat;
+use crate::signing::TrustedKeys;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/outpost/config.toml";
+
+/// One problem with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Dotted key, e.g. `hub.url`.
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist; copy manifests/device.example.toml there or pass --config PATH")]
+    NotFound(PathBuf),
+    #[error("cannot read configuration from {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("invalid configuration in {path}:\n  {}", .issues.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    Invalid {
+        path: PathBuf,
+        issues: Vec<ConfigIssue>,
+    },
+}
+
+// ----- raw form: exactly what the file and the environment say -----
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    device_id: Option<String>,
+    state_dir: Option<PathBuf>,
+    log_level: Option<String>,
+    log_format: Option<String>,
+    hub: Option<RawHub>,
+    #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
+    api: RawApi,
+    #[serde(default)]
+    bus: RawBus,
+    #[serde(default)]
+    telemetry: RawTelemetry,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHub {
+    url: Option<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    topic_prefix: Option<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    allow_insecure: bool,
+    keep_alive_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    kind: Option<String>,
+    docker_socket: Option<PathBuf>,
+    stop_grace_secs: Option<u64>,
+    max_concurrent_pulls: Option<usize>,
+    image_gc_after_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    trusted_keys: Vec<PathBuf>,
+    #[serde(default)]
+    allowed_registries: Vec<String>,
+    #[serde(default)]
+    allow_privileged: bool,
+    #[serde(default)]
+    allow_host_network: bool,
+    #[serde(default)]
+    allowed_host_paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBus {
+    enabled: Option<bool>,
+    listen: Option<String>,
+    external_url: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    interval_secs: Option<u64>,
+    outbox_max_bytes: Option<u64>,
+    outbox_max_age_secs: Option<u64>,
+    metrics_listen: Option<String>,
+}
+
+// ----- validated form -----
+
+/// The configuration the agent runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration came from, for messages.
+    pub source: PathBuf,
+    pub device_id: String,
+    pub state_dir: PathBuf,
+    /// A `tracing` filter directive; `RUST_LOG` overrides it.
+    pub log_level: String,
+    pub log_format: LogFormat,
+    /// `None` runs the device without a hub (local deployments only).
+    pub hub: Option<HubConfig>,
+    pub runtime: RuntimeConfig,
+    pub policy: PolicyConfig,
+    /// The local API's Unix socket (owner-only), used by `outpost deploy --local`, `list`, `logs`.
+    pub api_socket: PathBuf,
+    pub bus: BusConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub url: url::Url,
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    /// Without it, the system's root certificates are used.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS.
+    pub client_auth: Option<(PathBuf, PathBuf)>,
+    /// User name and the file holding the password; the password is read when connecting.
+    pub credentials: Option<(String, PathBuf)>,
+    pub topic_prefix: String,
+    pub groups: Vec<String>,
+    pub keep_alive: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub docker_socket: PathBuf,
+    pub stop_grace: Duration,
+    pub max_concurrent_pulls: usize,
+    /// Images no deployment uses are removed after this long.
+    pub image_gc_after: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub trusted_key_files: Vec<PathBuf>,
+    /// Loaded at start-up so a bad key file is a configuration error, not a refused deployment.
+    pub trusted_keys: TrustedKeys,
+    /// Empty means any registry.
+    pub allowed_registries: Vec<String>,
+    pub allow_privileged: bool,
+    pub allow_host_network: bool,
+    /// Prefixes a bind mount's host path must be under; empty allows no host paths.
+    pub allowed_host_paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// An external broker (e.g. the device's Mosquitto) instead of the embedded one.
+    pub external_url: Option<url::Url>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    pub interval: Duration,
+    pub outbox_max_bytes: u64,
+    pub outbox_max_age: Duration,
+    /// Prometheus endpoint; loopback only.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Loads the file at `path`, overlays `OUTPOST__SECTION__KEY` variables from `env`, and
+    /// validates the result.
+    ///
+    /// Fails when the file is missing or unreadable, is not TOML, has unknown keys or values of
+    /// the wrong type, or breaks a rule (bad URL, missing files, unsafe settings).
+    pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError::NotFound(path.to_path_buf()));
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("OUTPOST__"))
+            .collect();
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("OUTPOST")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("hub.groups")
+                    .with_list_parse_key("policy.trusted_keys")
+                    .with_list_parse_key("policy.allowed_registries")
+                    .with_list_parse_key("policy.allowed_host_paths")
+                    .source(Some(env)),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Read {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let base = path.parent().unwrap_or(Path::new("/"));
+        validate(raw, base).map_err(|issues| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            issues,
+        }).map(|mut c| {
+            c.source = path.to_path_buf();
+            c
+        })
+    }
+}
+
+struct Issues(Vec<ConfigIssue>);
+
+impl Issues {
+    fn push(&mut self, key: &str, message: impl Into<String>) {
+        self.0.push(ConfigIssue {
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    /// A file the agent will need: relative paths are taken from the config file's folder.
+    fn file(&mut self, key: &str, path: &Path, base: &Path) -> PathBuf {
+        let path = if path.is_relative() { base.join(path) } else { path.to_path_buf() };
+        if !path.is_file() {
+            self.push(key, format!("file {} does not exist or is not a regular file", path.display()));
+        }
+        path
+    }
+}
+
+fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
+    let mut issues = Issues(Vec::new());
+
+    let device_id = raw.device_id.unwrap_or_default();
+    if device_id.is_empty() {
+        issues.push("device_id", "is required: the name this device has on the hub");
+    } else if !is_topic_level(&device_id) {
+        issues.push(
+            "device_id",
+            format!("`{device_id}` is not valid: 1 to 128 letters, digits, `.`, `_` or `-`"),
+        );
+    }
+    let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/outpost"));
+    if state_dir.is_relative() {
+        issues.push("state_dir", format!("`{}` must be an absolute path", state_dir.display()));
+    }
+    let log_level = raw.log_level.unwrap_or_else(|| "info".into());
+    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        issues.push("log_level", format!("`{log_level}` is not a level (error, warn, info, debug, trace) or filter"));
+    }
+    let log_format = match raw.log_format.as_deref() {
+        None | Some("human") => LogFormat::Human,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            issues.push("log_format", format!("`{other}` is not `human` or `json`"));
+            LogFormat::Human
+        }
+    };
+
+    let hub = raw.hub.and_then(|h| hub(h, base, &mut issues));
+
+    let r = raw.runtime;
+    if let Some(kind) = r.kind.as_deref()
+        && kind != "docker"
+    {
+        issues.push("runtime.kind", format!("`{kind}` is not supported; use `docker`"));
+    }
+    let max_concurrent_pulls = r.max_concurrent_pulls.unwrap_or(2);
+    if !(1..=16).contains(&max_concurrent_pulls) {
+        issues.push("runtime.max_concurrent_pulls", format!("{max_concurrent_pulls} is outside 1..=16"));
+    }
+    let stop_grace_secs = r.stop_grace_secs.unwrap_or(10);
+    if stop_grace_secs > 600 {
+        issues.push("runtime.stop_grace_secs", format!("{stop_grace_secs} is over 600 seconds"));
+    }
+    let runtime = RuntimeConfig {
+        docker_socket: r.docker_socket.unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
+        stop_grace: Duration::from_secs(stop_grace_secs),
+        max_concurrent_pulls,
+        image_gc_after: Duration::from_secs(r.image_gc_after_secs.unwrap_or(24 * 3600)),
+    };
+
+    let p = raw.policy;
+    let trusted_key_files: Vec<PathBuf> = p
+        .trusted_keys
+        .iter()
+        .enumerate()
+        .map(|(i, f)| issues.file(&format!("policy.trusted_keys[{i}]"), f, base))
+        .collect();
+    let trusted_keys = if trusted_key_files.iter().all(|f| f.is_file()) {
+        TrustedKeys::load(&trusted_key_files).unwrap_or_else(|e| {
+            issues.push("policy.trusted_keys", e.to_string());
+            TrustedKeys::default()
+        })
+    } else {
+        TrustedKeys::default()
+    };
+    for (i, prefix) in p.allowed_host_paths.iter().enumerate() {
+        if prefix.is_relative() || prefix.components().any(|c| c == std::path::Component::ParentDir) {
+            issues.push(
+                &format!("policy.allowed_host_paths[{i}]"),
+                format!("`{}` must be an absolute path without `..`", prefix.display()),
+            );
+        }
+    }
+    for (i, registry) in p.allowed_registries.iter().enumerate() {
+        if registry.is_empty() || registry.contains('/') {
+            issues.push(
+                &format!("policy.allowed_registries[{i}]"),
+                format!("`{registry}` must be a registry host[:port], such as `registry.example.com:5000`"),
+            );
+        }
+    }
+    let policy = PolicyConfig {
+        trusted_key_files,
+        trusted_keys,
+        allowed_registries: p.allowed_registries,
+        allow_privileged: p.allow_privileged,
+        allow_host_network: p.allow_host_network,
+        allowed_host_paths: p.allowed_host_paths,
+    };
+
+    let api_socket = raw.api.socket.unwrap_or_else(|| PathBuf::from("/run/outpost/api.sock"));
+    if api_socket.is_relative() {
+        issues.push("api.socket", format!("`{}` must be an absolute path", api_socket.display()));
+    }
+
+    let bus_listen = raw.bus.listen.unwrap_or_else(|| "127.0.0.1:1884".into());
+    let listen = match bus_listen.parse::<SocketAddr>() {
+        Ok(addr) => {
+            if addr.ip().is_unspecified() {
+                issues.push("bus.listen", format!("`{bus_listen}` listens on every interface; name the address modules reach (e.g. the Docker bridge's)"));
+            }
+            addr
+        }
+        Err(_) => {
+            issues.push("bus.listen", format!("`{bus_listen}` is not an address:port"));
+            SocketAddr::from(([127, 0, 0, 1], 1884))
+        }
+    };
+    let external_url = raw.bus.external_url.and_then(|u| match url::Url::parse(&u) {
+        Ok(url) if matches!(url.scheme(), "mqtt" | "mqtts") => Some(url),
+        _ => {
+            issues.push("bus.external_url", format!("`{u}` is not an mqtt:// or mqtts:// URL"));
+            None
+        }
+    });
+    let bus = BusConfig {
+        enabled: raw.bus.enabled.unwrap_or(true),
+        listen,
+        external_url,
+    };
+
+    let t = raw.telemetry;
+    let interval_secs = t.interval_secs.unwrap_or(60);
+    if interval_secs == 0 {
+        issues.push("telemetry.interval_secs", "must be at least 1");
+    }
+    let metrics_listen = t.metrics_listen.and_then(|m| match m.parse::<SocketAddr>() {
+        Ok(addr) if addr.ip().is_loopback() => Some(addr),
+        Ok(_) => {
+            issues.push("telemetry.metrics_listen", format!("`{m}` is not a loopback address; metrics are served on loopback only"));
+            None
+        }
+        Err(_) => {
+            issues.push("telemetry.metrics_listen", format!("`{m}` is not an address:port"));
+            None
+        }
+    });
+    let telemetry = TelemetryConfig {
+        interval: Duration::from_secs(interval_secs),
+        outbox_max_bytes: t.outbox_max_bytes.unwrap_or(64 * 1024 * 1024),
+        outbox_max_age: Duration::from_secs(t.outbox_max_age_secs.unwrap_or(7 * 24 * 3600)),
+        metrics_listen,
+    };
+
+    if !issues.0.is_empty() {
+        return Err(issues.0);
+    }
+    Ok(Config {
+        source: PathBuf::new(),
+        device_id,
+        state_dir,
+        log_level,
+        log_format,
+        hub,
+        runtime,
+        policy,
+        api_socket,
+        bus,
+        telemetry,
+    })
+}
+
+fn hub(h: RawHub, base: &Path, issues: &mut Issues) -> Option<HubConfig> {
+    let Some(text) = h.url else {
+        issues.push("hub.url", "is required when [hub] is present, e.g. `mqtts://hub.example.com:8883`");
+        return None;
+    };
+    let url = match url::Url::parse(&text) {
+        Ok(u) => u,
+        Err(e) => {
+            issues.push("hub.url", format!("`{text}` is not a URL: {e}"));
+            return None;
+        }
+    };
+    let tls = match url.scheme() {
+        "mqtts" => true,
+        "mqtt" => false,
+        other => {
+            issues.push("hub.url", format!("scheme `{other}` is not supported; use `mqtts://` (or `mqtt://` on loopback)"));
+            return None;
+        }
+    };
+    let Some(host) = url.host_str().map(|h| h.trim_matches(['[', ']']).to_string()) else {
+        issues.push("hub.url", format!("`{text}` names no host"));
+        return None;
+    };
+    if !tls && !h.allow_insecure && !is_loopback(&host) {
+        issues.push(
+            "hub.url",
+            format!("`{text}` is plaintext MQTT to a remote host; use `mqtts://`, or set hub.allow_insecure = true if you accept that"),
+        );
+    }
+    let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+    let ca_file = h.ca_file.map(|f| issues.file("hub.ca_file", &f, base));
+    let client_auth = match (h.cert_file, h.key_file) {
+        (Some(c), Some(k)) => Some((issues.file("hub.cert_file", &c, base), issues.file("hub.key_file", &k, base))),
+        (None, None) => None,
+        (Some(_), None) => {
+            issues.push("hub.key_file", "is required with hub.cert_file");
+            None
+        }
+        (None, Some(_)) => {
+            issues.push("hub.cert_file", "is required with hub.key_file");
+            None
+        }
+    };
+    if client_auth.is_some() && !tls {
+        issues.push("hub.cert_file", "a client certificate needs an `mqtts://` URL");
+    }
+    let credentials = match (h.username, h.password_file) {
+        (Some(u), Some(p)) => Some((u, issues.file("hub.password_file", &p, base))),
+        (None, None) => None,
+        (Some(_), None) => {
+            issues.push("hub.password_file", "is required with hub.username (the password is kept in a file, never in the config)");
+            None
+        }
+        (None, Some(_)) => {
+            issues.push("hub.username", "is required with hub.password_file");
+            None
+        }
+    };
+    let topic_prefix = h.topic_prefix.unwrap_or_else(|| "outpost".into());
+    if topic_prefix.is_empty() || topic_prefix.contains(['+', '#']) || topic_prefix.starts_with('/') || topic_prefix.ends_with('/') {
+        issues.push("hub.topic_prefix", format!("`{topic_prefix}` must be a topic without wildcards or leading/trailing `/`"));
+    }
+    for (i, group) in h.groups.iter().enumerate() {
+        if !is_topic_level(group) {
+            issues.push(&format!("hub.groups[{i}]"), format!("`{group}` is not valid: 1 to 128 letters, digits, `.`, `_` or `-`"));
+        }
+    }
+    let keep_alive = h.keep_alive_secs.unwrap_or(30);
+    if !(5..=3600).contains(&keep_alive) {
+        issues.push("hub.keep_alive_secs", format!("{keep_alive} is outside 5..=3600"));
+    }
+    Some(HubConfig {
+        url,
+        host,
+        port,
+        tls,
+        ca_file,
+        client_auth,
+        credentials,
+        topic_prefix,
+        groups: h.groups,
+        keep_alive: Duration::from_secs(keep_alive),
+    })
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn is_topic_level(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "x").unwrap();
+        Config::load(&path, env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    fn issues(r: Result<Config, ConfigError>) -> Vec<String> {
+        match r {
+            Err(ConfigError::Invalid { issues, .. }) => issues.iter().map(ToString::to_string).collect(),
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_safe_defaults() {
+        let c = load("device_id = \"cam-1\"\n", &[]).unwrap();
+        assert!(c.hub.is_none());
+        assert!(!c.policy.allow_privileged && !c.policy.allow_host_network);
+        assert!(c.policy.allowed_host_paths.is_empty());
+        assert!(c.bus.listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let c = load(
+            "device_id = \"cam-1\"\n[hub]\nurl = \"mqtts://hub.example.com\"\n",
+            &[("OUTPOST__HUB__URL", "mqtts://other.example.com:9000"), ("OUTPOST__DEVICE_ID", "cam-2"), ("OUTPOST__HUB__GROUPS", "a,b")],
+        )
+        .unwrap();
+        let hub = c.hub.unwrap();
+        assert_eq!((hub.host.as_str(), hub.port), ("other.example.com", 9000));
+        assert_eq!(hub.groups, ["a", "b"]);
+        assert_eq!(c.device_id, "cam-2");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = load("device_id = \"a\"\n[hub]\nurll = \"x\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let found = issues(load(
+            "device_id = \"a b\"\n[hub]\nurl = \"mqtt://hub.example.com\"\nca_file = \"missing.pem\"\n\
+             cert_file = \"ca.pem\"\n[bus]\nlisten = \"0.0.0.0:1883\"\n",
+            &[],
+        ));
+        let keys: Vec<_> = found.iter().map(|i| i.split(':').next().unwrap()).collect();
+        assert_eq!(keys, ["device_id", "hub.url", "hub.ca_file", "hub.key_file", "bus.listen"], "{found:#?}");
+        assert!(found[2].contains("missing.pem"));
+    }
+
+    #[test]
+    fn plaintext_is_allowed_on_loopback_or_when_asked() {
+        assert!(load("device_id = \"a\"\n[hub]\nurl = \"mqtt://127.0.0.1:1883\"\n", &[]).is_ok());
+        assert!(load("device_id = \"a\"\n[hub]\nurl = \"mqtt://hub.lan\"\nallow_insecure = true\n", &[]).is_ok());
+    }
+
+    #[test]
+    fn a_missing_file_says_what_to_do() {
+        let err = Config::load(Path::new("/nonexistent/outpost.toml"), []).unwrap_err();
+        assert!(err.to_string().contains("--config"));
+    }
+}

@@ -1,0 +1,544 @@
+//! The rules of a manifest that its schema cannot express. Each rule adds an [`Issue`] with the
+//! JSON path of the field and a sentence saying what to change; all rules always run.
+//!
+//! Device-dependent checks (local policy, requirements, the version history) are not here: they
+//! belong to intake on the device, which knows the device.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use super::image::{DEFAULT_REGISTRY, ImageRef};
+use super::{Deployment, HostConfig, Issue, Module, SCHEMA_VERSION, pointer};
+
+/// Most modules one deployment may hold.
+pub const MAX_MODULES: usize = 100;
+/// Most environment variables per module, and the largest value.
+pub const MAX_ENV: usize = 256;
+pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
+/// Environment names the agent sets for every module; a manifest may not override them.
+pub const RESERVED_ENV_PREFIX: &str = "OUTPOST_";
+/// Label prefix the agent uses to recognise its own containers.
+pub const RESERVED_LABEL_PREFIX: &str = "io.outpost.";
+
+/// Linux capabilities a module may add or drop (without the `CAP_` prefix).
+const CAPABILITIES: &[&str] = &[
+    "AUDIT_CONTROL", "AUDIT_READ", "AUDIT_WRITE", "BLOCK_SUSPEND", "BPF", "CHECKPOINT_RESTORE",
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "IPC_LOCK", "IPC_OWNER",
+    "KILL", "LEASE", "LINUX_IMMUTABLE", "MAC_ADMIN", "MAC_OVERRIDE", "MKNOD", "NET_ADMIN",
+    "NET_BIND_SERVICE", "NET_BROADCAST", "NET_RAW", "PERFMON", "SETFCAP", "SETGID", "SETPCAP",
+    "SETUID", "SYS_ADMIN", "SYS_BOOT", "SYS_CHROOT", "SYS_MODULE", "SYS_NICE", "SYS_PACCT",
+    "SYS_PTRACE", "SYS_RAWIO", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "SYSLOG",
+    "WAKE_ALARM",
+];
+
+/// Checks every rule; an empty result means the manifest is valid.
+pub fn validate(d: &Deployment) -> Vec<Issue> {
+    let mut v = Validator::default();
+    v.deployment(d);
+    v.issues
+}
+
+#[derive(Default)]
+struct Validator {
+    issues: Vec<Issue>,
+}
+
+impl Validator {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.issues.push(Issue::new(path, message));
+    }
+
+    fn deployment(&mut self, d: &Deployment) {
+        if d.schema_version != SCHEMA_VERSION {
+            self.push(
+                "/schemaVersion",
+                format!(
+                    "schema version `{}` is not supported; this agent reads \"{SCHEMA_VERSION}\"",
+                    d.schema_version
+                ),
+            );
+        }
+        if !is_identifier(&d.id, 128) {
+            self.push(
+                "/id",
+                format!(
+                    "deployment id `{}` is not valid: 1 to 128 letters, digits, `.`, `_` or `-`, \
+                     starting with a letter or digit",
+                    d.id
+                ),
+            );
+        }
+        if d.modules.len() > MAX_MODULES {
+            self.push(
+                "/modules",
+                format!(
+                    "{} modules is more than the {MAX_MODULES} a deployment may hold",
+                    d.modules.len()
+                ),
+            );
+        }
+        let mut used_registries = BTreeSet::new();
+        for (name, module) in &d.modules {
+            let path = pointer("/modules", name);
+            if !is_dns_label(name) {
+                self.push(
+                    path.clone(),
+                    format!(
+                        "module name `{name}` is not valid: use 1 to 63 lowercase letters, digits \
+                         and `-`, starting and ending with a letter or digit"
+                    ),
+                );
+            }
+            if let Some(registry) = self.module(&path, module) {
+                used_registries.insert(registry);
+            }
+        }
+        for (i, route) in d.routes.iter().enumerate() {
+            let path = format!("/routes/{i}");
+            self.route_from(&format!("{path}/from"), &route.from, d);
+            self.route_to(&format!("{path}/to"), &route.to, d);
+            if d.routes[..i].contains(route) {
+                self.push(path, "this route is listed twice; keep one");
+            }
+        }
+        for (registry, credentials) in &d.registries {
+            let path = pointer("/registries", registry);
+            if !used_registries.contains(registry.as_str()) {
+                self.push(
+                    path.clone(),
+                    format!(
+                        "credentials for registry `{registry}` are not used by any module's \
+                         image; remove them or fix the image names (images name the registry \
+                         before the first `/`)"
+                    ),
+                );
+            }
+            if credentials.username.trim().is_empty() {
+                self.push(format!("{path}/username"), "username is empty");
+            }
+            if credentials.password.expose().is_empty() {
+                self.push(format!("{path}/password"), "password is empty");
+            }
+        }
+    }
+
+    /// Checks one module; returns the registry its image comes from when the image is valid.
+    fn module(&mut self, path: &str, m: &Module) -> Option<String> {
+        let registry = match ImageRef::parse(&m.image) {
+            Ok(image) => Some(image.registry),
+            Err(e) => {
+                self.push(format!("{path}/image"), e);
+                None
+            }
+        };
+        if m.env.len() > MAX_ENV {
+            self.push(
+                format!("{path}/env"),
+                format!("{} variables is more than the {MAX_ENV} allowed", m.env.len()),
+            );
+        }
+        for (name, value) in &m.env {
+            let at = pointer(&format!("{path}/env"), name);
+            if !is_env_name(name) {
+                self.push(
+                    at.clone(),
+                    format!(
+                        "environment variable name `{name}` is not valid: use letters, digits \
+                         and `_`, not starting with a digit"
+                    ),
+                );
+            } else if name.starts_with(RESERVED_ENV_PREFIX) && !is_user_outpost_env(name) {
+                self.push(
+                    at.clone(),
+                    format!(
+                        "`{name}` is set by the agent (names starting with \
+                         `{RESERVED_ENV_PREFIX}BUS_` or `{RESERVED_ENV_PREFIX}MODULE` are \
+                         reserved); choose another name"
+                    ),
+                );
+            }
+            if value.contains('\0') {
+                self.push(at.clone(), "value contains a NUL character");
+            }
+            if value.len() > MAX_ENV_VALUE_BYTES {
+                self.push(
+                    at,
+                    format!("value is longer than {MAX_ENV_VALUE_BYTES} bytes; mount a file instead"),
+                );
+            }
+        }
+        if let Some(requires) = &m.requires {
+            let mut seen = BTreeSet::new();
+            for (i, arch) in requires.arch.iter().enumerate() {
+                if !seen.insert(arch) {
+                    self.push(
+                        format!("{path}/requires/arch/{i}"),
+                        format!("`{arch}` is listed twice"),
+                    );
+                }
+            }
+        }
+        if let Some(options) = &m.create_options {
+            let at = format!("{path}/createOptions");
+            for (field, args) in [("Cmd", &options.cmd), ("Entrypoint", &options.entrypoint)] {
+                for (i, arg) in args.iter().flatten().enumerate() {
+                    if arg.contains('\0') {
+                        self.push(format!("{at}/{field}/{i}"), "argument contains a NUL character");
+                    }
+                }
+            }
+            if let Some(user) = &options.user
+                && !is_user(user)
+            {
+                self.push(
+                    format!("{at}/User"),
+                    format!("user `{user}` is not valid: `uid`, `uid:gid` or a user name"),
+                );
+            }
+            if let Some(dir) = &options.working_dir
+                && !dir.starts_with('/')
+            {
+                self.push(
+                    format!("{at}/WorkingDir"),
+                    format!("working directory `{dir}` must be an absolute path"),
+                );
+            }
+            for key in options.labels.keys() {
+                if key.starts_with(RESERVED_LABEL_PREFIX) {
+                    self.push(
+                        pointer(&format!("{at}/Labels"), key),
+                        format!(
+                            "labels under `{RESERVED_LABEL_PREFIX}` are the agent's own; \
+                             choose another key"
+                        ),
+                    );
+                }
+            }
+            if let Some(host) = &options.host_config {
+                self.host_config(&format!("{at}/HostConfig"), host);
+            }
+        }
+        registry
+    }
+
+    fn host_config(&mut self, at: &str, h: &HostConfig) {
+        for (i, bind) in h.binds.iter().enumerate() {
+            if let Err(e) = Bind::parse(bind) {
+                self.push(format!("{at}/Binds/{i}"), e);
+            }
+        }
+        for (port, bindings) in &h.port_bindings {
+            let path = pointer(&format!("{at}/PortBindings"), port);
+            if !is_container_port(port) {
+                self.push(
+                    path.clone(),
+                    format!("`{port}` is not a container port: use `PORT/tcp`, `PORT/udp` or `PORT`"),
+                );
+            }
+            for (i, b) in bindings.iter().enumerate() {
+                if !b.host_port.parse::<u16>().is_ok_and(|p| p > 0) {
+                    self.push(
+                        format!("{path}/{i}/HostPort"),
+                        format!("host port `{}` is not a port number (1-65535)", b.host_port),
+                    );
+                }
+                if let Some(ip) = &b.host_ip
+                    && !ip.is_empty()
+                    && ip.parse::<IpAddr>().is_err()
+                {
+                    self.push(
+                        format!("{path}/{i}/HostIp"),
+                        format!("`{ip}` is not an IP address"),
+                    );
+                }
+            }
+        }
+        for (i, device) in h.devices.iter().enumerate() {
+            let path = format!("{at}/Devices/{i}");
+            if !device.path_on_host.starts_with("/dev/") || device.path_on_host.contains("..") {
+                self.push(
+                    format!("{path}/PathOnHost"),
+                    format!("`{}` must be a device path under /dev/", device.path_on_host),
+                );
+            }
+            if let Some(p) = &device.path_in_container
+                && !p.starts_with('/')
+            {
+                self.push(
+                    format!("{path}/PathInContainer"),
+                    format!("`{p}` must be an absolute path"),
+                );
+            }
+            if let Some(perms) = &device.cgroup_permissions
+                && (perms.is_empty() || !perms.chars().all(|c| matches!(c, 'r' | 'w' | 'm')))
+            {
+                self.push(
+                    format!("{path}/CgroupPermissions"),
+                    format!("`{perms}` must be made of `r`, `w` and `m`"),
+                );
+            }
+        }
+        for (field, caps) in [("CapAdd", &h.cap_add), ("CapDrop", &h.cap_drop)] {
+            for (i, cap) in caps.iter().enumerate() {
+                let name = cap.strip_prefix("CAP_").unwrap_or(cap);
+                let ok = CAPABILITIES.contains(&name) || (field == "CapDrop" && name == "ALL");
+                if !ok {
+                    let hint = if name == "ALL" {
+                        "adding every capability is what `Privileged` does; use that, which \
+                         the device policy controls"
+                    } else {
+                        "use a Linux capability name such as `NET_ADMIN`"
+                    };
+                    self.push(
+                        format!("{at}/{field}/{i}"),
+                        format!("`{cap}` is not allowed: {hint}"),
+                    );
+                }
+            }
+        }
+        for (i, entry) in h.extra_hosts.iter().enumerate() {
+            let ok = entry.split_once(':').is_some_and(|(host, ip)| {
+                !host.is_empty()
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'))
+                    && ip.parse::<IpAddr>().is_ok()
+            });
+            if !ok {
+                self.push(
+                    format!("{at}/ExtraHosts/{i}"),
+                    format!("`{entry}` must be `hostname:IP`"),
+                );
+            }
+        }
+    }
+
+    fn route_from(&mut self, at: &str, from: &str, d: &Deployment) {
+        let levels: Vec<&str> = from.split('/').collect();
+        let shape_ok = levels.len() >= 3 && levels[0] == "modules" && levels[2] == "outputs";
+        if !shape_ok {
+            self.push(
+                at,
+                format!("route source `{from}` must be `modules/NAME/outputs/...` (a topic filter)"),
+            );
+            return;
+        }
+        if let Err(e) = check_topic(from, true) {
+            self.push(at, format!("route source `{from}`: {e}"));
+        }
+        let module = levels[1];
+        if module != "+" && !d.modules.contains_key(module) {
+            self.push(
+                at,
+                format!("route source names module `{module}`, which is not in this deployment"),
+            );
+        }
+    }
+
+    fn route_to(&mut self, at: &str, to: &str, d: &Deployment) {
+        if let Some(stream) = to.strip_prefix("$upstream/") {
+            if !is_identifier(stream, 64) {
+                self.push(
+                    at,
+                    format!(
+                        "upstream stream `{stream}` is not valid: 1 to 64 letters, digits, `.`, \
+                         `_` or `-`"
+                    ),
+                );
+            }
+            return;
+        }
+        let levels: Vec<&str> = to.split('/').collect();
+        if levels.len() < 4 || levels[0] != "modules" || levels[2] != "inputs" {
+            self.push(
+                at,
+                format!(
+                    "route target `{to}` must be `$upstream/STREAM` or `modules/NAME/inputs/TOPIC`"
+                ),
+            );
+            return;
+        }
+        if let Err(e) = check_topic(to, false) {
+            self.push(at, format!("route target `{to}`: {e}"));
+        }
+        if !d.modules.contains_key(levels[1]) {
+            self.push(
+                at,
+                format!(
+                    "route target names module `{}`, which is not in this deployment",
+                    levels[1]
+                ),
+            );
+        }
+    }
+}
+
+/// A bind mount, `source:target[:ro|rw]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind<'a> {
+    /// An absolute host path, or a named volume.
+    pub source: &'a str,
+    pub target: &'a str,
+    pub read_only: bool,
+}
+
+impl<'a> Bind<'a> {
+    pub fn parse(bind: &'a str) -> Result<Bind<'a>, String> {
+        let parts: Vec<&str> = bind.split(':').collect();
+        let (source, target, mode) = match parts.as_slice() {
+            [s, t] => (*s, *t, None),
+            [s, t, m] => (*s, *t, Some(*m)),
+            _ => return Err(format!("bind `{bind}` must be `SOURCE:TARGET` or `SOURCE:TARGET:ro`")),
+        };
+        let read_only = match mode {
+            None | Some("rw") => false,
+            Some("ro") => true,
+            Some(m) => return Err(format!("bind mode `{m}` in `{bind}` must be `ro` or `rw`")),
+        };
+        if source.starts_with('/') {
+            if source.split('/').any(|c| c == "..") {
+                return Err(format!("bind source `{source}` must not contain `..`"));
+            }
+        } else if !is_identifier(source, 128) {
+            return Err(format!(
+                "bind source `{source}` must be an absolute host path or a volume name"
+            ));
+        }
+        if !target.starts_with('/') || target.split('/').any(|c| c == "..") {
+            return Err(format!(
+                "bind target `{target}` must be an absolute path without `..`"
+            ));
+        }
+        Ok(Bind {
+            source,
+            target,
+            read_only,
+        })
+    }
+
+    /// Whether the source is a host path (as opposed to a named volume).
+    pub fn is_host_path(&self) -> bool {
+        self.source.starts_with('/')
+    }
+}
+
+/// Checks an MQTT topic (or a filter when `filter` is true): non-empty levels' characters, and
+/// wildcards only where MQTT allows them.
+pub fn check_topic(topic: &str, filter: bool) -> Result<(), String> {
+    if topic.is_empty() || topic.len() > 1024 {
+        return Err("a topic must be 1 to 1024 bytes".into());
+    }
+    if topic.contains('\0') {
+        return Err("a topic must not contain NUL".into());
+    }
+    let levels: Vec<&str> = topic.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        let wildcard = level.contains('+') || level.contains('#');
+        if !wildcard {
+            continue;
+        }
+        if !filter {
+            return Err("wildcards `+` and `#` are only allowed in filters".into());
+        }
+        if *level == "#" && i + 1 != levels.len() {
+            return Err("`#` is only allowed as the last level".into());
+        }
+        if *level != "#" && *level != "+" {
+            return Err("`+` and `#` must stand alone in their level".into());
+        }
+    }
+    Ok(())
+}
+
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// Letters, digits, `.`, `_`, `-`, starting with a letter or digit, at most `max` bytes.
+fn is_identifier(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn is_env_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && !s.as_bytes()[0].is_ascii_digit()
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// `OUTPOST_*` names the agent does not set itself stay free for modules (e.g. `OUTPOST_MODEL`).
+fn is_user_outpost_env(name: &str) -> bool {
+    let rest = &name[RESERVED_ENV_PREFIX.len()..];
+    !(rest.starts_with("BUS_") || rest.starts_with("MODULE"))
+}
+
+fn is_user(s: &str) -> bool {
+    let numeric = |p: &str| !p.is_empty() && p.len() <= 10 && p.bytes().all(|b| b.is_ascii_digit());
+    let name = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 32
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    };
+    match s.split_once(':') {
+        Some((u, g)) => (numeric(u) || name(u)) && (numeric(g) || name(g)),
+        None => numeric(s) || name(s),
+    }
+}
+
+fn is_container_port(s: &str) -> bool {
+    let (port, proto) = s.split_once('/').unwrap_or((s, "tcp"));
+    port.parse::<u16>().is_ok_and(|p| p > 0) && matches!(proto, "tcp" | "udp" | "sctp")
+}
+
+/// The registry an image is pulled from, as credentials and policy name it.
+pub fn registry_of(image: &str) -> String {
+    ImageRef::parse(image).map_or_else(|_| DEFAULT_REGISTRY.to_string(), |i| i.registry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_filters() {
+        assert!(check_topic("modules/a/outputs/#", true).is_ok());
+        assert!(check_topic("modules/+/outputs/x", true).is_ok());
+        assert!(check_topic("modules/a/outputs/#/x", true).is_err());
+        assert!(check_topic("modules/a/out+/x", true).is_err());
+        assert!(check_topic("modules/a/inputs/+", false).is_err());
+    }
+
+    #[test]
+    fn binds() {
+        let b = Bind::parse("/var/lib/outpost/models:/models:ro").unwrap();
+        assert!(b.read_only && b.is_host_path());
+        assert!(Bind::parse("data:/data").is_ok());
+        assert!(Bind::parse("/a/../etc:/x").is_err());
+        assert!(Bind::parse("/a:rel").is_err());
+        assert!(Bind::parse("/a:/b:z").is_err());
+        assert!(Bind::parse("/a").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(is_dns_label("infer-2"));
+        assert!(!is_dns_label("Infer"));
+        assert!(!is_dns_label("-a"));
+        assert!(is_env_name("OUTPOST_MODEL"));
+        assert!(!is_env_name("1X"));
+        assert!(is_user_outpost_env("OUTPOST_MODEL"));
+        assert!(!is_user_outpost_env("OUTPOST_BUS_URL"));
+        assert!(is_user("1000:1000") && is_user("nobody") && !is_user("a b"));
+    }
+}
