@@ -23,7 +23,11 @@ pub const EXIT_CONFIG: u8 = 78;
 pub const EXIT_REFUSED: u8 = 1;
 
 #[derive(Debug, Parser)]
-#[command(name = "outpost", version, about = "Outpost: deploy and run container modules on edge devices")]
+#[command(
+    name = "outpost",
+    version,
+    about = "Outpost: deploy and run container modules on edge devices"
+)]
 pub struct Cli {
     /// Device configuration file.
     #[arg(long, global = true, env = "OUTPOST_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
@@ -115,7 +119,11 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            let code = if e.downcast_ref::<ConfigError>().is_some() { EXIT_CONFIG } else { EXIT_REFUSED };
+            let code = if e.downcast_ref::<ConfigError>().is_some() {
+                EXIT_CONFIG
+            } else {
+                EXIT_REFUSED
+            };
             eprintln!("error: {e:#}");
             ExitCode::from(code)
         }
@@ -124,9 +132,17 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<u8> {
     match cli.command {
-        Command::Manifest(ManifestCommand::Validate { files, output }) => validate(&files, output.json),
-        Command::Manifest(ManifestCommand::Sign { file, key, out }) => sign(&file, &key, out.as_deref()),
-        Command::Manifest(ManifestCommand::Verify { file, trusted_keys, output }) => {
+        Command::Manifest(ManifestCommand::Validate { files, output }) => {
+            validate(&files, output.json)
+        }
+        Command::Manifest(ManifestCommand::Sign { file, key, out }) => {
+            sign(&file, &key, out.as_deref())
+        }
+        Command::Manifest(ManifestCommand::Verify {
+            file,
+            trusted_keys,
+            output,
+        }) => {
             let trusted = if trusted_keys.is_empty() {
                 load_config(&cli.config)?.policy.trusted_keys
             } else {
@@ -142,7 +158,11 @@ fn run(cli: Cli) -> Result<u8> {
             let key = signing::generate_key()?;
             let (private, public) = signing::write_key_pair(&key, &out)?;
             println!("private key: {} (keep it secret)", private.display());
-            println!("public key:  {} (key id {})", public.display(), signing::key_id(&key.verifying_key()));
+            println!(
+                "public key:  {} (key id {})",
+                public.display(),
+                signing::key_id(&key.verifying_key())
+            );
             Ok(0)
         }
         Command::Config(ConfigCommand::Check) => {
@@ -151,7 +171,10 @@ fn run(cli: Cli) -> Result<u8> {
             println!("  device_id     {}", config.device_id);
             println!("  state_dir     {}", config.state_dir.display());
             match &config.hub {
-                Some(hub) => println!("  hub           {}:{} (tls: {})", hub.host, hub.port, hub.tls),
+                Some(hub) => println!(
+                    "  hub           {}:{} (tls: {})",
+                    hub.host, hub.port, hub.tls
+                ),
                 None => println!("  hub           none (local deployments only)"),
             }
             println!("  trusted keys  {}", config.policy.trusted_keys.len());
@@ -165,9 +188,15 @@ fn load_config(path: &Path) -> Result<Config, ConfigError> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     if meta.len() > intake::MAX_MESSAGE_BYTES as u64 {
-        anyhow::bail!("{} is {} bytes, over the {}-byte limit", path.display(), meta.len(), intake::MAX_MESSAGE_BYTES);
+        anyhow::bail!(
+            "{} is {} bytes, over the {}-byte limit",
+            path.display(),
+            meta.len(),
+            intake::MAX_MESSAGE_BYTES
+        );
     }
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
@@ -176,16 +205,25 @@ fn validate(files: &[PathBuf], json: bool) -> Result<u8> {
     let mut reports = Vec::new();
     let mut refused = 0;
     for file in files {
-        let outcome = read(file).map_err(|e| vec![Issue::new("", format!("{e:#}"))]).and_then(|bytes| {
-            intake::intake(&bytes, &TrustedKeys::default()).map_err(|e| e.issues())
-        });
+        let outcome = read(file)
+            .map_err(|e| vec![Issue::new("", format!("{e:#}"))])
+            .and_then(|bytes| {
+                intake::intake(&bytes, &TrustedKeys::default()).map_err(|e| e.issues())
+            });
         match outcome {
             Ok(accepted) => {
                 let d = &accepted.deployment;
                 if json {
                     reports.push(json!({"file": file, "valid": true, "id": d.id, "version": d.version, "modules": d.modules.len()}));
                 } else {
-                    println!("{}: ok ({} v{}, {} module{})", file.display(), d.id, d.version, d.modules.len(), if d.modules.len() == 1 { "" } else { "s" });
+                    println!(
+                        "{}: ok ({} v{}, {} module{})",
+                        file.display(),
+                        d.id,
+                        d.version,
+                        d.modules.len(),
+                        if d.modules.len() == 1 { "" } else { "s" }
+                    );
                 }
             }
             Err(issues) => {
@@ -193,7 +231,12 @@ fn validate(files: &[PathBuf], json: bool) -> Result<u8> {
                 if json {
                     reports.push(json!({"file": file, "valid": false, "issues": issues}));
                 } else {
-                    println!("{}: invalid ({} issue{})", file.display(), issues.len(), if issues.len() == 1 { "" } else { "s" });
+                    println!(
+                        "{}: invalid ({} issue{})",
+                        file.display(),
+                        issues.len(),
+                        if issues.len() == 1 { "" } else { "s" }
+                    );
                     print_issues(&issues);
                 }
             }
@@ -207,7 +250,11 @@ fn validate(files: &[PathBuf], json: bool) -> Result<u8> {
 
 fn print_issues(issues: &[Issue]) {
     for issue in issues {
-        let path = if issue.path.is_empty() { "(document)" } else { issue.path.as_str() };
+        let path = if issue.path.is_empty() {
+            "(document)"
+        } else {
+            issue.path.as_str()
+        };
         println!("  {path}: {}", issue.message);
     }
 }
@@ -225,8 +272,14 @@ fn sign(file: &Path, key: &Path, out: Option<&Path>) -> Result<u8> {
     text.push('\n');
     match out {
         Some(path) => {
-            std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
-            eprintln!("signed {} with key {} -> {}", file.display(), envelope.signatures[0].keyid, path.display());
+            std::fs::write(path, text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!(
+                "signed {} with key {} -> {}",
+                file.display(),
+                envelope.signatures[0].keyid,
+                path.display()
+            );
         }
         None => std::io::stdout().write_all(text.as_bytes())?,
     }
@@ -235,7 +288,9 @@ fn sign(file: &Path, key: &Path, out: Option<&Path>) -> Result<u8> {
 
 fn verify(file: &Path, trusted: &TrustedKeys, json: bool) -> Result<u8> {
     if trusted.is_empty() {
-        anyhow::bail!("no trusted keys: pass --trusted-key PUB or set policy.trusted_keys in the configuration");
+        anyhow::bail!(
+            "no trusted keys: pass --trusted-key PUB or set policy.trusted_keys in the configuration"
+        );
     }
     let bytes = read(file)?;
     // A bare manifest is refused by intake as unsigned, since keys are trusted here.
@@ -247,16 +302,27 @@ fn verify(file: &Path, trusted: &TrustedKeys, json: bool) -> Result<u8> {
             };
             let d = &accepted.deployment;
             if json {
-                println!("{}", json!({"file": file, "verified": true, "keyId": key, "id": d.id, "version": d.version, "digest": accepted.digest}));
+                println!(
+                    "{}",
+                    json!({"file": file, "verified": true, "keyId": key, "id": d.id, "version": d.version, "digest": accepted.digest})
+                );
             } else {
-                println!("{}: verified, signed by key {key}; {} v{} is valid", file.display(), d.id, d.version);
+                println!(
+                    "{}: verified, signed by key {key}; {} v{} is valid",
+                    file.display(),
+                    d.id,
+                    d.version
+                );
             }
             Ok(0)
         }
         Err(e) => {
             let issues = e.issues();
             if json {
-                println!("{}", json!({"file": file, "verified": false, "issues": issues}));
+                println!(
+                    "{}",
+                    json!({"file": file, "verified": false, "issues": issues})
+                );
             } else {
                 println!("{}: refused", file.display());
                 print_issues(&issues);

@@ -29,7 +29,9 @@ impl std::fmt::Display for ConfigIssue {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("configuration file {0} does not exist; copy manifests/device.example.toml there or pass --config PATH")]
+    #[error(
+        "configuration file {0} does not exist; copy manifests/device.example.toml there or pass --config PATH"
+    )]
     NotFound(PathBuf),
     #[error("cannot read configuration from {path}: {message}")]
     Read { path: PathBuf, message: String },
@@ -211,7 +213,10 @@ impl Config {
     ///
     /// Fails when the file is missing or unreadable, is not TOML, has unknown keys or values of
     /// the wrong type, or breaks a rule (bad URL, missing files, unsafe settings).
-    pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         if !path.exists() {
             return Err(ConfigError::NotFound(path.to_path_buf()));
         }
@@ -240,13 +245,15 @@ impl Config {
                 message: e.to_string(),
             })?;
         let base = path.parent().unwrap_or(Path::new("/"));
-        validate(raw, base).map_err(|issues| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            issues,
-        }).map(|mut c| {
-            c.source = path.to_path_buf();
-            c
-        })
+        validate(raw, base)
+            .map_err(|issues| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                issues,
+            })
+            .map(|mut c| {
+                c.source = path.to_path_buf();
+                c
+            })
     }
 }
 
@@ -262,9 +269,19 @@ impl Issues {
 
     /// A file the agent will need: relative paths are taken from the config file's folder.
     fn file(&mut self, key: &str, path: &Path, base: &Path) -> PathBuf {
-        let path = if path.is_relative() { base.join(path) } else { path.to_path_buf() };
+        let path = if path.is_relative() {
+            base.join(path)
+        } else {
+            path.to_path_buf()
+        };
         if !path.is_file() {
-            self.push(key, format!("file {} does not exist or is not a regular file", path.display()));
+            self.push(
+                key,
+                format!(
+                    "file {} does not exist or is not a regular file",
+                    path.display()
+                ),
+            );
         }
         path
     }
@@ -275,20 +292,31 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
 
     let device_id = raw.device_id.unwrap_or_default();
     if device_id.is_empty() {
-        issues.push("device_id", "is required: the name this device has on the hub");
+        issues.push(
+            "device_id",
+            "is required: the name this device has on the hub",
+        );
     } else if !is_topic_level(&device_id) {
         issues.push(
             "device_id",
             format!("`{device_id}` is not valid: 1 to 128 letters, digits, `.`, `_` or `-`"),
         );
     }
-    let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/outpost"));
+    let state_dir = raw
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from("/var/lib/outpost"));
     if state_dir.is_relative() {
-        issues.push("state_dir", format!("`{}` must be an absolute path", state_dir.display()));
+        issues.push(
+            "state_dir",
+            format!("`{}` must be an absolute path", state_dir.display()),
+        );
     }
     let log_level = raw.log_level.unwrap_or_else(|| "info".into());
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-        issues.push("log_level", format!("`{log_level}` is not a level (error, warn, info, debug, trace) or filter"));
+        issues.push(
+            "log_level",
+            format!("`{log_level}` is not a level (error, warn, info, debug, trace) or filter"),
+        );
     }
     let log_format = match raw.log_format.as_deref() {
         None | Some("human") => LogFormat::Human,
@@ -305,18 +333,29 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
     if let Some(kind) = r.kind.as_deref()
         && kind != "docker"
     {
-        issues.push("runtime.kind", format!("`{kind}` is not supported; use `docker`"));
+        issues.push(
+            "runtime.kind",
+            format!("`{kind}` is not supported; use `docker`"),
+        );
     }
     let max_concurrent_pulls = r.max_concurrent_pulls.unwrap_or(2);
     if !(1..=16).contains(&max_concurrent_pulls) {
-        issues.push("runtime.max_concurrent_pulls", format!("{max_concurrent_pulls} is outside 1..=16"));
+        issues.push(
+            "runtime.max_concurrent_pulls",
+            format!("{max_concurrent_pulls} is outside 1..=16"),
+        );
     }
     let stop_grace_secs = r.stop_grace_secs.unwrap_or(10);
     if stop_grace_secs > 600 {
-        issues.push("runtime.stop_grace_secs", format!("{stop_grace_secs} is over 600 seconds"));
+        issues.push(
+            "runtime.stop_grace_secs",
+            format!("{stop_grace_secs} is over 600 seconds"),
+        );
     }
     let runtime = RuntimeConfig {
-        docker_socket: r.docker_socket.unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
+        docker_socket: r
+            .docker_socket
+            .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
         stop_grace: Duration::from_secs(stop_grace_secs),
         max_concurrent_pulls,
         image_gc_after: Duration::from_secs(r.image_gc_after_secs.unwrap_or(24 * 3600)),
@@ -338,10 +377,17 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
         TrustedKeys::default()
     };
     for (i, prefix) in p.allowed_host_paths.iter().enumerate() {
-        if prefix.is_relative() || prefix.components().any(|c| c == std::path::Component::ParentDir) {
+        if prefix.is_relative()
+            || prefix
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
             issues.push(
                 &format!("policy.allowed_host_paths[{i}]"),
-                format!("`{}` must be an absolute path without `..`", prefix.display()),
+                format!(
+                    "`{}` must be an absolute path without `..`",
+                    prefix.display()
+                ),
             );
         }
     }
@@ -362,9 +408,15 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
         allowed_host_paths: p.allowed_host_paths,
     };
 
-    let api_socket = raw.api.socket.unwrap_or_else(|| PathBuf::from("/run/outpost/api.sock"));
+    let api_socket = raw
+        .api
+        .socket
+        .unwrap_or_else(|| PathBuf::from("/run/outpost/api.sock"));
     if api_socket.is_relative() {
-        issues.push("api.socket", format!("`{}` must be an absolute path", api_socket.display()));
+        issues.push(
+            "api.socket",
+            format!("`{}` must be an absolute path", api_socket.display()),
+        );
     }
 
     let bus_listen = raw.bus.listen.unwrap_or_else(|| "127.0.0.1:1884".into());
@@ -376,17 +428,26 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
             addr
         }
         Err(_) => {
-            issues.push("bus.listen", format!("`{bus_listen}` is not an address:port"));
+            issues.push(
+                "bus.listen",
+                format!("`{bus_listen}` is not an address:port"),
+            );
             SocketAddr::from(([127, 0, 0, 1], 1884))
         }
     };
-    let external_url = raw.bus.external_url.and_then(|u| match url::Url::parse(&u) {
-        Ok(url) if matches!(url.scheme(), "mqtt" | "mqtts") => Some(url),
-        _ => {
-            issues.push("bus.external_url", format!("`{u}` is not an mqtt:// or mqtts:// URL"));
-            None
-        }
-    });
+    let external_url = raw
+        .bus
+        .external_url
+        .and_then(|u| match url::Url::parse(&u) {
+            Ok(url) if matches!(url.scheme(), "mqtt" | "mqtts") => Some(url),
+            _ => {
+                issues.push(
+                    "bus.external_url",
+                    format!("`{u}` is not an mqtt:// or mqtts:// URL"),
+                );
+                None
+            }
+        });
     let bus = BusConfig {
         enabled: raw.bus.enabled.unwrap_or(true),
         listen,
@@ -398,17 +459,25 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
     if interval_secs == 0 {
         issues.push("telemetry.interval_secs", "must be at least 1");
     }
-    let metrics_listen = t.metrics_listen.and_then(|m| match m.parse::<SocketAddr>() {
-        Ok(addr) if addr.ip().is_loopback() => Some(addr),
-        Ok(_) => {
-            issues.push("telemetry.metrics_listen", format!("`{m}` is not a loopback address; metrics are served on loopback only"));
-            None
-        }
-        Err(_) => {
-            issues.push("telemetry.metrics_listen", format!("`{m}` is not an address:port"));
-            None
-        }
-    });
+    let metrics_listen = t
+        .metrics_listen
+        .and_then(|m| match m.parse::<SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => Some(addr),
+            Ok(_) => {
+                issues.push(
+                    "telemetry.metrics_listen",
+                    format!("`{m}` is not a loopback address; metrics are served on loopback only"),
+                );
+                None
+            }
+            Err(_) => {
+                issues.push(
+                    "telemetry.metrics_listen",
+                    format!("`{m}` is not an address:port"),
+                );
+                None
+            }
+        });
     let telemetry = TelemetryConfig {
         interval: Duration::from_secs(interval_secs),
         outbox_max_bytes: t.outbox_max_bytes.unwrap_or(64 * 1024 * 1024),
@@ -436,7 +505,10 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
 
 fn hub(h: RawHub, base: &Path, issues: &mut Issues) -> Option<HubConfig> {
     let Some(text) = h.url else {
-        issues.push("hub.url", "is required when [hub] is present, e.g. `mqtts://hub.example.com:8883`");
+        issues.push(
+            "hub.url",
+            "is required when [hub] is present, e.g. `mqtts://hub.example.com:8883`",
+        );
         return None;
     };
     let url = match url::Url::parse(&text) {
@@ -450,11 +522,19 @@ fn hub(h: RawHub, base: &Path, issues: &mut Issues) -> Option<HubConfig> {
         "mqtts" => true,
         "mqtt" => false,
         other => {
-            issues.push("hub.url", format!("scheme `{other}` is not supported; use `mqtts://` (or `mqtt://` on loopback)"));
+            issues.push(
+                "hub.url",
+                format!(
+                    "scheme `{other}` is not supported; use `mqtts://` (or `mqtt://` on loopback)"
+                ),
+            );
             return None;
         }
     };
-    let Some(host) = url.host_str().map(|h| h.trim_matches(['[', ']']).to_string()) else {
+    let Some(host) = url
+        .host_str()
+        .map(|h| h.trim_matches(['[', ']']).to_string())
+    else {
         issues.push("hub.url", format!("`{text}` names no host"));
         return None;
     };
@@ -467,7 +547,10 @@ fn hub(h: RawHub, base: &Path, issues: &mut Issues) -> Option<HubConfig> {
     let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
     let ca_file = h.ca_file.map(|f| issues.file("hub.ca_file", &f, base));
     let client_auth = match (h.cert_file, h.key_file) {
-        (Some(c), Some(k)) => Some((issues.file("hub.cert_file", &c, base), issues.file("hub.key_file", &k, base))),
+        (Some(c), Some(k)) => Some((
+            issues.file("hub.cert_file", &c, base),
+            issues.file("hub.key_file", &k, base),
+        )),
         (None, None) => None,
         (Some(_), None) => {
             issues.push("hub.key_file", "is required with hub.cert_file");
@@ -479,7 +562,10 @@ fn hub(h: RawHub, base: &Path, issues: &mut Issues) -> Option<HubConfig> {
         }
     };
     if client_auth.is_some() && !tls {
-        issues.push("hub.cert_file", "a client certificate needs an `mqtts://` URL");
+        issues.push(
+            "hub.cert_file",
+            "a client certificate needs an `mqtts://` URL",
+        );
     }
     let credentials = match (h.username, h.password_file) {
         (Some(u), Some(p)) => Some((u, issues.file("hub.password_file", &p, base))),
@@ -494,17 +580,30 @@ fn hub(h: RawHub, base: &Path, issues: &mut Issues) -> Option<HubConfig> {
         }
     };
     let topic_prefix = h.topic_prefix.unwrap_or_else(|| "outpost".into());
-    if topic_prefix.is_empty() || topic_prefix.contains(['+', '#']) || topic_prefix.starts_with('/') || topic_prefix.ends_with('/') {
-        issues.push("hub.topic_prefix", format!("`{topic_prefix}` must be a topic without wildcards or leading/trailing `/`"));
+    if topic_prefix.is_empty()
+        || topic_prefix.contains(['+', '#'])
+        || topic_prefix.starts_with('/')
+        || topic_prefix.ends_with('/')
+    {
+        issues.push(
+            "hub.topic_prefix",
+            format!("`{topic_prefix}` must be a topic without wildcards or leading/trailing `/`"),
+        );
     }
     for (i, group) in h.groups.iter().enumerate() {
         if !is_topic_level(group) {
-            issues.push(&format!("hub.groups[{i}]"), format!("`{group}` is not valid: 1 to 128 letters, digits, `.`, `_` or `-`"));
+            issues.push(
+                &format!("hub.groups[{i}]"),
+                format!("`{group}` is not valid: 1 to 128 letters, digits, `.`, `_` or `-`"),
+            );
         }
     }
     let keep_alive = h.keep_alive_secs.unwrap_or(30);
     if !(5..=3600).contains(&keep_alive) {
-        issues.push("hub.keep_alive_secs", format!("{keep_alive} is outside 5..=3600"));
+        issues.push(
+            "hub.keep_alive_secs",
+            format!("{keep_alive} is outside 5..=3600"),
+        );
     }
     Some(HubConfig {
         url,
@@ -527,7 +626,8 @@ fn is_loopback(host: &str) -> bool {
 fn is_topic_level(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 #[cfg(test)]
@@ -539,12 +639,17 @@ mod tests {
         let path = dir.path().join("config.toml");
         std::fs::write(&path, text).unwrap();
         std::fs::write(dir.path().join("ca.pem"), "x").unwrap();
-        Config::load(&path, env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        Config::load(
+            &path,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
     }
 
     fn issues(r: Result<Config, ConfigError>) -> Vec<String> {
         match r {
-            Err(ConfigError::Invalid { issues, .. }) => issues.iter().map(ToString::to_string).collect(),
+            Err(ConfigError::Invalid { issues, .. }) => {
+                issues.iter().map(ToString::to_string).collect()
+            }
             other => panic!("expected invalid, got {other:?}"),
         }
     }
@@ -562,7 +667,11 @@ mod tests {
     fn environment_overrides_the_file() {
         let c = load(
             "device_id = \"cam-1\"\n[hub]\nurl = \"mqtts://hub.example.com\"\n",
-            &[("OUTPOST__HUB__URL", "mqtts://other.example.com:9000"), ("OUTPOST__DEVICE_ID", "cam-2"), ("OUTPOST__HUB__GROUPS", "a,b")],
+            &[
+                ("OUTPOST__HUB__URL", "mqtts://other.example.com:9000"),
+                ("OUTPOST__DEVICE_ID", "cam-2"),
+                ("OUTPOST__HUB__GROUPS", "a,b"),
+            ],
         )
         .unwrap();
         let hub = c.hub.unwrap();
@@ -585,14 +694,36 @@ mod tests {
             &[],
         ));
         let keys: Vec<_> = found.iter().map(|i| i.split(':').next().unwrap()).collect();
-        assert_eq!(keys, ["device_id", "hub.url", "hub.ca_file", "hub.key_file", "bus.listen"], "{found:#?}");
+        assert_eq!(
+            keys,
+            [
+                "device_id",
+                "hub.url",
+                "hub.ca_file",
+                "hub.key_file",
+                "bus.listen"
+            ],
+            "{found:#?}"
+        );
         assert!(found[2].contains("missing.pem"));
     }
 
     #[test]
     fn plaintext_is_allowed_on_loopback_or_when_asked() {
-        assert!(load("device_id = \"a\"\n[hub]\nurl = \"mqtt://127.0.0.1:1883\"\n", &[]).is_ok());
-        assert!(load("device_id = \"a\"\n[hub]\nurl = \"mqtt://hub.lan\"\nallow_insecure = true\n", &[]).is_ok());
+        assert!(
+            load(
+                "device_id = \"a\"\n[hub]\nurl = \"mqtt://127.0.0.1:1883\"\n",
+                &[]
+            )
+            .is_ok()
+        );
+        assert!(
+            load(
+                "device_id = \"a\"\n[hub]\nurl = \"mqtt://hub.lan\"\nallow_insecure = true\n",
+                &[]
+            )
+            .is_ok()
+        );
     }
 
     #[test]

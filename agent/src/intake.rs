@@ -67,9 +67,10 @@ pub fn intake(bytes: &[u8], trusted: &TrustedKeys) -> Result<Accepted, IntakeErr
         });
     }
     let (payload, provenance) = match envelope_of(bytes)? {
-        Some(envelope) if trusted.is_empty() => {
-            (crate::signing::open(&envelope)?, Provenance::SignatureNotChecked)
-        }
+        Some(envelope) if trusted.is_empty() => (
+            crate::signing::open(&envelope)?,
+            Provenance::SignatureNotChecked,
+        ),
         Some(envelope) => {
             let (payload, key_id) = trusted.verify(&envelope)?;
             (payload, Provenance::Signed { key_id })
@@ -145,10 +146,14 @@ mod tests {
         let trusted = TrustedKeys::new([SigningKey::from_bytes(&[7; 32]).verifying_key()]);
         assert!(matches!(
             intake(MANIFEST.as_bytes(), &trusted),
-            Err(IntakeError::Signature(SignatureError::Unsigned { count: 1 }))
+            Err(IntakeError::Signature(SignatureError::Unsigned {
+                count: 1
+            }))
         ));
         assert_eq!(
-            intake(MANIFEST.as_bytes(), &TrustedKeys::default()).unwrap().provenance,
+            intake(MANIFEST.as_bytes(), &TrustedKeys::default())
+                .unwrap()
+                .provenance,
             Provenance::Unsigned
         );
     }
@@ -156,6 +161,9 @@ mod tests {
     #[test]
     fn a_broken_envelope_says_so() {
         let err = intake(br#"{"payloadType": 5}"#, &TrustedKeys::default()).unwrap_err();
-        assert!(matches!(err, IntakeError::Signature(SignatureError::Malformed(_))));
+        assert!(matches!(
+            err,
+            IntakeError::Signature(SignatureError::Malformed(_))
+        ));
     }
 }

@@ -84,9 +84,13 @@ pub enum SignatureError {
         found: Vec<String>,
         trusted: Vec<String>,
     },
-    #[error("signature by trusted key {keyid} does not match the payload: the deployment was altered after signing, or signed with a different key of the same id")]
+    #[error(
+        "signature by trusted key {keyid} does not match the payload: the deployment was altered after signing, or signed with a different key of the same id"
+    )]
     BadSignature { keyid: String },
-    #[error("this device accepts only signed deployments (it has {count} trusted key(s)); sign it with `outpost manifest sign`")]
+    #[error(
+        "this device accepts only signed deployments (it has {count} trusted key(s)); sign it with `outpost manifest sign`"
+    )]
     Unsigned { count: usize },
 }
 
@@ -113,7 +117,14 @@ pub fn key_id(key: &VerifyingKey) -> String {
 /// DSSE's pre-authentication encoding: what is actually signed.
 pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + payload_type.len() + 32);
-    out.extend_from_slice(format!("DSSEv1 {} {payload_type} {} ", payload_type.len(), payload.len()).as_bytes());
+    out.extend_from_slice(
+        format!(
+            "DSSEv1 {} {payload_type} {} ",
+            payload_type.len(),
+            payload.len()
+        )
+        .as_bytes(),
+    );
     out.extend_from_slice(payload);
     out
 }
@@ -182,7 +193,11 @@ impl TrustedKeys {
                 field: format!("/signatures/{i}/sig"),
             })?;
             let Some(key) = self.keys.get(&s.keyid) else {
-                unknown.push(if s.keyid.is_empty() { "(no keyid)".into() } else { s.keyid.clone() });
+                unknown.push(if s.keyid.is_empty() {
+                    "(no keyid)".into()
+                } else {
+                    s.keyid.clone()
+                });
                 continue;
             };
             let valid = Signature::from_slice(&sig)
@@ -222,7 +237,10 @@ pub fn open(envelope: &Envelope) -> Result<Vec<u8>, SignatureError> {
 fn decode_b64(text: &str) -> Option<Vec<u8>> {
     let trimmed = text.trim_end_matches('=');
     let padded = format!("{trimmed}{}", "=".repeat((4 - trimmed.len() % 4) % 4));
-    STANDARD.decode(&padded).or_else(|_| URL_SAFE.decode(&padded)).ok()
+    STANDARD
+        .decode(&padded)
+        .or_else(|_| URL_SAFE.decode(&padded))
+        .ok()
 }
 
 /// A new signing key from the operating system's random source.
@@ -327,10 +345,16 @@ mod tests {
 
         let mut tampered = env.clone();
         tampered.payload = STANDARD.encode(b"{\"version\":2}");
-        assert!(matches!(trusted.verify(&tampered), Err(SignatureError::BadSignature { .. })));
+        assert!(matches!(
+            trusted.verify(&tampered),
+            Err(SignatureError::BadSignature { .. })
+        ));
 
         let other = sign(b"{\"version\":1}", &key(2));
-        assert!(matches!(trusted.verify(&other), Err(SignatureError::UnknownKey { .. })));
+        assert!(matches!(
+            trusted.verify(&other),
+            Err(SignatureError::UnknownKey { .. })
+        ));
 
         let mut wrong_type = env.clone();
         wrong_type.payload_type = "application/json".into();
@@ -343,13 +367,17 @@ mod tests {
         bad_b64.payload = "!!!not base64!!!".into();
         assert_eq!(
             trusted.verify(&bad_b64),
-            Err(SignatureError::BadBase64 { field: "/payload".into() })
+            Err(SignatureError::BadBase64 {
+                field: "/payload".into()
+            })
         );
         let mut bad_sig = env.clone();
         bad_sig.signatures[0].sig = "%%%".into();
         assert_eq!(
             trusted.verify(&bad_sig),
-            Err(SignatureError::BadBase64 { field: "/signatures/0/sig".into() })
+            Err(SignatureError::BadBase64 {
+                field: "/signatures/0/sig".into()
+            })
         );
 
         let mut none = env;
@@ -374,7 +402,10 @@ mod tests {
         assert_eq!(load_signing_key(&private).unwrap().to_bytes(), k.to_bytes());
         assert_eq!(load_verifying_key(&public).unwrap(), k.verifying_key());
         use std::os::unix::fs::PermissionsExt as _;
-        assert_eq!(fs::metadata(&private).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&private).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert!(matches!(
             write_key_pair(&k, &dir.path().join("ops")),
             Err(KeyError::Exists { .. })

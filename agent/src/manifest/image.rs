@@ -86,7 +86,11 @@ fn check_digest(digest: &str) -> Result<(), String> {
     let Some(hex) = digest.strip_prefix("sha256:") else {
         return Err(format!("digest `{digest}` must start with `sha256:`"));
     };
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(format!(
             "digest `{digest}` must be `sha256:` followed by 64 lowercase hex digits"
         ));
@@ -122,17 +126,23 @@ fn check_registry(registry: &str) -> Result<(), String> {
     let host_ok = !host.is_empty()
         && host.split('.').all(|label| {
             !label.is_empty()
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
     if !host_ok {
-        return Err(format!("registry host `{host}` is not a valid host name or address"));
+        return Err(format!(
+            "registry host `{host}` is not a valid host name or address"
+        ));
     }
     if let Some(port) = port
         && port.parse::<u16>().map_or(true, |p| p == 0)
     {
-        return Err(format!("registry port `{port}` is not a port number (1-65535)"));
+        return Err(format!(
+            "registry port `{port}` is not a port number (1-65535)"
+        ));
     }
     Ok(())
 }

@@ -143,17 +143,29 @@ pub enum RestartPolicy {
 pub struct CreateOptions {
     #[serde(rename = "Cmd", default, skip_serializing_if = "Option::is_none")]
     pub cmd: Option<Vec<String>>,
-    #[serde(rename = "Entrypoint", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "Entrypoint",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub entrypoint: Option<Vec<String>>,
     /// `uid[:gid]` or a user name known to the image.
     #[serde(rename = "User", default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
-    #[serde(rename = "WorkingDir", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "WorkingDir",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub working_dir: Option<String>,
     /// Extra labels; keys under `io.outpost.` are the agent's own and refused.
     #[serde(rename = "Labels", default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    #[serde(rename = "HostConfig", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "HostConfig",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub host_config: Option<HostConfig>,
 }
 
@@ -164,13 +176,21 @@ pub struct HostConfig {
     #[serde(rename = "Binds", default, skip_serializing_if = "Vec::is_empty")]
     pub binds: Vec<String>,
     /// `"8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8080"}]`.
-    #[serde(rename = "PortBindings", default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        rename = "PortBindings",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub port_bindings: BTreeMap<String, Vec<PortBinding>>,
     /// Needs `allow_privileged` in the device policy.
     #[serde(rename = "Privileged", default, skip_serializing_if = "is_false")]
     pub privileged: bool,
     /// `bridge` (default), `none` or `host` (`host` needs `allow_host_network`).
-    #[serde(rename = "NetworkMode", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "NetworkMode",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub network_mode: Option<NetworkMode>,
     #[serde(rename = "Devices", default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceMapping>,
@@ -212,10 +232,18 @@ pub struct PortBinding {
 pub struct DeviceMapping {
     #[serde(rename = "PathOnHost")]
     pub path_on_host: String,
-    #[serde(rename = "PathInContainer", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "PathInContainer",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub path_in_container: Option<String>,
     /// Any combination of `r`, `w` and `m`.
-    #[serde(rename = "CgroupPermissions", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "CgroupPermissions",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cgroup_permissions: Option<String>,
 }
 
@@ -246,7 +274,9 @@ pub struct Requires {
     pub min_memory_mb: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     #[serde(rename = "x86_64")]
@@ -412,7 +442,10 @@ pub fn parse(bytes: &[u8]) -> Result<Deployment, ManifestError> {
     let deployment: Deployment = serde_json::from_value(value).map_err(|e| {
         // The schema is generated from these types, so this is a disagreement between the two;
         // report it as an issue rather than trusting either blindly.
-        ManifestError::Invalid(vec![Issue::new("", format!("manifest does not match its types: {e}"))])
+        ManifestError::Invalid(vec![Issue::new(
+            "",
+            format!("manifest does not match its types: {e}"),
+        )])
     })?;
     let issues = validate::validate(&deployment);
     if issues.is_empty() {

@@ -22,12 +22,46 @@ pub const RESERVED_LABEL_PREFIX: &str = "io.outpost.";
 
 /// Linux capabilities a module may add or drop (without the `CAP_` prefix).
 const CAPABILITIES: &[&str] = &[
-    "AUDIT_CONTROL", "AUDIT_READ", "AUDIT_WRITE", "BLOCK_SUSPEND", "BPF", "CHECKPOINT_RESTORE",
-    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "IPC_LOCK", "IPC_OWNER",
-    "KILL", "LEASE", "LINUX_IMMUTABLE", "MAC_ADMIN", "MAC_OVERRIDE", "MKNOD", "NET_ADMIN",
-    "NET_BIND_SERVICE", "NET_BROADCAST", "NET_RAW", "PERFMON", "SETFCAP", "SETGID", "SETPCAP",
-    "SETUID", "SYS_ADMIN", "SYS_BOOT", "SYS_CHROOT", "SYS_MODULE", "SYS_NICE", "SYS_PACCT",
-    "SYS_PTRACE", "SYS_RAWIO", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "SYSLOG",
+    "AUDIT_CONTROL",
+    "AUDIT_READ",
+    "AUDIT_WRITE",
+    "BLOCK_SUSPEND",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "KILL",
+    "LEASE",
+    "LINUX_IMMUTABLE",
+    "MAC_ADMIN",
+    "MAC_OVERRIDE",
+    "MKNOD",
+    "NET_ADMIN",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_RAW",
+    "PERFMON",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_CHROOT",
+    "SYS_MODULE",
+    "SYS_NICE",
+    "SYS_PACCT",
+    "SYS_PTRACE",
+    "SYS_RAWIO",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "SYSLOG",
     "WAKE_ALARM",
 ];
 
@@ -134,7 +168,10 @@ impl Validator {
         if m.env.len() > MAX_ENV {
             self.push(
                 format!("{path}/env"),
-                format!("{} variables is more than the {MAX_ENV} allowed", m.env.len()),
+                format!(
+                    "{} variables is more than the {MAX_ENV} allowed",
+                    m.env.len()
+                ),
             );
         }
         for (name, value) in &m.env {
@@ -163,7 +200,9 @@ impl Validator {
             if value.len() > MAX_ENV_VALUE_BYTES {
                 self.push(
                     at,
-                    format!("value is longer than {MAX_ENV_VALUE_BYTES} bytes; mount a file instead"),
+                    format!(
+                        "value is longer than {MAX_ENV_VALUE_BYTES} bytes; mount a file instead"
+                    ),
                 );
             }
         }
@@ -183,7 +222,10 @@ impl Validator {
             for (field, args) in [("Cmd", &options.cmd), ("Entrypoint", &options.entrypoint)] {
                 for (i, arg) in args.iter().flatten().enumerate() {
                     if arg.contains('\0') {
-                        self.push(format!("{at}/{field}/{i}"), "argument contains a NUL character");
+                        self.push(
+                            format!("{at}/{field}/{i}"),
+                            "argument contains a NUL character",
+                        );
                     }
                 }
             }
@@ -232,7 +274,9 @@ impl Validator {
             if !is_container_port(port) {
                 self.push(
                     path.clone(),
-                    format!("`{port}` is not a container port: use `PORT/tcp`, `PORT/udp` or `PORT`"),
+                    format!(
+                        "`{port}` is not a container port: use `PORT/tcp`, `PORT/udp` or `PORT`"
+                    ),
                 );
             }
             for (i, b) in bindings.iter().enumerate() {
@@ -258,7 +302,10 @@ impl Validator {
             if !device.path_on_host.starts_with("/dev/") || device.path_on_host.contains("..") {
                 self.push(
                     format!("{path}/PathOnHost"),
-                    format!("`{}` must be a device path under /dev/", device.path_on_host),
+                    format!(
+                        "`{}` must be a device path under /dev/",
+                        device.path_on_host
+                    ),
                 );
             }
             if let Some(p) = &device.path_in_container
@@ -319,7 +366,9 @@ impl Validator {
         if !shape_ok {
             self.push(
                 at,
-                format!("route source `{from}` must be `modules/NAME/outputs/...` (a topic filter)"),
+                format!(
+                    "route source `{from}` must be `modules/NAME/outputs/...` (a topic filter)"
+                ),
             );
             return;
         }
@@ -388,7 +437,11 @@ impl<'a> Bind<'a> {
         let (source, target, mode) = match parts.as_slice() {
             [s, t] => (*s, *t, None),
             [s, t, m] => (*s, *t, Some(*m)),
-            _ => return Err(format!("bind `{bind}` must be `SOURCE:TARGET` or `SOURCE:TARGET:ro`")),
+            _ => {
+                return Err(format!(
+                    "bind `{bind}` must be `SOURCE:TARGET` or `SOURCE:TARGET:ro`"
+                ));
+            }
         };
         let read_only = match mode {
             None | Some("rw") => false,
@@ -454,7 +507,8 @@ fn is_dns_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
 }
@@ -464,8 +518,7 @@ fn is_identifier(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
         && s.as_bytes()[0].is_ascii_alphanumeric()
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
