@@ -5,13 +5,17 @@
 //! - [`manifest`]: the deployment manifest: types, schema, validation.
 //! - [`signing`]: Ed25519 keys and DSSE envelopes around manifests.
 //! - [`intake`]: the one path from untrusted bytes to an accepted deployment.
+//! - [`state`]: reported state, as the hub and `outpost list` see it.
+//! - [`control`]: the handle through which the hub link and local API reach the reconciler.
 //! - [`config`]: the device configuration, read raw and validated.
 //! - [`logging`]: tracing set-up (human or JSON).
 //! - [`cli`]: the `outpost` command line (the binary only calls [`cli::main`]).
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod intake;
 pub mod logging;
 pub mod manifest;
 pub mod signing;
+pub mod state;

@@ -1,0 +1,103 @@
+//! The control plane's contract: how the hub link and the local API talk to the reconciler.
+//!
+//! Requests go through one bounded channel to the task that owns the deployment; the reported
+//! state comes back through a `watch`, so readers always see the latest state and never queue
+//! behind it. This keeps the hub link and the reconciler independent: either can be tested
+//! against the real other through this handle.
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::intake::Accepted;
+use crate::manifest::Issue;
+use crate::state::{ReportedState, Source};
+
+/// Capacity of the request channel: senders wait (push back) beyond it.
+pub const REQUEST_CAPACITY: usize = 16;
+
+#[derive(Debug)]
+pub enum Request {
+    /// A deployment that passed intake. The reply comes once it is stored (then applying
+    /// goes on in the background and shows in the state) or refused with the reasons; a
+    /// refused deployment changes nothing.
+    Offer {
+        accepted: Box<Accepted>,
+        source: Source,
+        reply: oneshot::Sender<Result<(), Vec<Issue>>>,
+    },
+    /// Restart one module's container now (a hub command or `outpost restart`).
+    RestartModule {
+        name: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// The last `tail` lines of a module's logs, at most `max_bytes`.
+    Logs {
+        name: String,
+        tail: usize,
+        max_bytes: usize,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
+
+/// What a client of the agent holds: a way to ask, and the latest state.
+#[derive(Debug, Clone)]
+pub struct AgentHandle {
+    pub requests: mpsc::Sender<Request>,
+    pub state: watch::Receiver<ReportedState>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the agent is shutting down")]
+    Closed,
+}
+
+impl AgentHandle {
+    /// Offers a deployment and waits until it is stored or refused.
+    pub async fn offer(
+        &self,
+        accepted: Accepted,
+        source: Source,
+    ) -> Result<Result<(), Vec<Issue>>, ControlError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Offer {
+                accepted: Box::new(accepted),
+                source,
+                reply,
+            })
+            .await
+            .map_err(|_| ControlError::Closed)?;
+        rx.await.map_err(|_| ControlError::Closed)
+    }
+
+    pub async fn restart_module(&self, name: &str) -> Result<Result<(), String>, ControlError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::RestartModule {
+                name: name.to_string(),
+                reply,
+            })
+            .await
+            .map_err(|_| ControlError::Closed)?;
+        rx.await.map_err(|_| ControlError::Closed)
+    }
+
+    pub async fn logs(
+        &self,
+        name: &str,
+        tail: usize,
+        max_bytes: usize,
+    ) -> Result<Result<String, String>, ControlError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Logs {
+                name: name.to_string(),
+                tail,
+                max_bytes,
+                reply,
+            })
+            .await
+            .map_err(|_| ControlError::Closed)?;
+        rx.await.map_err(|_| ControlError::Closed)
+    }
+}

@@ -1,0 +1,138 @@
+//! Reported state: what the device tells the hub (and `outpost list`) about its deployment,
+//! its modules and itself. Built by the reconciler, published by the hub link. It never holds
+//! secrets: registry passwords and keys stay in the store.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::Issue;
+
+/// Where a deployment came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Source {
+    /// The device's own deployment topic.
+    Device,
+    /// A group's deployment topic.
+    Group { name: String },
+    /// `outpost deploy --local` on the device.
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeploymentStatus {
+    /// Passed intake and stored; not acted on yet.
+    Received,
+    /// Being carried out (pulls, creates, starts).
+    Applying,
+    /// Every module is in its desired status.
+    Applied,
+    /// Did not become healthy and there is no rollback (or the rollback failed too).
+    Failed,
+    /// Did not become healthy; the last good deployment was restored.
+    RolledBack,
+    /// Refused before anything changed (intake, policy, version rule).
+    Rejected,
+}
+
+/// One deployment as reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentReport {
+    pub id: String,
+    pub version: u64,
+    pub status: DeploymentStatus,
+    pub source: Source,
+    /// Why it failed, was rolled back or rejected; each with a field path where there is one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<Issue>,
+    /// SHA-256 of the manifest bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Unix seconds of the last status change.
+    pub updated_at: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModuleStatus {
+    Pulling,
+    Created,
+    Running,
+    /// Exited and waiting for its restart backoff to pass.
+    Backoff,
+    /// Exited and, by its restart policy, staying so.
+    Exited,
+    Stopped,
+    /// Cannot be brought up (pull or create keeps failing); still retried.
+    Failed,
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModuleReport {
+    pub status: ModuleStatus,
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
+    pub restart_count: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+    /// Unix seconds when the container last started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<u64>,
+    /// The last error carrying this module out (pull, create, start), for the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentFacts {
+    pub version: String,
+    pub arch: String,
+    pub os: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_version: Option<String>,
+    pub uptime_secs: u64,
+}
+
+/// The whole reported state of a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportedState {
+    pub device_id: String,
+    /// The deployment in force (or being applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<DeploymentReport>,
+    /// The last deployment that was refused, kept so the operator sees why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rejected: Option<DeploymentReport>,
+    /// The last deployment that became healthy: what a rollback returns to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_good: Option<DeploymentRef>,
+    pub modules: BTreeMap<String, ModuleReport>,
+    pub agent: AgentFacts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentRef {
+    pub id: String,
+    pub version: u64,
+}
+
+impl AgentFacts {
+    /// Facts known without asking the runtime.
+    pub fn local(uptime_secs: u64) -> AgentFacts {
+        AgentFacts {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            arch: std::env::consts::ARCH.to_string(),
+            os: std::env::consts::OS.to_string(),
+            runtime_version: None,
+            uptime_secs,
+        }
+    }
+}
