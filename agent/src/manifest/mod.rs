@@ -370,7 +370,7 @@ fn default_healthy_within() -> u64 {
 }
 
 /// One thing wrong with a manifest: where, and what to do about it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Issue {
     /// JSON pointer of the field (`/modules/infer/image`), or `line L, column C` for text
     /// that is not JSON at all.
