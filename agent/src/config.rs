@@ -732,3 +732,29 @@ mod tests {
         assert!(err.to_string().contains("--config"));
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The shipped example loads once the files it names exist beside it.
+    #[test]
+    fn the_example_config_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/device.example.toml");
+        let path = dir.path().join("config.toml");
+        std::fs::copy(&example, &path).unwrap();
+        for f in ["certs/hub-ca.pem", "certs/device.pem", "certs/device.key"] {
+            let p = dir.path().join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, "x").unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+        let key = crate::signing::generate_key().unwrap();
+        crate::signing::write_key_pair(&key, &dir.path().join("keys/ops")).unwrap();
+        let config = Config::load(&path, []).unwrap();
+        assert_eq!(config.device_id, "line3-cam1");
+        assert_eq!(config.policy.trusted_keys.len(), 1);
+        assert_eq!(config.hub.unwrap().groups, ["line-3", "cameras"]);
+    }
+}
