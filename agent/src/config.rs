@@ -312,7 +312,10 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
         );
     }
     let log_level = raw.log_level.unwrap_or_else(|| "info".into());
-    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+    // A bare word must be a level: `inf0` would otherwise pass as a target name.
+    let bare_ok = log_level.contains(['=', ',', ':'])
+        || ["error", "warn", "info", "debug", "trace", "off"].contains(&log_level.as_str());
+    if !bare_ok || tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
         issues.push(
             "log_level",
             format!("`{log_level}` is not a level (error, warn, info, debug, trace) or filter"),
@@ -741,7 +744,8 @@ mod example_tests {
     #[test]
     fn the_example_config_is_valid() {
         let dir = tempfile::tempdir().unwrap();
-        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/device.example.toml");
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/device.example.toml");
         let path = dir.path().join("config.toml");
         std::fs::copy(&example, &path).unwrap();
         for f in ["certs/hub-ca.pem", "certs/device.pem", "certs/device.key"] {

@@ -17,5 +17,6 @@ pub mod control;
 pub mod intake;
 pub mod logging;
 pub mod manifest;
+pub mod runtime;
 pub mod signing;
 pub mod state;

@@ -253,8 +253,9 @@ pub fn generate_key() -> Result<SigningKey, KeyError> {
 /// Writes `PREFIX.key` (PKCS#8 PEM, owner-only) and `PREFIX.pub` (SPKI PEM); refuses to
 /// overwrite either. Returns both paths.
 pub fn write_key_pair(key: &SigningKey, prefix: &Path) -> Result<(PathBuf, PathBuf), KeyError> {
-    let private = prefix.with_extension("key");
-    let public = prefix.with_extension("pub");
+    // Appended, not `with_extension`: a prefix like `ops.2026` keeps its dot.
+    let private = PathBuf::from(format!("{}.key", prefix.display()));
+    let public = PathBuf::from(format!("{}.pub", prefix.display()));
     for path in [&private, &public] {
         if path.exists() {
             return Err(KeyError::Exists { path: path.clone() });

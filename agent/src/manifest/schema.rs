@@ -161,9 +161,15 @@ fn describe_error(error: &jsonschema::ValidationError<'_>, issues: &mut Vec<Issu
         }
         ValidationErrorKind::Type { .. } => {
             let expected = expected_type(error.schema_path().as_str());
+            // Registry credentials are secrets even when mistyped: never echo their values.
+            let found = if at.starts_with("/registries") {
+                kind_of(error.instance()).to_string()
+            } else {
+                describe(error.instance())
+            };
             issues.push(Issue::new(
                 at,
-                format!("expected {expected}, found {}", describe(error.instance())),
+                format!("expected {expected}, found {found}"),
             ));
         }
         _ => issues.push(Issue::new(at, error.to_string())),
@@ -241,8 +247,8 @@ fn a_type(t: &str) -> String {
     }
 }
 
-fn describe(value: &Value) -> String {
-    let kind = match value {
+fn kind_of(value: &Value) -> &'static str {
+    match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
         Value::Number(n) if n.is_f64() => "a number",
@@ -250,7 +256,11 @@ fn describe(value: &Value) -> String {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
-    };
+    }
+}
+
+fn describe(value: &Value) -> String {
+    let kind = kind_of(value);
     let text = value.to_string();
     if text.len() <= 40 && !value.is_object() && !value.is_array() {
         format!("{kind} ({text})")

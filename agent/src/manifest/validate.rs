@@ -275,7 +275,7 @@ impl Validator {
                 self.push(
                     path.clone(),
                     format!(
-                        "`{port}` is not a container port: use `PORT/tcp`, `PORT/udp` or `PORT`"
+                        "`{port}` is not a container port: use `PORT/tcp`, `PORT/udp`, `PORT/sctp` or `PORT`"
                     ),
                 );
             }

@@ -1,0 +1,517 @@
+//! The Docker implementation of [`Runtime`], over the engine's Unix socket with bollard.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::auth::DockerCredentials;
+use bollard::errors::Error as BollardError;
+use bollard::models::{
+    ContainerCreateBody, ContainerStateStatusEnum, DeviceMapping, HealthStatusEnum, HostConfig,
+    HostConfigLogConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
+    ListContainersOptionsBuilder, ListImagesOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, StartContainerOptions,
+    StopContainerOptionsBuilder,
+};
+use futures_util::{Stream, StreamExt as _};
+use tokio::sync::mpsc;
+
+use super::{
+    ContainerSpec, ContainerState, Health, ImageInfo, LogOptions, Observed, PullProgress, Runtime,
+    RuntimeError, RuntimeEvent, labels,
+};
+use crate::manifest::{ImageRef, RegistryCredentials};
+
+/// Docker Engine API version spoken when the engine does not say (Debian 12's Docker 20.10).
+const FALLBACK_API: bollard::ClientVersion = bollard::ClientVersion {
+    major_version: 1,
+    minor_version: 41,
+};
+
+/// Request timeout for engine calls, in seconds; pulls stream and are not bound by it.
+const TIMEOUT_SECS: u64 = 120;
+
+#[derive(Debug, Clone)]
+pub struct DockerRuntime {
+    docker: Docker,
+}
+
+impl DockerRuntime {
+    /// Connects to the engine's socket and agrees on an API version.
+    ///
+    /// Fails when the socket does not exist or the engine does not answer.
+    pub async fn connect(socket: &std::path::Path) -> Result<DockerRuntime, RuntimeError> {
+        let path = socket.display().to_string();
+        let connect_err = |source| RuntimeError::Connect {
+            socket: path.clone(),
+            source,
+        };
+        let docker =
+            Docker::connect_with_unix(&path, TIMEOUT_SECS, &FALLBACK_API).map_err(connect_err)?;
+        let docker = docker.negotiate_version().await.map_err(connect_err)?;
+        Ok(DockerRuntime { docker })
+    }
+
+    async fn observe(&self, id: &str) -> Result<Option<Observed>, RuntimeError> {
+        let info = match self.docker.inspect_container(id, None).await {
+            Ok(info) => info,
+            Err(e) if status_of(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(engine("inspect", id, e)),
+        };
+        let config = info.config.unwrap_or_default();
+        let labels: BTreeMap<String, String> =
+            config.labels.unwrap_or_default().into_iter().collect();
+        let state = info.state.unwrap_or_default();
+        let health = match state.health.and_then(|h| h.status) {
+            Some(HealthStatusEnum::HEALTHY) => Health::Healthy,
+            Some(HealthStatusEnum::UNHEALTHY) => Health::Unhealthy,
+            Some(HealthStatusEnum::STARTING) => Health::Starting,
+            _ => Health::None,
+        };
+        Ok(Some(Observed {
+            id: info.id.unwrap_or_else(|| id.to_string()),
+            name: info
+                .name
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_string(),
+            module: labels.get(labels::MODULE).cloned().unwrap_or_default(),
+            config_hash: labels.get(labels::CONFIG_HASH).cloned().unwrap_or_default(),
+            state: match state.status {
+                Some(ContainerStateStatusEnum::CREATED) => ContainerState::Created,
+                Some(ContainerStateStatusEnum::RUNNING) => ContainerState::Running,
+                Some(ContainerStateStatusEnum::RESTARTING) => ContainerState::Restarting,
+                Some(ContainerStateStatusEnum::PAUSED) => ContainerState::Paused,
+                Some(ContainerStateStatusEnum::EXITED) => ContainerState::Exited,
+                Some(ContainerStateStatusEnum::DEAD) => ContainerState::Dead,
+                Some(ContainerStateStatusEnum::REMOVING) => ContainerState::Removing,
+                _ => ContainerState::Unknown,
+            },
+            health,
+            exit_code: state.exit_code,
+            oom_killed: state.oom_killed.unwrap_or(false),
+            started_at: state.started_at.as_deref().and_then(parse_rfc3339),
+            finished_at: state.finished_at.as_deref().and_then(parse_rfc3339),
+            image: config.image.unwrap_or_default(),
+            image_id: info.image.unwrap_or_default(),
+            labels,
+        }))
+    }
+}
+
+fn status_of(e: &BollardError) -> Option<u16> {
+    match e {
+        BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+fn message_of(e: &BollardError) -> String {
+    match e {
+        BollardError::DockerResponseServerError {
+            status_code,
+            message,
+        } => {
+            format!("{status_code} {message}")
+        }
+        other => other.to_string(),
+    }
+}
+
+fn engine(op: &'static str, target: &str, e: BollardError) -> RuntimeError {
+    if status_of(&e) == Some(404) {
+        return RuntimeError::NotFound {
+            what: target.to_string(),
+        };
+    }
+    RuntimeError::Engine {
+        op,
+        target: target.to_string(),
+        message: message_of(&e),
+    }
+}
+
+fn outpost_filter(device: &str) -> HashMap<String, Vec<String>> {
+    HashMap::from([(
+        "label".to_string(),
+        vec![
+            format!("{}=true", labels::MANAGED),
+            format!("{}={device}", labels::DEVICE),
+        ],
+    )])
+}
+
+impl Runtime for DockerRuntime {
+    async fn version(&self) -> Result<String, RuntimeError> {
+        let v = self
+            .docker
+            .version()
+            .await
+            .map_err(|e| engine("version", "engine", e))?;
+        Ok(format!(
+            "docker {} (API {})",
+            v.version.unwrap_or_default(),
+            v.api_version.unwrap_or_default()
+        ))
+    }
+
+    async fn image(&self, image: &str) -> Result<Option<ImageInfo>, RuntimeError> {
+        match self.docker.inspect_image(image).await {
+            Ok(i) => Ok(Some(ImageInfo {
+                id: i.id.unwrap_or_default(),
+                tags: i.repo_tags.unwrap_or_default(),
+                digests: i.repo_digests.unwrap_or_default(),
+                created: i.created.as_deref().and_then(parse_rfc3339).unwrap_or(0) as i64,
+            })),
+            Err(e) if status_of(&e) == Some(404) => Ok(None),
+            Err(e) => Err(engine("inspect image", image, e)),
+        }
+    }
+
+    async fn pull(
+        &self,
+        image: &str,
+        credentials: Option<&RegistryCredentials>,
+        progress: Option<&mpsc::Sender<PullProgress>>,
+    ) -> Result<(), RuntimeError> {
+        let pull_err = |message: String| RuntimeError::Pull {
+            image: image.to_string(),
+            message,
+        };
+        let reference = ImageRef::parse(image).map_err(pull_err)?;
+        // The tag (or digest) is always named: without it the engine would pull every tag.
+        let (from, tag) = match (&reference.digest, &reference.tag) {
+            (Some(digest), _) => (
+                image.split('@').next().unwrap_or(image).to_string(),
+                digest.clone(),
+            ),
+            (None, Some(tag)) => (
+                image[..image.len() - tag.len() - 1].to_string(),
+                tag.clone(),
+            ),
+            (None, None) => return Err(pull_err("the reference has no tag or digest".into())),
+        };
+        let from = match &reference.digest {
+            // A digest is passed as `repo@sha256:...` in fromImage with an empty tag.
+            Some(_) => image.to_string(),
+            None => from,
+        };
+        let options = if reference.digest.is_some() {
+            CreateImageOptionsBuilder::default()
+                .from_image(&from)
+                .build()
+        } else {
+            CreateImageOptionsBuilder::default()
+                .from_image(&from)
+                .tag(&tag)
+                .build()
+        };
+        let auth = credentials.map(|c| DockerCredentials {
+            username: Some(c.username.clone()),
+            password: Some(c.password.expose().to_string()),
+            serveraddress: Some(reference.registry.clone()),
+            ..Default::default()
+        });
+        let mut stream = self.docker.create_image(Some(options), None, auth);
+        let mut layers: HashMap<String, (u64, u64)> = HashMap::new();
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| pull_err(pull_message(&e)))?;
+            if let Some(detail) = info.error_detail {
+                return Err(pull_err(
+                    detail.message.unwrap_or_else(|| "unknown error".into()),
+                ));
+            }
+            if let (Some(id), Some(detail)) = (&info.id, &info.progress_detail) {
+                let current = detail.current.unwrap_or(0).max(0) as u64;
+                let total = detail.total.unwrap_or(0).max(0) as u64;
+                layers.insert(id.clone(), (current, total));
+            }
+            if let Some(tx) = progress {
+                let (current, total) = layers
+                    .values()
+                    .fold((0, 0), |(c, t), (lc, lt)| (c + lc, t + lt));
+                // Progress is advisory: a slow reader loses updates, never stalls the pull.
+                let _ = tx.try_send(PullProgress {
+                    image: image.to_string(),
+                    status: info.status.clone().unwrap_or_default(),
+                    current_bytes: current,
+                    total_bytes: total,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        let port_bindings = (!spec.port_bindings.is_empty()).then(|| {
+            spec.port_bindings
+                .iter()
+                .map(|(port, bindings)| {
+                    let port = if port.contains('/') {
+                        port.clone()
+                    } else {
+                        format!("{port}/tcp")
+                    };
+                    let b = bindings
+                        .iter()
+                        .map(|(ip, host_port)| PortBinding {
+                            host_ip: ip.clone(),
+                            host_port: Some(host_port.clone()),
+                        })
+                        .collect();
+                    (port, Some(b))
+                })
+                .collect::<HashMap<_, _>>()
+        });
+        let exposed: Option<Vec<String>> =
+            port_bindings.as_ref().map(|p| p.keys().cloned().collect());
+        let host_config = HostConfig {
+            binds: (!spec.binds.is_empty()).then(|| spec.binds.clone()),
+            port_bindings,
+            privileged: Some(spec.privileged),
+            network_mode: spec.network_mode.clone(),
+            devices: (!spec.devices.is_empty()).then(|| {
+                spec.devices
+                    .iter()
+                    .map(|(host, inside, perms)| DeviceMapping {
+                        path_on_host: Some(host.clone()),
+                        path_in_container: Some(inside.clone()),
+                        cgroup_permissions: Some(perms.clone()),
+                    })
+                    .collect()
+            }),
+            cap_add: (!spec.cap_add.is_empty()).then(|| spec.cap_add.clone()),
+            cap_drop: (!spec.cap_drop.is_empty()).then(|| spec.cap_drop.clone()),
+            readonly_rootfs: Some(spec.readonly_rootfs),
+            extra_hosts: (!spec.extra_hosts.is_empty()).then(|| spec.extra_hosts.clone()),
+            memory: spec.memory_bytes,
+            // Equal to memory: no swap on top of the limit.
+            memory_swap: spec.memory_bytes,
+            nano_cpus: spec.nano_cpus,
+            // The agent restarts modules itself, with its own backoff and reporting.
+            restart_policy: Some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::NO),
+                maximum_retry_count: None,
+            }),
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("json-file".into()),
+                config: Some(HashMap::from([
+                    ("max-size".to_string(), spec.log_max_size.clone()),
+                    ("max-file".to_string(), spec.log_max_files.to_string()),
+                ])),
+            }),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            env: Some(spec.env.clone()),
+            labels: Some(spec.labels.clone().into_iter().collect()),
+            cmd: spec.cmd.clone(),
+            entrypoint: spec.entrypoint.clone(),
+            user: spec.user.clone(),
+            working_dir: spec.working_dir.clone(),
+            exposed_ports: exposed,
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        let options = CreateContainerOptionsBuilder::default()
+            .name(&spec.name)
+            .build();
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| engine("create", &spec.name, e))?;
+        Ok(created.id)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.docker
+            .start_container(id, None::<StartContainerOptions>)
+            .await
+            .map_err(|e| engine("start", id, e))
+    }
+
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        let options = StopContainerOptionsBuilder::default()
+            .t(grace.as_secs().min(i32::MAX as u64) as i32)
+            .build();
+        match self.docker.stop_container(id, Some(options)).await {
+            // 304: already stopped.
+            Err(e) if status_of(&e) == Some(304) => Ok(()),
+            other => other.map_err(|e| engine("stop", id, e)),
+        }
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let options = RemoveContainerOptionsBuilder::default().force(true).build();
+        match self.docker.remove_container(id, Some(options)).await {
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            other => other.map_err(|e| engine("remove", id, e)),
+        }
+    }
+
+    async fn list(&self, device: &str) -> Result<Vec<Observed>, RuntimeError> {
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&outpost_filter(device))
+            .build();
+        let summaries = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| engine("list", "containers", e))?;
+        let mut observed = Vec::with_capacity(summaries.len());
+        for s in summaries {
+            let Some(id) = s.id else { continue };
+            // A container removed between list and inspect is simply gone.
+            if let Some(o) = self.observe(&id).await? {
+                observed.push(o);
+            }
+        }
+        Ok(observed)
+    }
+
+    fn events(
+        &self,
+        device: &str,
+    ) -> impl Stream<Item = Result<RuntimeEvent, RuntimeError>> + Send + 'static {
+        let mut filters = outpost_filter(device);
+        filters.insert("type".into(), vec!["container".into()]);
+        let options = EventsOptionsBuilder::default().filters(&filters).build();
+        self.docker.events(Some(options)).map(|item| {
+            let event = item.map_err(|e| engine("events", "engine", e))?;
+            let actor = event.actor.unwrap_or_default();
+            let attributes = actor.attributes.unwrap_or_default();
+            Ok(RuntimeEvent {
+                container_id: actor.id.unwrap_or_default(),
+                module: attributes.get(labels::MODULE).cloned(),
+                action: event.action.unwrap_or_default(),
+            })
+        })
+    }
+
+    fn logs(
+        &self,
+        id: &str,
+        options: LogOptions,
+    ) -> impl Stream<Item = Result<String, RuntimeError>> + Send + 'static {
+        let tail = options
+            .tail
+            .map_or_else(|| "all".to_string(), |t| t.to_string());
+        let mut builder = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .follow(options.follow)
+            .timestamps(options.timestamps)
+            .tail(&tail);
+        if let Some(since) = options.since {
+            builder = builder.since(since.clamp(0, i32::MAX as i64) as i32);
+        }
+        let id = id.to_string();
+        self.docker
+            .logs(&id, Some(builder.build()))
+            .map(move |item| {
+                item.map(|chunk| chunk.to_string())
+                    .map_err(|e| engine("logs", &id, e))
+            })
+    }
+
+    async fn images(&self) -> Result<Vec<ImageInfo>, RuntimeError> {
+        let options = ListImagesOptionsBuilder::default().build();
+        let images = self
+            .docker
+            .list_images(Some(options))
+            .await
+            .map_err(|e| engine("list", "images", e))?;
+        Ok(images
+            .into_iter()
+            .map(|i| ImageInfo {
+                id: i.id,
+                tags: i.repo_tags,
+                digests: i.repo_digests,
+                created: i.created,
+            })
+            .collect())
+    }
+
+    async fn remove_image(&self, id: &str) -> Result<(), RuntimeError> {
+        let options = RemoveImageOptionsBuilder::default().build();
+        self.docker
+            .remove_image(id, Some(options), None)
+            .await
+            .map(|_| ())
+            .map_err(|e| engine("remove image", id, e))
+    }
+}
+
+/// A pull error as an operator can act on it.
+fn pull_message(e: &BollardError) -> String {
+    let text = message_of(e);
+    if text.contains("unauthorized") || text.contains("authentication required") {
+        format!("{text} (check the registry's username and password in the manifest)")
+    } else if text.contains("manifest unknown") || text.contains("not found") {
+        format!("{text} (the registry has no such image or tag)")
+    } else {
+        text
+    }
+}
+
+/// Unix seconds of an RFC 3339 timestamp as Docker writes it (`2026-11-27T13:50:01.123Z`);
+/// `None` for Docker's zero time `0001-01-01T00:00:00Z`.
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let (date, rest) = s.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    if y < 1970 {
+        return None;
+    }
+    let time = &rest[..rest.find(['Z', '+', '-']).unwrap_or(rest.len())];
+    let mut t = time.split(':');
+    let (h, min) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
+    let sec = t.next()?.split('.').next()?.parse::<i64>().ok()?;
+    let offset = match rest.rfind(['+', '-']) {
+        Some(i) if rest[i..].len() == 6 => {
+            let sign = if &rest[i..i + 1] == "-" { -1 } else { 1 };
+            let oh = rest[i + 1..i + 3].parse::<i64>().ok()?;
+            let om = rest[i + 4..i + 6].parse::<i64>().ok()?;
+            sign * (oh * 3600 + om * 60)
+        }
+        _ => 0,
+    };
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + h * 3600 + min * 60 + sec - offset).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_rfc3339("2026-11-27T13:50:01.123456789Z"),
+            Some(1_795_787_401)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-27T14:50:01+01:00"),
+            Some(1_795_787_401)
+        );
+        assert_eq!(parse_rfc3339("0001-01-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339("garbage"), None);
+    }
+}

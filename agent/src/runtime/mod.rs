@@ -1,0 +1,202 @@
+//! The container runtime boundary: what the executor needs from an engine, and the Docker
+//! implementation of it. Only containers labelled as Outpost's for this device are ever listed,
+//! so nothing the agent did not create can reach the planner.
+
+pub mod docker;
+pub mod spec;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use futures_util::Stream;
+use tokio::sync::mpsc;
+
+use crate::manifest::RegistryCredentials;
+
+pub use docker::DockerRuntime;
+
+/// Labels that mark a container as Outpost's.
+pub mod labels {
+    pub const MANAGED: &str = "io.outpost.managed";
+    pub const DEVICE: &str = "io.outpost.device";
+    pub const MODULE: &str = "io.outpost.module";
+    pub const DEPLOYMENT: &str = "io.outpost.deployment";
+    pub const VERSION: &str = "io.outpost.version";
+    pub const CONFIG_HASH: &str = "io.outpost.config-hash";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerState {
+    Created,
+    Running,
+    Restarting,
+    Paused,
+    Exited,
+    Dead,
+    Removing,
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// The image has no health check.
+    None,
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+/// One of Outpost's containers as the engine sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    pub id: String,
+    pub name: String,
+    pub module: String,
+    pub config_hash: String,
+    pub state: ContainerState,
+    pub health: Health,
+    pub exit_code: Option<i64>,
+    pub oom_killed: bool,
+    /// Unix seconds.
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    pub image: String,
+    pub image_id: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What the executor asks the engine to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    pub env: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub cmd: Option<Vec<String>>,
+    pub entrypoint: Option<Vec<String>>,
+    pub user: Option<String>,
+    pub working_dir: Option<String>,
+    pub binds: Vec<String>,
+    /// Container port (`8080/tcp`) → (host IP, host port).
+    pub port_bindings: BTreeMap<String, Vec<(Option<String>, String)>>,
+    pub privileged: bool,
+    pub network_mode: Option<String>,
+    /// (host path, container path, cgroup permissions).
+    pub devices: Vec<(String, String, String)>,
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
+    pub readonly_rootfs: bool,
+    pub extra_hosts: Vec<String>,
+    pub memory_bytes: Option<i64>,
+    pub nano_cpus: Option<i64>,
+    /// json-file log rotation: size of one file and how many are kept.
+    pub log_max_size: String,
+    pub log_max_files: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub id: String,
+    pub tags: Vec<String>,
+    /// `repo@sha256:...` digests known for the image.
+    pub digests: Vec<String>,
+    /// Unix seconds when the image was created.
+    pub created: i64,
+}
+
+/// Progress of an image pull, for `outpost deploy --local` and logs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PullProgress {
+    pub image: String,
+    pub status: String,
+    pub current_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// Something that happened to one of Outpost's containers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeEvent {
+    pub container_id: String,
+    pub module: Option<String>,
+    /// Docker's action: `start`, `die`, `oom`, `health_status: unhealthy`, `destroy`, ...
+    pub action: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LogOptions {
+    pub tail: Option<usize>,
+    pub follow: bool,
+    /// Unix seconds.
+    pub since: Option<i64>,
+    pub timestamps: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot reach the Docker engine at {socket}: {source}")]
+    Connect {
+        socket: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("pull of {image} failed: {message}")]
+    Pull { image: String, message: String },
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("{op} {target}: {message}")]
+    Engine {
+        op: &'static str,
+        target: String,
+        message: String,
+    },
+}
+
+/// A container engine, as the executor uses it.
+pub trait Runtime: Send + Sync + 'static {
+    /// The engine's version, for reported state.
+    fn version(&self) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    /// The image if the engine has it.
+    fn image(
+        &self,
+        image: &str,
+    ) -> impl Future<Output = Result<Option<ImageInfo>, RuntimeError>> + Send;
+    /// Pulls an image, sending progress as it goes (dropped when the receiver lags).
+    fn pull(
+        &self,
+        image: &str,
+        credentials: Option<&RegistryCredentials>,
+        progress: Option<&mpsc::Sender<PullProgress>>,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn create(
+        &self,
+        spec: &ContainerSpec,
+    ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// SIGTERM, then SIGKILL after `grace`.
+    fn stop(
+        &self,
+        id: &str,
+        grace: Duration,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Removes a container (forcing, so a running one goes too).
+    fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Every container labelled as Outpost's for `device`, running or not.
+    fn list(
+        &self,
+        device: &str,
+    ) -> impl Future<Output = Result<Vec<Observed>, RuntimeError>> + Send;
+    /// Events of Outpost's containers for `device`, from now on.
+    fn events(
+        &self,
+        device: &str,
+    ) -> impl Stream<Item = Result<RuntimeEvent, RuntimeError>> + Send + 'static;
+    /// A container's log lines (stdout and stderr).
+    fn logs(
+        &self,
+        id: &str,
+        options: LogOptions,
+    ) -> impl Stream<Item = Result<String, RuntimeError>> + Send + 'static;
+    fn images(&self) -> impl Future<Output = Result<Vec<ImageInfo>, RuntimeError>> + Send;
+    fn remove_image(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+}
