@@ -17,6 +17,7 @@ pub mod control;
 pub mod intake;
 pub mod logging;
 pub mod manifest;
+pub mod planner;
 pub mod runtime;
 pub mod signing;
 pub mod state;
