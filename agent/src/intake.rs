@@ -3,7 +3,7 @@
 //! manifest's own checks, so that nothing unsigned is even parsed as a manifest on a device that
 //! requires signatures.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::manifest::{self, Deployment, Issue, ManifestError};
@@ -13,7 +13,7 @@ use crate::signing::{Envelope, SignatureError, TrustedKeys};
 pub const MAX_MESSAGE_BYTES: usize = manifest::MAX_MANIFEST_BYTES * 4 / 3 + 16 * 1024;
 
 /// How a deployment reached the device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Provenance {
     /// A bare manifest, accepted because the device trusts no keys.

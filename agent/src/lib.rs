@@ -18,6 +18,8 @@ pub mod intake;
 pub mod logging;
 pub mod manifest;
 pub mod planner;
+pub mod policy;
 pub mod runtime;
 pub mod signing;
 pub mod state;
+pub mod store;
