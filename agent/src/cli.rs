@@ -10,7 +10,9 @@ use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
+use crate::api::{self, ApiEvent, ApiRequest};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use crate::state::{ModuleStatus, ReportedState};
 use crate::intake::{self, Provenance};
 use crate::logging::{self, LogFormat};
 use crate::manifest::{self, Issue};
@@ -44,6 +46,38 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the agent (the service's command): reconcile deployments, serve the local API.
+    Run,
+    /// Apply a manifest (or signed envelope) to the running agent, without a hub.
+    Deploy {
+        /// Required: this command talks to the agent on this device.
+        #[arg(long, required = true)]
+        local: bool,
+        file: PathBuf,
+        /// How long to wait for the deployment to be applied.
+        #[arg(long, default_value_t = 300)]
+        wait_secs: u64,
+    },
+    /// Show this device's modules: a table of status, image, restarts and uptime.
+    List {
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Show a module's logs.
+    Logs {
+        module: String,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+        /// Keep streaming new lines.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only lines from the last N seconds.
+        #[arg(long, value_name = "SECS")]
+        since: Option<u64>,
+    },
+    /// Restart a module's container now.
+    Restart { module: String },
     /// Check, sign and inspect deployment manifests.
     #[command(subcommand)]
     Manifest(ManifestCommand),
@@ -132,6 +166,64 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<u8> {
     match cli.command {
+        Command::Run => {
+            let config = load_config(&cli.config)?;
+            // The configured level applies unless the command line or RUST_LOG said otherwise.
+            if cli.log_level.is_none() && cli.log_format.is_none() {
+                logging::init(config.log_format, &config.log_level);
+            }
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(async {
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                tokio::spawn(crate::daemon::cancel_on_signal(shutdown.clone()));
+                crate::daemon::run(config, shutdown).await
+            })?;
+            Ok(0)
+        }
+        Command::Deploy { local: _, file, wait_secs } => {
+            let config = load_config(&cli.config)?;
+            let text = String::from_utf8(read(&file)?).with_context(|| format!("{} is not UTF-8 text", file.display()))?;
+            local_deploy(&config.api_socket, text, wait_secs)
+        }
+        Command::List { output } => {
+            let config = load_config(&cli.config)?;
+            list(&config.api_socket, output.json)
+        }
+        Command::Logs { module, tail, follow, since } => {
+            let config = load_config(&cli.config)?;
+            let since = since.map(|s| {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                now.saturating_sub(s) as i64
+            });
+            let request = ApiRequest::Logs { module, tail, follow, since };
+            let mut failed = None;
+            block_on(api::call(&config.api_socket, &request, |event| match event {
+                ApiEvent::Log { text } => print!("{text}"),
+                ApiEvent::Error { message } => failed = Some(message),
+                _ => {}
+            }))?;
+            match failed {
+                Some(message) => anyhow::bail!(message),
+                None => Ok(0),
+            }
+        }
+        Command::Restart { module } => {
+            let config = load_config(&cli.config)?;
+            let mut outcome = Ok(0);
+            block_on(api::call(&config.api_socket, &ApiRequest::Restart { module: module.clone() }, |event| {
+                if let ApiEvent::Error { message } = event {
+                    outcome = Err(anyhow::anyhow!(message));
+                }
+            }))?;
+            if outcome.is_ok() {
+                println!("{module}: restarted");
+            }
+            outcome
+        }
         Command::Manifest(ManifestCommand::Validate { files, output }) => {
             validate(&files, output.json)
         }
@@ -329,5 +421,112 @@ fn verify(file: &Path, trusted: &TrustedKeys, json: bool) -> Result<u8> {
             }
             Ok(EXIT_REFUSED)
         }
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    // A current-thread runtime is all a one-shot client needs; building it cannot fail on
+    // Linux short of the process being out of file descriptors.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime builds")
+        .block_on(f)
+}
+
+fn local_deploy(socket: &Path, manifest: String, wait_secs: u64) -> Result<u8> {
+    let mut code = EXIT_REFUSED;
+    let mut last_line = String::new();
+    let request = ApiRequest::Deploy { manifest, wait_secs };
+    block_on(api::call(socket, &request, |event| match event {
+        ApiEvent::Accepted { id, version } => println!("accepted {id} v{version}; applying"),
+        ApiEvent::Rejected { issues } => {
+            println!("rejected:");
+            print_issues(&issues);
+        }
+        ApiEvent::Progress { image, status, current, total } => {
+            let line = if total > 0 {
+                format!("  pulling {image}: {status} {:.1}/{:.1} MB", current as f64 / 1e6, total as f64 / 1e6)
+            } else {
+                format!("  pulling {image}: {status}")
+            };
+            if line != last_line {
+                eprintln!("{line}");
+                last_line = line;
+            }
+        }
+        ApiEvent::Done { status, reasons } => {
+            println!("{status}");
+            print_issues(&reasons);
+            code = if status == "applied" { 0 } else { EXIT_REFUSED };
+        }
+        ApiEvent::Error { message } => eprintln!("error: {message}"),
+        _ => {}
+    }))?;
+    Ok(code)
+}
+
+fn list(socket: &Path, json: bool) -> Result<u8> {
+    let mut state: Option<ReportedState> = None;
+    block_on(api::call(socket, &ApiRequest::State, |event| {
+        if let ApiEvent::State { state: s } = event {
+            state = Some(*s);
+        }
+    }))?;
+    let state = state.context("the agent sent no state")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&state)?);
+        return Ok(0);
+    }
+    match &state.deployment {
+        Some(d) => println!("deployment {} v{}: {}", d.id, d.version, serde_json::to_value(d.status)?.as_str().unwrap_or("?")),
+        None => println!("no deployment"),
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let rows: Vec<[String; 5]> = state
+        .modules
+        .iter()
+        .map(|(name, m)| {
+            let status = serde_json::to_value(m.status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+            let uptime = match (m.status, m.started_at) {
+                (ModuleStatus::Running, Some(t)) => human_duration(now.saturating_sub(t)),
+                _ => "-".into(),
+            };
+            [name.clone(), status, m.image.clone(), m.restart_count.to_string(), uptime]
+        })
+        .collect();
+    print_table(&["MODULE", "STATUS", "IMAGE", "RESTARTS", "UPTIME"], &rows);
+    for (name, m) in &state.modules {
+        if let Some(e) = &m.last_error {
+            println!("{name}: {e}");
+        }
+    }
+    Ok(0)
+}
+
+/// Prints rows under a header, columns padded to their widest cell.
+pub fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let text: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn human_duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
     }
 }

@@ -11,14 +11,17 @@
 //! - [`logging`]: tracing set-up (human or JSON).
 //! - [`cli`]: the `outpost` command line (the binary only calls [`cli::main`]).
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod intake;
 pub mod logging;
 pub mod manifest;
 pub mod planner;
 pub mod policy;
+pub mod reconciler;
 pub mod runtime;
 pub mod signing;
 pub mod state;

@@ -1,0 +1,271 @@
+//! The local API: a Unix socket (owner-only) through which `outpost deploy --local`,
+//! `outpost list` and `outpost logs` reach the running agent without a hub.
+//!
+//! The protocol is JSON lines: the client writes one request line; the agent answers with one
+//! or more event lines and closes. Small, dependency-free and easy to use from a shell
+//! (`socat - UNIX-CONNECT:/run/outpost/api.sock`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::control::AgentHandle;
+use crate::intake;
+use crate::manifest::Issue;
+use crate::runtime::spec::container_name;
+use crate::runtime::{LogOptions, PullProgress, Runtime};
+use crate::signing::TrustedKeys;
+use crate::state::{DeploymentStatus, ReportedState, Source};
+
+/// Largest request line: a manifest in a signed envelope fits with room to spare.
+pub const MAX_REQUEST_BYTES: u64 = 1024 * 1024;
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 16;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum ApiRequest {
+    State,
+    Deploy {
+        /// The manifest or envelope text.
+        manifest: String,
+        /// How long to stream progress before answering `timeout`.
+        #[serde(default = "default_wait")]
+        wait_secs: u64,
+    },
+    Logs {
+        module: String,
+        #[serde(default)]
+        tail: Option<usize>,
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        since: Option<i64>,
+    },
+    Restart {
+        module: String,
+    },
+}
+
+fn default_wait() -> u64 {
+    300
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ApiEvent {
+    State { state: Box<ReportedState> },
+    Rejected { issues: Vec<Issue> },
+    Accepted { id: String, version: u64 },
+    Progress { image: String, status: String, current: u64, total: u64 },
+    /// The deployment reached a final status (applied, failed, rolled-back) or the wait ended.
+    Done { status: String, reasons: Vec<Issue> },
+    Log { text: String },
+    Ok,
+    Error { message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot listen on {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Serves the API until `shutdown`.
+pub async fn serve<R: Runtime>(
+    path: &Path,
+    device: String,
+    handle: AgentHandle,
+    runtime: Arc<R>,
+    trusted: TrustedKeys,
+    progress: broadcast::Sender<PullProgress>,
+    shutdown: CancellationToken,
+) -> Result<(), ApiError> {
+    let bind_err = |source| ApiError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(bind_err)?;
+    }
+    // A socket left by a killed agent would make bind fail.
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    }
+    info!(socket = %path.display(), "local API listening");
+    let tasks = TaskTracker::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let ctx = Arc::new(Ctx {
+        device,
+        handle,
+        runtime,
+        trusted,
+        progress,
+    });
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    warn!("local API busy; connection refused");
+                    continue;
+                };
+                let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+                tasks.spawn(async move {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        r = ctx.connection(stream) => if let Err(e) = r { warn!(error = %e, "local API connection failed") },
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+    tasks.close();
+    tasks.wait().await;
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+struct Ctx<R> {
+    device: String,
+    handle: AgentHandle,
+    runtime: Arc<R>,
+    trusted: TrustedKeys,
+    progress: broadcast::Sender<PullProgress>,
+}
+
+async fn send(stream: &mut UnixStream, event: &ApiEvent) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(event).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line).await
+}
+
+impl<R: Runtime> Ctx<R> {
+    async fn connection(&self, mut stream: UnixStream) -> std::io::Result<()> {
+        let mut line = String::new();
+        {
+            let mut reader = BufReader::new((&mut stream).take(MAX_REQUEST_BYTES));
+            reader.read_line(&mut line).await?;
+        }
+        let request: ApiRequest = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                return send(&mut stream, &ApiEvent::Error { message: format!("bad request: {e}") }).await;
+            }
+        };
+        match request {
+            ApiRequest::State => {
+                let state = self.handle.state.borrow().clone();
+                send(&mut stream, &ApiEvent::State { state: Box::new(state) }).await
+            }
+            ApiRequest::Deploy { manifest, wait_secs } => self.deploy(&mut stream, manifest, wait_secs).await,
+            ApiRequest::Logs { module, tail, follow, since } => {
+                let logs = self.runtime.logs(
+                    &container_name(&self.device, &module),
+                    LogOptions { tail, follow, since, timestamps: false },
+                );
+                tokio::pin!(logs);
+                while let Some(chunk) = logs.next().await {
+                    match chunk {
+                        Ok(text) => send(&mut stream, &ApiEvent::Log { text }).await?,
+                        Err(e) => return send(&mut stream, &ApiEvent::Error { message: e.to_string() }).await,
+                    }
+                }
+                send(&mut stream, &ApiEvent::Ok).await
+            }
+            ApiRequest::Restart { module } => {
+                let event = match self.handle.restart_module(&module).await {
+                    Ok(Ok(())) => ApiEvent::Ok,
+                    Ok(Err(message)) => ApiEvent::Error { message },
+                    Err(e) => ApiEvent::Error { message: e.to_string() },
+                };
+                send(&mut stream, &event).await
+            }
+        }
+    }
+
+    async fn deploy(&self, stream: &mut UnixStream, manifest: String, wait_secs: u64) -> std::io::Result<()> {
+        let accepted = match intake::intake(manifest.as_bytes(), &self.trusted) {
+            Ok(a) => a,
+            Err(e) => return send(stream, &ApiEvent::Rejected { issues: e.issues() }).await,
+        };
+        let (id, version) = (accepted.deployment.id.clone(), accepted.deployment.version);
+        let mut progress = self.progress.subscribe();
+        let mut state = self.handle.state.clone();
+        match self.handle.offer(accepted, Source::Local).await {
+            Ok(Ok(())) => send(stream, &ApiEvent::Accepted { id: id.clone(), version }).await?,
+            Ok(Err(issues)) => return send(stream, &ApiEvent::Rejected { issues }).await,
+            Err(e) => return send(stream, &ApiEvent::Error { message: e.to_string() }).await,
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
+        loop {
+            let (status, reasons) = {
+                let s = state.borrow_and_update();
+                match &s.deployment {
+                    Some(d) if d.id == id && d.version == version => (Some(d.status), d.reasons.clone()),
+                    _ => (None, vec![]),
+                }
+            };
+            if let Some(status) = status
+                && matches!(status, DeploymentStatus::Applied | DeploymentStatus::Failed | DeploymentStatus::RolledBack)
+            {
+                let status = serde_json::to_value(status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+                return send(stream, &ApiEvent::Done { status, reasons }).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    return send(stream, &ApiEvent::Done { status: "timeout".into(), reasons: vec![] }).await;
+                }
+                changed = state.changed() => if changed.is_err() {
+                    return send(stream, &ApiEvent::Error { message: "the agent is shutting down".into() }).await;
+                },
+                p = progress.recv() => if let Ok(p) = p {
+                    send(stream, &ApiEvent::Progress { image: p.image, status: p.status, current: p.current_bytes, total: p.total_bytes }).await?;
+                },
+            }
+        }
+    }
+}
+
+/// The client side, for the CLI: sends one request and hands each event to `on_event`.
+pub async fn call(
+    path: &Path,
+    request: &ApiRequest,
+    mut on_event: impl FnMut(ApiEvent),
+) -> std::io::Result<()> {
+    let mut stream = UnixStream::connect(path).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot reach the agent at {}: {e} (is `outpost run` running, and are you its user?)", path.display()),
+        )
+    })?;
+    let mut line = serde_json::to_vec(request).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line).await?;
+    let mut lines = BufReader::new(stream).lines();
+    while let Some(line) = lines.next_line().await? {
+        match serde_json::from_str::<ApiEvent>(&line) {
+            Ok(event) => on_event(event),
+            Err(e) => return Err(std::io::Error::other(format!("bad answer from the agent: {e}"))),
+        }
+    }
+    Ok(())
+}
