@@ -63,15 +63,34 @@ fn default_wait() -> u64 {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum ApiEvent {
-    State { state: Box<ReportedState> },
-    Rejected { issues: Vec<Issue> },
-    Accepted { id: String, version: u64 },
-    Progress { image: String, status: String, current: u64, total: u64 },
+    State {
+        state: Box<ReportedState>,
+    },
+    Rejected {
+        issues: Vec<Issue>,
+    },
+    Accepted {
+        id: String,
+        version: u64,
+    },
+    Progress {
+        image: String,
+        status: String,
+        current: u64,
+        total: u64,
+    },
     /// The deployment reached a final status (applied, failed, rolled-back) or the wait ended.
-    Done { status: String, reasons: Vec<Issue> },
-    Log { text: String },
+    Done {
+        status: String,
+        reasons: Vec<Issue>,
+    },
+    Log {
+        text: String,
+    },
     Ok,
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -168,25 +187,58 @@ impl<R: Runtime> Ctx<R> {
         let request: ApiRequest = match serde_json::from_str(&line) {
             Ok(r) => r,
             Err(e) => {
-                return send(&mut stream, &ApiEvent::Error { message: format!("bad request: {e}") }).await;
+                return send(
+                    &mut stream,
+                    &ApiEvent::Error {
+                        message: format!("bad request: {e}"),
+                    },
+                )
+                .await;
             }
         };
         match request {
             ApiRequest::State => {
                 let state = self.handle.state.borrow().clone();
-                send(&mut stream, &ApiEvent::State { state: Box::new(state) }).await
+                send(
+                    &mut stream,
+                    &ApiEvent::State {
+                        state: Box::new(state),
+                    },
+                )
+                .await
             }
-            ApiRequest::Deploy { manifest, wait_secs } => self.deploy(&mut stream, manifest, wait_secs).await,
-            ApiRequest::Logs { module, tail, follow, since } => {
+            ApiRequest::Deploy {
+                manifest,
+                wait_secs,
+            } => self.deploy(&mut stream, manifest, wait_secs).await,
+            ApiRequest::Logs {
+                module,
+                tail,
+                follow,
+                since,
+            } => {
                 let logs = self.runtime.logs(
                     &container_name(&self.device, &module),
-                    LogOptions { tail, follow, since, timestamps: false },
+                    LogOptions {
+                        tail,
+                        follow,
+                        since,
+                        timestamps: false,
+                    },
                 );
                 tokio::pin!(logs);
                 while let Some(chunk) = logs.next().await {
                     match chunk {
                         Ok(text) => send(&mut stream, &ApiEvent::Log { text }).await?,
-                        Err(e) => return send(&mut stream, &ApiEvent::Error { message: e.to_string() }).await,
+                        Err(e) => {
+                            return send(
+                                &mut stream,
+                                &ApiEvent::Error {
+                                    message: e.to_string(),
+                                },
+                            )
+                            .await;
+                        }
                     }
                 }
                 send(&mut stream, &ApiEvent::Ok).await
@@ -195,14 +247,21 @@ impl<R: Runtime> Ctx<R> {
                 let event = match self.handle.restart_module(&module).await {
                     Ok(Ok(())) => ApiEvent::Ok,
                     Ok(Err(message)) => ApiEvent::Error { message },
-                    Err(e) => ApiEvent::Error { message: e.to_string() },
+                    Err(e) => ApiEvent::Error {
+                        message: e.to_string(),
+                    },
                 };
                 send(&mut stream, &event).await
             }
         }
     }
 
-    async fn deploy(&self, stream: &mut UnixStream, manifest: String, wait_secs: u64) -> std::io::Result<()> {
+    async fn deploy(
+        &self,
+        stream: &mut UnixStream,
+        manifest: String,
+        wait_secs: u64,
+    ) -> std::io::Result<()> {
         let accepted = match intake::intake(manifest.as_bytes(), &self.trusted) {
             Ok(a) => a,
             Err(e) => return send(stream, &ApiEvent::Rejected { issues: e.issues() }).await,
@@ -211,23 +270,50 @@ impl<R: Runtime> Ctx<R> {
         let mut progress = self.progress.subscribe();
         let mut state = self.handle.state.clone();
         match self.handle.offer(accepted, Source::Local).await {
-            Ok(Ok(())) => send(stream, &ApiEvent::Accepted { id: id.clone(), version }).await?,
+            Ok(Ok(())) => {
+                send(
+                    stream,
+                    &ApiEvent::Accepted {
+                        id: id.clone(),
+                        version,
+                    },
+                )
+                .await?
+            }
             Ok(Err(issues)) => return send(stream, &ApiEvent::Rejected { issues }).await,
-            Err(e) => return send(stream, &ApiEvent::Error { message: e.to_string() }).await,
+            Err(e) => {
+                return send(
+                    stream,
+                    &ApiEvent::Error {
+                        message: e.to_string(),
+                    },
+                )
+                .await;
+            }
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
         loop {
             let (status, reasons) = {
                 let s = state.borrow_and_update();
                 match &s.deployment {
-                    Some(d) if d.id == id && d.version == version => (Some(d.status), d.reasons.clone()),
+                    Some(d) if d.id == id && d.version == version => {
+                        (Some(d.status), d.reasons.clone())
+                    }
                     _ => (None, vec![]),
                 }
             };
             if let Some(status) = status
-                && matches!(status, DeploymentStatus::Applied | DeploymentStatus::Failed | DeploymentStatus::RolledBack)
+                && matches!(
+                    status,
+                    DeploymentStatus::Applied
+                        | DeploymentStatus::Failed
+                        | DeploymentStatus::RolledBack
+                )
             {
-                let status = serde_json::to_value(status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+                let status = serde_json::to_value(status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default();
                 return send(stream, &ApiEvent::Done { status, reasons }).await;
             }
             tokio::select! {
@@ -264,7 +350,11 @@ pub async fn call(
     while let Some(line) = lines.next_line().await? {
         match serde_json::from_str::<ApiEvent>(&line) {
             Ok(event) => on_event(event),
-            Err(e) => return Err(std::io::Error::other(format!("bad answer from the agent: {e}"))),
+            Err(e) => {
+                return Err(std::io::Error::other(format!(
+                    "bad answer from the agent: {e}"
+                )));
+            }
         }
     }
     Ok(())

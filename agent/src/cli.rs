@@ -12,11 +12,11 @@ use serde_json::json;
 
 use crate::api::{self, ApiEvent, ApiRequest};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
-use crate::state::{ModuleStatus, ReportedState};
 use crate::intake::{self, Provenance};
 use crate::logging::{self, LogFormat};
 use crate::manifest::{self, Issue};
 use crate::signing::{self, TrustedKeys};
+use crate::state::{ModuleStatus, ReportedState};
 
 /// Exit code for a configuration error (sysexits' EX_CONFIG): the service unit tells systemd
 /// not to restart on it, since restarting cannot fix a bad file.
@@ -184,28 +184,49 @@ fn run(cli: Cli) -> Result<u8> {
             })?;
             Ok(0)
         }
-        Command::Deploy { local: _, file, wait_secs } => {
+        Command::Deploy {
+            local: _,
+            file,
+            wait_secs,
+        } => {
             let config = load_config(&cli.config)?;
-            let text = String::from_utf8(read(&file)?).with_context(|| format!("{} is not UTF-8 text", file.display()))?;
+            let text = String::from_utf8(read(&file)?)
+                .with_context(|| format!("{} is not UTF-8 text", file.display()))?;
             local_deploy(&config.api_socket, text, wait_secs)
         }
         Command::List { output } => {
             let config = load_config(&cli.config)?;
             list(&config.api_socket, output.json)
         }
-        Command::Logs { module, tail, follow, since } => {
+        Command::Logs {
+            module,
+            tail,
+            follow,
+            since,
+        } => {
             let config = load_config(&cli.config)?;
             let since = since.map(|s| {
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
                 now.saturating_sub(s) as i64
             });
-            let request = ApiRequest::Logs { module, tail, follow, since };
+            let request = ApiRequest::Logs {
+                module,
+                tail,
+                follow,
+                since,
+            };
             let mut failed = None;
-            block_on(api::call(&config.api_socket, &request, |event| match event {
-                ApiEvent::Log { text } => print!("{text}"),
-                ApiEvent::Error { message } => failed = Some(message),
-                _ => {}
-            }))?;
+            block_on(api::call(
+                &config.api_socket,
+                &request,
+                |event| match event {
+                    ApiEvent::Log { text } => print!("{text}"),
+                    ApiEvent::Error { message } => failed = Some(message),
+                    _ => {}
+                },
+            ))?;
             match failed {
                 Some(message) => anyhow::bail!(message),
                 None => Ok(0),
@@ -214,11 +235,17 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Restart { module } => {
             let config = load_config(&cli.config)?;
             let mut outcome = Ok(0);
-            block_on(api::call(&config.api_socket, &ApiRequest::Restart { module: module.clone() }, |event| {
-                if let ApiEvent::Error { message } = event {
-                    outcome = Err(anyhow::anyhow!(message));
-                }
-            }))?;
+            block_on(api::call(
+                &config.api_socket,
+                &ApiRequest::Restart {
+                    module: module.clone(),
+                },
+                |event| {
+                    if let ApiEvent::Error { message } = event {
+                        outcome = Err(anyhow::anyhow!(message));
+                    }
+                },
+            ))?;
             if outcome.is_ok() {
                 println!("{module}: restarted");
             }
@@ -437,16 +464,28 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 fn local_deploy(socket: &Path, manifest: String, wait_secs: u64) -> Result<u8> {
     let mut code = EXIT_REFUSED;
     let mut last_line = String::new();
-    let request = ApiRequest::Deploy { manifest, wait_secs };
+    let request = ApiRequest::Deploy {
+        manifest,
+        wait_secs,
+    };
     block_on(api::call(socket, &request, |event| match event {
         ApiEvent::Accepted { id, version } => println!("accepted {id} v{version}; applying"),
         ApiEvent::Rejected { issues } => {
             println!("rejected:");
             print_issues(&issues);
         }
-        ApiEvent::Progress { image, status, current, total } => {
+        ApiEvent::Progress {
+            image,
+            status,
+            current,
+            total,
+        } => {
             let line = if total > 0 {
-                format!("  pulling {image}: {status} {:.1}/{:.1} MB", current as f64 / 1e6, total as f64 / 1e6)
+                format!(
+                    "  pulling {image}: {status} {:.1}/{:.1} MB",
+                    current as f64 / 1e6,
+                    total as f64 / 1e6
+                )
             } else {
                 format!("  pulling {image}: {status}")
             };
@@ -479,20 +518,36 @@ fn list(socket: &Path, json: bool) -> Result<u8> {
         return Ok(0);
     }
     match &state.deployment {
-        Some(d) => println!("deployment {} v{}: {}", d.id, d.version, serde_json::to_value(d.status)?.as_str().unwrap_or("?")),
+        Some(d) => println!(
+            "deployment {} v{}: {}",
+            d.id,
+            d.version,
+            serde_json::to_value(d.status)?.as_str().unwrap_or("?")
+        ),
         None => println!("no deployment"),
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let rows: Vec<[String; 5]> = state
         .modules
         .iter()
         .map(|(name, m)| {
-            let status = serde_json::to_value(m.status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+            let status = serde_json::to_value(m.status)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default();
             let uptime = match (m.status, m.started_at) {
                 (ModuleStatus::Running, Some(t)) => human_duration(now.saturating_sub(t)),
                 _ => "-".into(),
             };
-            [name.clone(), status, m.image.clone(), m.restart_count.to_string(), uptime]
+            [
+                name.clone(),
+                status,
+                m.image.clone(),
+                m.restart_count.to_string(),
+                uptime,
+            ]
         })
         .collect();
     print_table(&["MODULE", "STATUS", "IMAGE", "RESTARTS", "UPTIME"], &rows);
@@ -513,7 +568,11 @@ pub fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let text: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let text: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", text.join("  ").trim_end());
     };
     line(header.to_vec());

@@ -39,17 +39,35 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         stop_grace: config.runtime.stop_grace,
         max_concurrent_pulls: config.runtime.max_concurrent_pulls,
     };
-    let parts = Reconciler::new(settings, runtime.clone(), store)?;
+    let parts = Reconciler::build(settings, runtime.clone(), store)?;
     info!(device = %config.device_id, version = env!("CARGO_PKG_VERSION"), "outpost agent starting");
 
     let tasks = TaskTracker::new();
     tasks.spawn(parts.reconciler.run(parts.requests, shutdown.clone()));
     {
-        let (handle, trusted, progress, token) =
-            (parts.handle.clone(), config.policy.trusted_keys.clone(), parts.progress.clone(), shutdown.clone());
-        let (socket, device, runtime) = (config.api_socket.clone(), config.device_id.clone(), runtime.clone());
+        let (handle, trusted, progress, token) = (
+            parts.handle.clone(),
+            config.policy.trusted_keys.clone(),
+            parts.progress.clone(),
+            shutdown.clone(),
+        );
+        let (socket, device, runtime) = (
+            config.api_socket.clone(),
+            config.device_id.clone(),
+            runtime.clone(),
+        );
         tasks.spawn(async move {
-            if let Err(e) = crate::api::serve(&socket, device, handle, runtime, trusted, progress, token.clone()).await {
+            if let Err(e) = crate::api::serve(
+                &socket,
+                device,
+                handle,
+                runtime,
+                trusted,
+                progress,
+                token.clone(),
+            )
+            .await
+            {
                 error!(error = %e, "local API failed; stopping the agent");
                 token.cancel();
             }
@@ -58,8 +76,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     tasks.close();
     shutdown.cancelled().await;
     info!("shutting down; modules keep running");
-    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
-        warn!(grace_secs = SHUTDOWN_GRACE.as_secs(), "tasks did not finish in time");
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            grace_secs = SHUTDOWN_GRACE.as_secs(),
+            "tasks did not finish in time"
+        );
     } else {
         info!("stopped cleanly");
     }
@@ -69,7 +93,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
 /// Resolves on SIGTERM or SIGINT, then cancels `token`.
 pub async fn cancel_on_signal(token: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         error!("cannot install signal handlers");
         return;
     };

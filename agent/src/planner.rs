@@ -34,7 +34,9 @@ pub const PULL_RETRY_BASE_MS: u64 = 2_000;
 pub fn backoff_delay(failures: u32) -> u64 {
     match failures {
         0 => 0,
-        n => 1_000u64.saturating_mul(1u64 << (n - 1).min(20)).min(BACKOFF_CAP_MS),
+        n => 1_000u64
+            .saturating_mul(1u64 << (n - 1).min(20))
+            .min(BACKOFF_CAP_MS),
     }
 }
 
@@ -86,15 +88,33 @@ pub struct World<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Stop (if running) and remove a container.
-    Remove { id: String, module: String },
-    Stop { id: String, module: String },
-    Pull { module: String, image: String },
+    Remove {
+        id: String,
+        module: String,
+    },
+    Stop {
+        id: String,
+        module: String,
+    },
+    Pull {
+        module: String,
+        image: String,
+    },
     /// Create the module's container from the desired deployment, and start it.
-    Create { module: String },
+    Create {
+        module: String,
+    },
     /// Start an existing container. `restart` counts it against the module's backoff.
-    Start { id: String, module: String, restart: bool },
+    Start {
+        id: String,
+        module: String,
+        restart: bool,
+    },
     /// Stop and start a running container (unhealthy under `on-unhealthy`).
-    Restart { id: String, module: String },
+    Restart {
+        id: String,
+        module: String,
+    },
 }
 
 impl Action {
@@ -133,7 +153,8 @@ impl Plan {
         self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
     }
     fn set(&mut self, module: &str, status: ModuleStatus, problem: Option<String>) {
-        self.modules.insert(module.to_string(), ModulePlan { status, problem });
+        self.modules
+            .insert(module.to_string(), ModulePlan { status, problem });
     }
 }
 
@@ -144,7 +165,10 @@ fn is_ours(o: &Observed, device: &str) -> bool {
 }
 
 fn is_up(o: &Observed) -> bool {
-    matches!(o.state, ContainerState::Running | ContainerState::Restarting)
+    matches!(
+        o.state,
+        ContainerState::Running | ContainerState::Restarting
+    )
 }
 
 /// Computes the next actions. Pure: same world, same plan.
@@ -192,7 +216,14 @@ pub fn plan(world: &World<'_>) -> Plan {
     for members in groups.values() {
         let mut group_up = true;
         for (name, m) in members {
-            let up = module_pass(world, &mut plan, name, m, kept.get(name.as_str()).copied(), lower_groups_up);
+            let up = module_pass(
+                world,
+                &mut plan,
+                name,
+                m,
+                kept.get(name.as_str()).copied(),
+                lower_groups_up,
+            );
             group_up &= up || m.status == DesiredStatus::Stopped;
         }
         lower_groups_up &= group_up;
@@ -237,8 +268,10 @@ fn module_pass(
 
     let Some(c) = container else {
         // No container: it needs its image, then a create.
-        let present = world.images.contains(&m.image)
-            && !(m.image_pull_policy == PullPolicy::Always && !world.pulled.contains(&m.image));
+        // `always` wants a pull by this agent before each new container.
+        let fresh_enough =
+            m.image_pull_policy != PullPolicy::Always || world.pulled.contains(&m.image);
+        let present = world.images.contains(&m.image) && fresh_enough;
         if present {
             if may_start {
                 plan.actions.push(Action::Create {
@@ -264,7 +297,10 @@ fn module_pass(
             return false;
         }
         if let Some(f) = world.pull_failures.get(&m.image) {
-            let retry_at = f.at + PULL_RETRY_BASE_MS.saturating_mul(1 << f.attempts.saturating_sub(1).min(20)).min(BACKOFF_CAP_MS);
+            let retry_at = f.at
+                + PULL_RETRY_BASE_MS
+                    .saturating_mul(1 << f.attempts.saturating_sub(1).min(20))
+                    .min(BACKOFF_CAP_MS);
             if retry_at > world.now {
                 plan.wake(retry_at);
                 plan.set(
@@ -281,7 +317,11 @@ fn module_pass(
             }
         }
         // Pulls are not gated by startup order: images arrive early, starts stay in order.
-        if !plan.actions.iter().any(|a| matches!(a, Action::Pull { image, .. } if image == &m.image)) {
+        if !plan
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Pull { image, .. } if image == &m.image))
+        {
             plan.actions.push(Action::Pull {
                 module: name.to_string(),
                 image: m.image.clone(),
@@ -351,7 +391,11 @@ pub fn failures_after(history: &ModuleHistory, c: &Observed) -> u32 {
         (Some(s), Some(f)) if f >= s => (f - s) * 1000,
         _ => 0,
     };
-    if ran_ms >= HEALTHY_RUN_MS { 0 } else { history.failures }
+    if ran_ms >= HEALTHY_RUN_MS {
+        0
+    } else {
+        history.failures
+    }
 }
 
 fn restart_after_backoff(
@@ -461,7 +505,12 @@ mod tests {
     impl Fixture {
         fn new(d: &Desired) -> Fixture {
             Fixture {
-                images: d.deployment.modules.values().map(|m| m.image.clone()).collect(),
+                images: d
+                    .deployment
+                    .modules
+                    .values()
+                    .map(|m| m.image.clone())
+                    .collect(),
                 none: BTreeSet::new(),
                 failures: BTreeMap::new(),
                 history: BTreeMap::new(),
@@ -488,10 +537,20 @@ mod tests {
         let d = three();
         let f = Fixture::new(&d);
         let p = plan(&f.world(Some(&d), &[]));
-        assert_eq!(p.actions, [Action::Create { module: "db".into() }]);
+        assert_eq!(
+            p.actions,
+            [Action::Create {
+                module: "db".into()
+            }]
+        );
         let observed = [container(&d, "db", ContainerState::Running)];
         let p = plan(&f.world(Some(&d), &observed));
-        assert_eq!(p.actions, [Action::Create { module: "api".into() }]);
+        assert_eq!(
+            p.actions,
+            [Action::Create {
+                module: "api".into()
+            }]
+        );
         let observed = [
             container(&d, "db", ContainerState::Running),
             container(&d, "api", ContainerState::Running),
@@ -516,8 +575,13 @@ mod tests {
         assert_eq!(
             p.actions,
             [
-                Action::Remove { id: "id-api".into(), module: "api".into() },
-                Action::Create { module: "api".into() }
+                Action::Remove {
+                    id: "id-api".into(),
+                    module: "api".into()
+                },
+                Action::Create {
+                    module: "api".into()
+                }
             ]
         );
     }
@@ -537,8 +601,14 @@ mod tests {
         assert_eq!(
             p.actions,
             [
-                Action::Remove { id: "id-ui".into(), module: "ui".into() },
-                Action::Stop { id: "id-db".into(), module: "db".into() }
+                Action::Remove {
+                    id: "id-ui".into(),
+                    module: "ui".into()
+                },
+                Action::Stop {
+                    id: "id-db".into(),
+                    module: "db".into()
+                }
             ]
         );
     }
@@ -548,7 +618,9 @@ mod tests {
         let d = three();
         let f = Fixture::new(&d);
         let mut other = container(&d, "db", ContainerState::Exited);
-        other.labels.insert(labels::DEVICE.into(), "someone-else".into());
+        other
+            .labels
+            .insert(labels::DEVICE.into(), "someone-else".into());
         let mut unlabelled = container(&d, "x", ContainerState::Running);
         unlabelled.labels.clear();
         let observed = [other, unlabelled];
@@ -561,39 +633,77 @@ mod tests {
         let delays: Vec<u64> = (0..12).map(backoff_delay).collect();
         assert_eq!(
             delays,
-            [0, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 300_000, 300_000]
+            [
+                0, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 300_000,
+                300_000
+            ]
         );
         assert_eq!(backoff_delay(u32::MAX), BACKOFF_CAP_MS);
     }
 
     #[test]
     fn a_crash_is_restarted_after_its_backoff_and_never_given_up() {
-        let d = desired(r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{"image":"r.io/a:1"}}}"#);
+        let d = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{"image":"r.io/a:1"}}}"#,
+        );
         let mut f = Fixture::new(&d);
         // First exit: immediate restart.
         let observed = [exited(&d, "a", 1, 2, 0)];
         let p = plan(&f.world(Some(&d), &observed));
-        assert_eq!(p.actions, [Action::Start { id: "id-a".into(), module: "a".into(), restart: true }]);
+        assert_eq!(
+            p.actions,
+            [Action::Start {
+                id: "id-a".into(),
+                module: "a".into(),
+                restart: true
+            }]
+        );
         // After 3 short runs: 4 s backoff from the exit.
-        f.history.insert("a".into(), ModuleHistory { failures: 3, restarts: 3 });
+        f.history.insert(
+            "a".into(),
+            ModuleHistory {
+                failures: 3,
+                restarts: 3,
+            },
+        );
         let observed = [exited(&d, "a", 1, 2, 1_000)];
         let p = plan(&f.world(Some(&d), &observed));
         assert!(p.actions.is_empty());
         assert_eq!(p.wake_at, Some(T0 - 1_000 + 4_000));
         assert_eq!(p.modules["a"].status, ModuleStatus::Backoff);
         // Crash-looping for hours: still retried at the cap, and reported.
-        f.history.insert("a".into(), ModuleHistory { failures: 500, restarts: 500 });
+        f.history.insert(
+            "a".into(),
+            ModuleHistory {
+                failures: 500,
+                restarts: 500,
+            },
+        );
         let observed = [exited(&d, "a", 1, 2, BACKOFF_CAP_MS)];
         let p = plan(&f.world(Some(&d), &observed));
         assert_eq!(p.actions.len(), 1);
-        assert!(p.modules["a"].problem.as_deref().unwrap().contains("crash-looping"));
+        assert!(
+            p.modules["a"]
+                .problem
+                .as_deref()
+                .unwrap()
+                .contains("crash-looping")
+        );
     }
 
     #[test]
     fn a_healthy_run_resets_the_backoff() {
-        let d = desired(r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{"image":"r.io/a:1"}}}"#);
+        let d = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{"image":"r.io/a:1"}}}"#,
+        );
         let mut f = Fixture::new(&d);
-        f.history.insert("a".into(), ModuleHistory { failures: 8, restarts: 8 });
+        f.history.insert(
+            "a".into(),
+            ModuleHistory {
+                failures: 8,
+                restarts: 8,
+            },
+        );
         let observed = [exited(&d, "a", 1, 3_600, 0)];
         let p = plan(&f.world(Some(&d), &observed));
         assert_eq!(p.actions.len(), 1, "a run of an hour restarts at once");
@@ -625,12 +735,21 @@ mod tests {
 
     #[test]
     fn containers_stopped_before_the_agent_started_come_back() {
-        let d = desired(r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{"image":"r.io/a:1","restartPolicy":"never"}}}"#);
+        let d = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{"image":"r.io/a:1","restartPolicy":"never"}}}"#,
+        );
         let f = Fixture::new(&d);
         // Exited two hours ago, before this agent process (started an hour ago): a reboot.
         let observed = [exited(&d, "a", 0, 500, 7_200_000)];
         let p = plan(&f.world(Some(&d), &observed));
-        assert_eq!(p.actions, [Action::Start { id: "id-a".into(), module: "a".into(), restart: false }]);
+        assert_eq!(
+            p.actions,
+            [Action::Start {
+                id: "id-a".into(),
+                module: "a".into(),
+                restart: false
+            }]
+        );
     }
 
     #[test]
@@ -644,7 +763,13 @@ mod tests {
             c.health = Health::Unhealthy;
             let observed = [c];
             let p = plan(&f.world(Some(&d), &observed));
-            assert_eq!(p.actions.iter().any(|a| matches!(a, Action::Restart { .. })), restarts, "{policy}");
+            assert_eq!(
+                p.actions
+                    .iter()
+                    .any(|a| matches!(a, Action::Restart { .. })),
+                restarts,
+                "{policy}"
+            );
             assert!(!p.converged);
         }
     }
@@ -659,8 +784,15 @@ mod tests {
         f.images.remove("r.io/b:2");
         let observed = [exited(&d, "a", 1, 2, 0)];
         let p = plan(&f.world(Some(&d), &observed));
-        assert!(p.actions.contains(&Action::Pull { module: "b".into(), image: "r.io/b:2".into() }));
-        assert!(p.actions.contains(&Action::Start { id: "id-a".into(), module: "a".into(), restart: true }));
+        assert!(p.actions.contains(&Action::Pull {
+            module: "b".into(),
+            image: "r.io/b:2".into()
+        }));
+        assert!(p.actions.contains(&Action::Start {
+            id: "id-a".into(),
+            module: "a".into(),
+            restart: true
+        }));
         // While b's pull runs, a's restart is still planned and b shows as pulling.
         let pulling: BTreeSet<String> = ["r.io/b:2".to_string()].into();
         let mut w = f.world(Some(&d), &observed);
@@ -672,12 +804,18 @@ mod tests {
 
     #[test]
     fn a_failed_pull_waits_and_says_why() {
-        let d = desired(r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{"image":"r.io/a:1"}}}"#);
+        let d = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{"image":"r.io/a:1"}}}"#,
+        );
         let mut f = Fixture::new(&d);
         f.images.clear();
         f.failures.insert(
             "r.io/a:1".into(),
-            PullFailure { attempts: 2, at: T0 - 1_000, message: "pull of r.io/a:1 failed: 401".into() },
+            PullFailure {
+                attempts: 2,
+                at: T0 - 1_000,
+                message: "pull of r.io/a:1 failed: 401".into(),
+            },
         );
         let p = plan(&f.world(Some(&d), &[]));
         assert!(p.actions.is_empty());
@@ -688,7 +826,9 @@ mod tests {
 
     #[test]
     fn pull_policy_never_reports_a_missing_image() {
-        let d = desired(r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{"image":"r.io/a:1","imagePullPolicy":"never"}}}"#);
+        let d = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{"image":"r.io/a:1","imagePullPolicy":"never"}}}"#,
+        );
         let mut f = Fixture::new(&d);
         f.images.clear();
         let p = plan(&f.world(Some(&d), &[]));
@@ -708,11 +848,17 @@ mod tests {
 
     impl Engine {
         fn apply(&mut self, d: &Desired, action: &Action, now: u64) {
-            let foreign = |c: &Observed| c.labels.get(labels::DEVICE).map(String::as_str) != Some(DEV);
+            let foreign =
+                |c: &Observed| c.labels.get(labels::DEVICE).map(String::as_str) != Some(DEV);
             let find = |cs: &mut Vec<Observed>, id: &str| cs.iter().position(|c| c.id == id);
             match action {
-                Action::Remove { id, .. } | Action::Stop { id, .. } | Action::Start { id, .. } | Action::Restart { id, .. } => {
-                    let Some(i) = find(&mut self.containers, id) else { panic!("unknown container {id}") };
+                Action::Remove { id, .. }
+                | Action::Stop { id, .. }
+                | Action::Start { id, .. }
+                | Action::Restart { id, .. } => {
+                    let Some(i) = find(&mut self.containers, id) else {
+                        panic!("unknown container {id}")
+                    };
                     if foreign(&self.containers[i]) {
                         self.touched_foreign = true;
                     }
@@ -739,7 +885,10 @@ mod tests {
                 }
                 Action::Create { module } => {
                     assert!(
-                        !self.containers.iter().any(|c| c.name == format!("outpost.{DEV}.{module}")),
+                        !self
+                            .containers
+                            .iter()
+                            .any(|c| c.name == format!("outpost.{DEV}.{module}")),
                         "name conflict creating {module}"
                     );
                     self.next_id += 1;
@@ -765,7 +914,12 @@ mod tests {
     fn arb_world() -> impl Strategy<Value = (Desired, Vec<Observed>, BTreeSet<String>)> {
         let module = (
             0u32..3,
-            prop_oneof![Just("always"), Just("on-failure"), Just("on-unhealthy"), Just("never")],
+            prop_oneof![
+                Just("always"),
+                Just("on-failure"),
+                Just("on-unhealthy"),
+                Just("never")
+            ],
             prop_oneof![Just("running"), Just("stopped")],
             0u8..2,
         );

@@ -48,7 +48,11 @@ pub fn check(d: &Deployment, policy: &PolicyConfig, device: DeviceFacts) -> Vec<
                 ),
             ));
         }
-        if let Some(host) = m.create_options.as_ref().and_then(|o| o.host_config.as_ref()) {
+        if let Some(host) = m
+            .create_options
+            .as_ref()
+            .and_then(|o| o.host_config.as_ref())
+        {
             let hc = format!("{at}/createOptions/HostConfig");
             if host.privileged && !policy.allow_privileged {
                 issues.push(Issue::new(
@@ -102,8 +106,14 @@ pub fn check(d: &Deployment, policy: &PolicyConfig, device: DeviceFacts) -> Vec<
                     format!("{at}/requires/arch"),
                     format!(
                         "this device is {}, the module runs on {}",
-                        device.arch.map_or("an unknown architecture".to_string(), |a| a.to_string()),
-                        req.arch.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                        device
+                            .arch
+                            .map_or("an unknown architecture".to_string(), |a| a.to_string()),
+                        req.arch
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 ));
             }
@@ -112,7 +122,10 @@ pub fn check(d: &Deployment, policy: &PolicyConfig, device: DeviceFacts) -> Vec<
             {
                 issues.push(Issue::new(
                     format!("{at}/requires/minMemoryMb"),
-                    format!("this device has {} MiB of memory, the module needs {min}", device.memory_mb),
+                    format!(
+                        "this device has {} MiB of memory, the module needs {min}",
+                        device.memory_mb
+                    ),
                 ));
             }
         }
@@ -144,7 +157,10 @@ mod tests {
     }
 
     fn facts() -> DeviceFacts {
-        DeviceFacts { arch: Some(Arch::X86_64), memory_mb: 1024 }
+        DeviceFacts {
+            arch: Some(Arch::X86_64),
+            memory_mb: 1024,
+        }
     }
 
     #[test]
@@ -154,7 +170,10 @@ mod tests {
             "createOptions":{"HostConfig":{"Privileged":true,"NetworkMode":"host",
                "Binds":["/var/lib/outpost/models:/m:ro","/etc:/host-etc","/var/lib/outpost2:/x","vol:/v"]}},
             "requires":{"arch":["aarch64"],"minMemoryMb":4096}}}}"#).unwrap();
-        let paths: Vec<String> = check(&d, &policy(), facts()).into_iter().map(|i| i.path).collect();
+        let paths: Vec<String> = check(&d, &policy(), facts())
+            .into_iter()
+            .map(|i| i.path)
+            .collect();
         assert_eq!(
             paths,
             [
@@ -171,9 +190,12 @@ mod tests {
 
     #[test]
     fn a_conforming_deployment_passes() {
-        let d: Deployment = serde_json::from_str(r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{
+        let d: Deployment = serde_json::from_str(
+            r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{
             "image":"127.0.0.1:5000/a:1","requires":{"arch":["x86_64"]},
-            "createOptions":{"HostConfig":{"Binds":["/var/lib/outpost/models:/m:ro"]}}}}}"#).unwrap();
+            "createOptions":{"HostConfig":{"Binds":["/var/lib/outpost/models:/m:ro"]}}}}}"#,
+        )
+        .unwrap();
         assert!(check(&d, &policy(), facts()).is_empty());
     }
 }

@@ -25,9 +25,10 @@ use crate::policy::{self, DeviceFacts};
 use crate::runtime::spec::{config_hash, container_name, container_spec};
 use crate::runtime::{ContainerState, LogOptions, Observed, PullProgress, Runtime};
 use crate::state::{
-    AgentFacts, DeploymentRef, DeploymentReport, DeploymentStatus, ModuleReport, ReportedState, Source,
+    AgentFacts, DeploymentRef, DeploymentReport, DeploymentStatus, ModuleReport, ReportedState,
+    Source,
 };
-use crate::store::{Store, StoredDeployment, StoreError, source_key};
+use crate::store::{Store, StoreError, StoredDeployment, source_key};
 
 /// How often the engine is listed even without events, to catch anything missed.
 pub const RESYNC_EVERY: Duration = Duration::from_secs(30);
@@ -82,7 +83,7 @@ pub struct Reconciler<R: Runtime> {
     runtime_version: Option<String>,
 }
 
-/// What [`Reconciler::new`] hands back: the task to run and the handle to reach it.
+/// What [`Reconciler::build`] hands back: the task to run and the handle to reach it.
 pub struct Parts<R: Runtime> {
     pub reconciler: Reconciler<R>,
     pub requests: mpsc::Receiver<Request>,
@@ -92,7 +93,11 @@ pub struct Parts<R: Runtime> {
 
 impl<R: Runtime> Reconciler<R> {
     /// Loads the stored deployment and history; nothing is done to the engine until `run`.
-    pub fn new(settings: Settings, runtime: Arc<R>, store: Store) -> Result<Parts<R>, StoreError> {
+    pub fn build(
+        settings: Settings,
+        runtime: Arc<R>,
+        store: Store,
+    ) -> Result<Parts<R>, StoreError> {
         let stored = store.desired()?;
         let history = store.history()?;
         let report = store.report()?;
@@ -185,7 +190,11 @@ impl<R: Runtime> Reconciler<R> {
             let acted = self.pass(&tasks, &pull_tx, &shutdown).await;
             // Act again at once while actions succeed (the next startup group, say); events
             // would trigger it too, this only saves their latency.
-            passes_in_a_row = if acted && passes_in_a_row < 20 { passes_in_a_row + 1 } else { 0 };
+            passes_in_a_row = if acted && passes_in_a_row < 20 {
+                passes_in_a_row + 1
+            } else {
+                0
+            };
         }
         tasks.close();
         tasks.wait().await;
@@ -194,7 +203,11 @@ impl<R: Runtime> Reconciler<R> {
 
     async fn handle(&mut self, req: Request) {
         match req {
-            Request::Offer { accepted, source, reply } => {
+            Request::Offer {
+                accepted,
+                source,
+                reply,
+            } => {
                 let outcome = self.offer(*accepted, source);
                 let _ = reply.send(outcome);
             }
@@ -272,7 +285,10 @@ impl<R: Runtime> Reconciler<R> {
         };
         if let Err(e) = self.store.accept(&stored, &report) {
             warn!(error = %e, "cannot store the deployment; refusing it");
-            return Err(vec![Issue::new("", format!("the device could not store the deployment: {e}"))]);
+            return Err(vec![Issue::new(
+                "",
+                format!("the device could not store the deployment: {e}"),
+            )]);
         }
         info!(id = %d.id, version = d.version, modules = d.modules.len(), "deployment accepted");
         let desired = desired_of(&stored);
@@ -296,7 +312,11 @@ impl<R: Runtime> Reconciler<R> {
             }
             Err(message) => {
                 warn!(image = %done.image, error = %message, "pull failed");
-                let attempts = self.pull_failures.get(&done.image).map_or(0, |f| f.attempts) + 1;
+                let attempts = self
+                    .pull_failures
+                    .get(&done.image)
+                    .map_or(0, |f| f.attempts)
+                    + 1;
                 self.pull_failures.insert(
                     done.image,
                     PullFailure {
@@ -310,7 +330,12 @@ impl<R: Runtime> Reconciler<R> {
     }
 
     /// One reconciliation pass. Returns whether any action was carried out.
-    async fn pass(&mut self, tasks: &TaskTracker, pull_tx: &mpsc::Sender<PullDone>, shutdown: &CancellationToken) -> bool {
+    async fn pass(
+        &mut self,
+        tasks: &TaskTracker,
+        pull_tx: &mpsc::Sender<PullDone>,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let observed = match self.runtime.list(&self.settings.device).await {
             Ok(o) => o,
             Err(e) => {
@@ -320,7 +345,12 @@ impl<R: Runtime> Reconciler<R> {
             }
         };
         if let Some((_, desired)) = &self.desired {
-            let wanted: Vec<String> = desired.deployment.modules.values().map(|m| m.image.clone()).collect();
+            let wanted: Vec<String> = desired
+                .deployment
+                .modules
+                .values()
+                .map(|m| m.image.clone())
+                .collect();
             for image in wanted {
                 if self.images.contains(&image) || self.pulling.contains(&image) {
                     continue;
@@ -347,7 +377,10 @@ impl<R: Runtime> Reconciler<R> {
         let mut acted = false;
         let mut failed = false;
         for action in &plan.actions {
-            match self.execute(action, &observed, tasks, pull_tx, shutdown).await {
+            match self
+                .execute(action, &observed, tasks, pull_tx, shutdown)
+                .await
+            {
                 Ok(true) => {
                     acted = true;
                     self.errors.remove(action.module());
@@ -386,7 +419,10 @@ impl<R: Runtime> Reconciler<R> {
             }
             Action::Stop { id, module } => {
                 info!(module, container = %short(id), "stopping");
-                self.runtime.stop(id, grace).await.map_err(|e| e.to_string())?;
+                self.runtime
+                    .stop(id, grace)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             Action::Pull { module, image } => {
                 self.pulling.insert(image.clone());
@@ -395,8 +431,12 @@ impl<R: Runtime> Reconciler<R> {
                     s.deployment.registries.get(&registry).cloned()
                 });
                 info!(module, image, "pulling");
-                let (runtime, slots, tx, progress) =
-                    (self.runtime.clone(), self.pull_slots.clone(), pull_tx.clone(), self.progress.clone());
+                let (runtime, slots, tx, progress) = (
+                    self.runtime.clone(),
+                    self.pull_slots.clone(),
+                    pull_tx.clone(),
+                    self.progress.clone(),
+                );
                 let (image, shutdown) = (image.clone(), shutdown.clone());
                 tasks.spawn(async move {
                     let (ptx, mut prx) = mpsc::channel::<PullProgress>(32);
@@ -426,8 +466,12 @@ impl<R: Runtime> Reconciler<R> {
                 return Ok(false);
             }
             Action::Create { module } => {
-                let Some((stored, _)) = &self.desired else { return Ok(false) };
-                let Some(m) = stored.deployment.modules.get(module) else { return Ok(false) };
+                let Some((stored, _)) = &self.desired else {
+                    return Ok(false);
+                };
+                let Some(m) = stored.deployment.modules.get(module) else {
+                    return Ok(false);
+                };
                 let spec = container_spec(
                     &self.settings.device,
                     &stored.deployment.id,
@@ -439,17 +483,35 @@ impl<R: Runtime> Reconciler<R> {
                 info!(module, image = %m.image, "creating and starting");
                 let id = match self.runtime.create(&spec).await {
                     Ok(id) => id,
-                    Err(crate::runtime::RuntimeError::Engine { message, .. }) if message.starts_with("409") => {
+                    Err(crate::runtime::RuntimeError::Engine { message, .. })
+                        if message.starts_with("409") =>
+                    {
                         // A container of that name survived (an interrupted replace): remove it;
                         // the next pass creates ours.
-                        self.runtime.remove(&spec.name).await.map_err(|e| e.to_string())?;
+                        self.runtime
+                            .remove(&spec.name)
+                            .await
+                            .map_err(|e| e.to_string())?;
                         return Ok(true);
+                    }
+                    Err(crate::runtime::RuntimeError::NotFound { .. }) => {
+                        // The image went away behind the agent's back (a prune): pull it again.
+                        self.images.remove(&m.image);
+                        self.pulled.remove(&m.image);
+                        return Err(format!(
+                            "image {} is no longer on the engine; pulling it again",
+                            m.image
+                        ));
                     }
                     Err(e) => return Err(e.to_string()),
                 };
                 self.runtime.start(&id).await.map_err(|e| e.to_string())?;
             }
-            Action::Start { id, module, restart } => {
+            Action::Start {
+                id,
+                module,
+                restart,
+            } => {
                 if *restart {
                     self.count_restart(module, observed.iter().find(|o| &o.id == id));
                 }
@@ -459,7 +521,10 @@ impl<R: Runtime> Reconciler<R> {
             Action::Restart { id, module } => {
                 self.count_restart(module, observed.iter().find(|o| &o.id == id));
                 info!(module, container = %short(id), "restarting (unhealthy)");
-                self.runtime.stop(id, grace).await.map_err(|e| e.to_string())?;
+                self.runtime
+                    .stop(id, grace)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 self.runtime.start(id).await.map_err(|e| e.to_string())?;
             }
         }
@@ -479,10 +544,20 @@ impl<R: Runtime> Reconciler<R> {
     /// Moves the deployment's status along: applied once converged, failed or rolled back when
     /// it does not get there in time.
     fn track_deployment(&mut self, plan: &Plan, now: u64) {
-        let (Some((stored, _)), Some(report)) = (&self.desired, &mut self.report) else { return };
-        let in_force = report.version == stored.deployment.version && report.id == stored.deployment.id;
+        let (Some((stored, _)), Some(report)) = (&self.desired, &mut self.report) else {
+            return;
+        };
+        let in_force =
+            report.version == stored.deployment.version && report.id == stored.deployment.id;
         if plan.converged {
-            if in_force && matches!(report.status, DeploymentStatus::Applying | DeploymentStatus::Failed | DeploymentStatus::Received) {
+            if in_force
+                && matches!(
+                    report.status,
+                    DeploymentStatus::Applying
+                        | DeploymentStatus::Failed
+                        | DeploymentStatus::Received
+                )
+            {
                 info!(id = %report.id, version = report.version, secs = (now - self.applying_since) as f64 / 1000.0, "deployment applied");
                 report.status = DeploymentStatus::Applied;
                 report.reasons.clear();
@@ -493,7 +568,9 @@ impl<R: Runtime> Reconciler<R> {
                 }
                 let modules: BTreeSet<&String> = stored.deployment.modules.keys().collect();
                 self.history.retain(|k, _| modules.contains(k));
-                let _ = self.store.retain_history(|m| modules.iter().any(|k| k.as_str() == m));
+                let _ = self
+                    .store
+                    .retain_history(|m| modules.iter().any(|k| k.as_str() == m));
             }
             return;
         }
@@ -504,7 +581,9 @@ impl<R: Runtime> Reconciler<R> {
             .deployment
             .rollback
             .as_ref()
-            .map_or(DEFAULT_HEALTHY_WITHIN, |r| Duration::from_secs(r.healthy_within_secs));
+            .map_or(DEFAULT_HEALTHY_WITHIN, |r| {
+                Duration::from_secs(r.healthy_within_secs)
+            });
         let deadline = self.applying_since + window.as_millis() as u64;
         if now < deadline {
             self.wake_at = Some(self.wake_at.map_or(deadline, |w| w.min(deadline)));
@@ -513,17 +592,27 @@ impl<R: Runtime> Reconciler<R> {
         let reasons: Vec<Issue> = plan
             .modules
             .iter()
-            .filter(|(_, m)| m.status != crate::state::ModuleStatus::Running && m.status != crate::state::ModuleStatus::Stopped)
+            .filter(|(_, m)| {
+                m.status != crate::state::ModuleStatus::Running
+                    && m.status != crate::state::ModuleStatus::Stopped
+            })
             .map(|(name, m)| {
                 let why = m
                     .problem
                     .clone()
                     .or_else(|| self.errors.get(name).cloned())
                     .unwrap_or_else(|| format!("{:?}", m.status).to_lowercase());
-                Issue::new(format!("/modules/{name}"), format!("not healthy within {} s: {why}", window.as_secs()))
+                Issue::new(
+                    format!("/modules/{name}"),
+                    format!("not healthy within {} s: {why}", window.as_secs()),
+                )
             })
             .collect();
-        let rollback = stored.deployment.rollback.as_ref().is_some_and(|r| r.on_failure);
+        let rollback = stored
+            .deployment
+            .rollback
+            .as_ref()
+            .is_some_and(|r| r.on_failure);
         let last_good = self.store.last_good().ok().flatten();
         match last_good {
             Some(good) if rollback && good.digest != stored.digest => {
@@ -555,17 +644,26 @@ impl<R: Runtime> Reconciler<R> {
 
     /// Publishes the reported state if it changed.
     fn publish(&self, plan: Option<&Plan>, observed: &[Observed]) {
-        let last_good = self.store.last_good().ok().flatten().map(|g| DeploymentRef {
-            id: g.deployment.id,
-            version: g.deployment.version,
-        });
+        let last_good = self
+            .store
+            .last_good()
+            .ok()
+            .flatten()
+            .map(|g| DeploymentRef {
+                id: g.deployment.id,
+                version: g.deployment.version,
+            });
         let mut modules = BTreeMap::new();
         if let (Some((stored, desired)), Some(plan)) = (&self.desired, plan) {
             for (name, m) in &stored.deployment.modules {
-                let Some(p) = plan.modules.get(name) else { continue };
+                let Some(p) = plan.modules.get(name) else {
+                    continue;
+                };
                 let c = observed
                     .iter()
-                    .filter(|o| &o.module == name && desired.hashes.get(name) == Some(&o.config_hash))
+                    .filter(|o| {
+                        &o.module == name && desired.hashes.get(name) == Some(&o.config_hash)
+                    })
                     .max_by_key(|o| o.state == ContainerState::Running);
                 let h = self.history.get(name).cloned().unwrap_or_default();
                 modules.insert(
@@ -575,7 +673,11 @@ impl<R: Runtime> Reconciler<R> {
                         image: m.image.clone(),
                         image_digest: c.map(|c| c.image_id.clone()).filter(|d| !d.is_empty()),
                         restart_count: h.restarts,
-                        exit_code: c.and_then(|c| (c.state != ContainerState::Running).then_some(c.exit_code).flatten()),
+                        exit_code: c.and_then(|c| {
+                            (c.state != ContainerState::Running)
+                                .then_some(c.exit_code)
+                                .flatten()
+                        }),
                         started_at: c.and_then(|c| c.started_at),
                         last_error: p.problem.clone().or_else(|| self.errors.get(name).cloned()),
                     },
@@ -602,13 +704,20 @@ impl<R: Runtime> Reconciler<R> {
                 // Uptime alone is no reason to wake every reader.
                 return false;
             }
-            *s = ReportedState { agent: agent.clone(), ..next };
+            *s = ReportedState {
+                agent: agent.clone(),
+                ..next
+            };
             true
         });
     }
 
     async fn restart_module(&mut self, name: &str) -> Result<(), String> {
-        let observed = self.runtime.list(&self.settings.device).await.map_err(|e| e.to_string())?;
+        let observed = self
+            .runtime
+            .list(&self.settings.device)
+            .await
+            .map_err(|e| e.to_string())?;
         let c = observed
             .iter()
             .find(|o| o.module == name)
@@ -616,7 +725,10 @@ impl<R: Runtime> Reconciler<R> {
         let h = self.history.entry(name.to_string()).or_default();
         h.restarts = h.restarts.saturating_add(1);
         let _ = self.store.set_history(name, h);
-        self.runtime.stop(&c.id, self.settings.stop_grace).await.map_err(|e| e.to_string())?;
+        self.runtime
+            .stop(&c.id, self.settings.stop_grace)
+            .await
+            .map_err(|e| e.to_string())?;
         self.runtime.start(&c.id).await.map_err(|e| e.to_string())
     }
 
@@ -674,7 +786,12 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 
 /// Turns the engine's event stream into "something changed" signals, reconnecting when it
 /// breaks.
-async fn forward_events<R: Runtime>(runtime: Arc<R>, device: String, tx: mpsc::Sender<()>, shutdown: CancellationToken) {
+async fn forward_events<R: Runtime>(
+    runtime: Arc<R>,
+    device: String,
+    tx: mpsc::Sender<()>,
+    shutdown: CancellationToken,
+) {
     loop {
         let stream = runtime.events(&device);
         tokio::pin!(stream);

@@ -84,12 +84,19 @@ impl Store {
 
     fn write(
         &self,
-        f: impl FnOnce(&mut redb::Table<&str, &[u8]>, &mut redb::Table<&str, &[u8]>) -> Result<(), StoreError>,
+        f: impl FnOnce(
+            &mut redb::Table<&str, &[u8]>,
+            &mut redb::Table<&str, &[u8]>,
+        ) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(|e| io("begin")(e.into()))?;
         {
-            let mut meta = txn.open_table(META).map_err(|e| io("open table")(e.into()))?;
-            let mut history = txn.open_table(HISTORY).map_err(|e| io("open table")(e.into()))?;
+            let mut meta = txn
+                .open_table(META)
+                .map_err(|e| io("open table")(e.into()))?;
+            let mut history = txn
+                .open_table(HISTORY)
+                .map_err(|e| io("open table")(e.into()))?;
             f(&mut meta, &mut history)?;
         }
         txn.commit().map_err(|e| io("commit")(e.into()))
@@ -97,7 +104,9 @@ impl Store {
 
     fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| io("begin")(e.into()))?;
-        let table = txn.open_table(META).map_err(|e| io("open table")(e.into()))?;
+        let table = txn
+            .open_table(META)
+            .map_err(|e| io("open table")(e.into()))?;
         let Some(value) = table.get(key).map_err(|e| io("read")(e.into()))? else {
             return Ok(None);
         };
@@ -109,12 +118,17 @@ impl Store {
             })
     }
 
-    fn put<T: Serialize>(meta: &mut redb::Table<&str, &[u8]>, key: &str, value: &T) -> Result<(), StoreError> {
+    fn put<T: Serialize>(
+        meta: &mut redb::Table<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Io {
             op: "encode",
             message: e.to_string(),
         })?;
-        meta.insert(key, bytes.as_slice()).map_err(|e| io("write")(e.into()))?;
+        meta.insert(key, bytes.as_slice())
+            .map_err(|e| io("write")(e.into()))?;
         Ok(())
     }
 
@@ -137,7 +151,11 @@ impl Store {
     }
 
     /// Stores a newly accepted deployment and its version in one transaction.
-    pub fn accept(&self, d: &StoredDeployment, report: &DeploymentReport) -> Result<(), StoreError> {
+    pub fn accept(
+        &self,
+        d: &StoredDeployment,
+        report: &DeploymentReport,
+    ) -> Result<(), StoreError> {
         let mut versions = self.versions()?;
         let key = source_key(&d.source);
         let v = versions.entry(key).or_default();
@@ -150,7 +168,11 @@ impl Store {
     }
 
     /// Replaces the desired deployment (a rollback) and records the report.
-    pub fn set_desired(&self, d: &StoredDeployment, report: &DeploymentReport) -> Result<(), StoreError> {
+    pub fn set_desired(
+        &self,
+        d: &StoredDeployment,
+        report: &DeploymentReport,
+    ) -> Result<(), StoreError> {
         self.write(|meta, _| {
             Self::put(meta, DESIRED, d)?;
             Self::put(meta, REPORT, report)
@@ -167,7 +189,9 @@ impl Store {
 
     pub fn history(&self) -> Result<BTreeMap<String, ModuleHistory>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| io("begin")(e.into()))?;
-        let table = txn.open_table(HISTORY).map_err(|e| io("open table")(e.into()))?;
+        let table = txn
+            .open_table(HISTORY)
+            .map_err(|e| io("open table")(e.into()))?;
         let mut out = BTreeMap::new();
         for entry in table.iter().map_err(|e| io("read")(e.into()))? {
             let (k, v) = entry.map_err(|e| io("read")(e.into()))?;
@@ -201,7 +225,9 @@ impl Store {
         }
         self.write(|_, history| {
             for k in &stale {
-                history.remove(k.as_str()).map_err(|e| io("write")(e.into()))?;
+                history
+                    .remove(k.as_str())
+                    .map_err(|e| io("write")(e.into()))?;
             }
             Ok(())
         })
@@ -259,7 +285,15 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             store.accept(&stored(3), &report(3)).unwrap();
             store.set_last_good(&stored(2)).unwrap();
-            store.set_history("a", &ModuleHistory { failures: 2, restarts: 5 }).unwrap();
+            store
+                .set_history(
+                    "a",
+                    &ModuleHistory {
+                        failures: 2,
+                        restarts: 5,
+                    },
+                )
+                .unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.desired().unwrap().unwrap().deployment.version, 3);
@@ -269,7 +303,10 @@ mod tests {
         store.retain_history(|m| m != "a").unwrap();
         assert!(store.history().unwrap().is_empty());
         use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(dir.path().join("outpost.redb")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("outpost.redb"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }
