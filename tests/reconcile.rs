@@ -344,3 +344,22 @@ fn a_deployment_that_cannot_start_rolls_back_and_bad_credentials_are_reported() 
         "the password leaked into the log"
     );
 }
+
+#[test]
+fn images_no_deployment_uses_are_cleaned_up() {
+    let registry = Registry::start();
+    let old = test_image(&registry, "testmod-gc", "1");
+    let new = test_image(&registry, "testmod-gc", "2");
+    let device = format!("e2e-gc-{}", std::process::id());
+    let agent = Agent::start_with(&device, "image_gc_after_secs = 1", "");
+    let (code, out) = agent.deploy(&manifest(&registry, 1, json!({ "app": { "image": old } })), 120);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = agent.deploy(&manifest(&registry, 2, json!({ "gone": { "image": new } })), 120);
+    assert_eq!(code, 0, "{out}");
+    // v2 is now the last good deployment too, so v1's image is unused: removed after 1 s.
+    let present = |image: &str| {
+        Command::new("docker").args(["image", "inspect", image]).output().is_ok_and(|o| o.status.success())
+    };
+    wait_for("the unused image to be removed", MINUTE, || (!present(&old)).then_some(()));
+    assert!(present(&new), "the image in use was removed");
+}

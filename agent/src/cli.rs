@@ -146,10 +146,15 @@ pub struct Output {
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(
-        cli.log_format.unwrap_or_default(),
-        cli.log_level.as_deref().unwrap_or("info"),
-    );
+    // The daemon takes its level and format from the configuration unless the command line
+    // names them; it sets up logging itself once the configuration is read.
+    let from_config = matches!(cli.command, Command::Run) && cli.log_level.is_none() && cli.log_format.is_none();
+    if !from_config {
+        logging::init(
+            cli.log_format.unwrap_or_default(),
+            cli.log_level.as_deref().unwrap_or("info"),
+        );
+    }
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -38,6 +38,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         facts: DeviceFacts::detect(),
         stop_grace: config.runtime.stop_grace,
         max_concurrent_pulls: config.runtime.max_concurrent_pulls,
+        image_gc_after: config.runtime.image_gc_after,
     };
     let parts = Reconciler::build(settings, runtime.clone(), store)?;
     info!(device = %config.device_id, version = env!("CARGO_PKG_VERSION"), "outpost agent starting");

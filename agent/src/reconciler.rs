@@ -45,6 +45,8 @@ pub struct Settings {
     pub facts: DeviceFacts,
     pub stop_grace: Duration,
     pub max_concurrent_pulls: usize,
+    /// Images no deployment uses are removed after this long.
+    pub image_gc_after: Duration,
 }
 
 fn now_ms() -> u64 {
@@ -81,6 +83,7 @@ pub struct Reconciler<R: Runtime> {
     started_ms: u64,
     started: Instant,
     runtime_version: Option<String>,
+    last_gc: u64,
 }
 
 /// What [`Reconciler::build`] hands back: the task to run and the handle to reach it.
@@ -141,6 +144,7 @@ impl<R: Runtime> Reconciler<R> {
             started_ms: now_ms(),
             started: Instant::now(),
             runtime_version: None,
+            last_gc: 0,
         };
         Ok(Parts {
             reconciler,
@@ -291,6 +295,10 @@ impl<R: Runtime> Reconciler<R> {
             )]);
         }
         info!(id = %d.id, version = d.version, modules = d.modules.len(), "deployment accepted");
+        // Every image a deployment names is the agent's to clean up once unused.
+        if let Err(e) = self.store.touch_images(d.modules.values().map(|m| m.image.as_str()), now) {
+            warn!(error = %e, "cannot record image use");
+        }
         let desired = desired_of(&stored);
         self.desired = Some((stored, desired));
         self.report = Some(report);
@@ -399,7 +407,51 @@ impl<R: Runtime> Reconciler<R> {
         }
         self.track_deployment(&plan, now);
         self.publish(Some(&plan), &observed);
+        self.collect_images(now).await;
         acted
+    }
+
+    /// Image cleanup: images that deployments used, that neither the desired nor the last good
+    /// deployment uses now, and that have not been used for `image_gc_after`, are removed.
+    /// Images the agent never pulled for a deployment are not its business and stay.
+    async fn collect_images(&mut self, now: u64) {
+        let period = self.settings.image_gc_after.min(Duration::from_secs(60)).as_millis() as u64;
+        let due = self.last_gc + period.max(1_000);
+        if now < due {
+            self.wake_at = Some(self.wake_at.map_or(due, |w| w.min(due)));
+            return;
+        }
+        self.last_gc = now;
+        let mut in_use: BTreeSet<String> = BTreeSet::new();
+        if let Some((stored, _)) = &self.desired {
+            in_use.extend(stored.deployment.modules.values().map(|m| m.image.clone()));
+        }
+        if let Ok(Some(good)) = self.store.last_good() {
+            in_use.extend(good.deployment.modules.values().map(|m| m.image.clone()));
+        }
+        if let Err(e) = self.store.touch_images(in_use.iter().map(String::as_str), now) {
+            warn!(error = %e, "cannot record image use");
+            return;
+        }
+        let Ok(known) = self.store.images() else { return };
+        let max_age = self.settings.image_gc_after.as_millis() as u64;
+        for (image, last_used) in known {
+            if in_use.contains(&image) || now.saturating_sub(last_used) < max_age {
+                continue;
+            }
+            match self.runtime.remove_image(&image).await {
+                Ok(()) | Err(crate::runtime::RuntimeError::NotFound { .. }) => {
+                    info!(image, "removed unused image");
+                    self.images.remove(&image);
+                    self.pulled.remove(&image);
+                    let _ = self.store.forget_image(&image);
+                }
+                // In use by a container (409) or otherwise busy: try again next time.
+                Err(e) => debug!(image, error = %e, "image not removed"),
+            }
+        }
+        let next = now + period.max(1_000);
+        self.wake_at = Some(self.wake_at.map_or(next, |w| w.min(next)));
     }
 
     /// Carries out one action; `Ok(false)` when it only started something in the background.

@@ -19,6 +19,8 @@ use crate::state::{DeploymentReport, Source};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("restart_history");
+/// Image reference → Unix ms when a deployment last used it: what image cleanup may remove.
+const IMAGES: TableDefinition<&str, u64> = TableDefinition::new("images");
 
 const DESIRED: &str = "desired";
 const LAST_GOOD: &str = "last_good";
@@ -231,6 +233,41 @@ impl Store {
             }
             Ok(())
         })
+    }
+}
+
+impl Store {
+    /// Images deployments have used, with when they were last used (Unix ms).
+    pub fn images(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| io("begin")(e.into()))?;
+        let table = txn.open_table(IMAGES).map_err(|e| io("open table")(e.into()))?;
+        let mut out = BTreeMap::new();
+        for entry in table.iter().map_err(|e| io("read")(e.into()))? {
+            let (k, v) = entry.map_err(|e| io("read")(e.into()))?;
+            out.insert(k.value().to_string(), v.value());
+        }
+        Ok(out)
+    }
+
+    /// Marks images as used now.
+    pub fn touch_images<'a>(&self, images: impl IntoIterator<Item = &'a str>, now: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| io("begin")(e.into()))?;
+        {
+            let mut table = txn.open_table(IMAGES).map_err(|e| io("open table")(e.into()))?;
+            for image in images {
+                table.insert(image, now).map_err(|e| io("write")(e.into()))?;
+            }
+        }
+        txn.commit().map_err(|e| io("commit")(e.into()))
+    }
+
+    pub fn forget_image(&self, image: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| io("begin")(e.into()))?;
+        {
+            let mut table = txn.open_table(IMAGES).map_err(|e| io("open table")(e.into()))?;
+            table.remove(image).map_err(|e| io("write")(e.into()))?;
+        }
+        txn.commit().map_err(|e| io("commit")(e.into()))
     }
 }
 

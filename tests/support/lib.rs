@@ -285,8 +285,13 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Writes a config (with `extra` TOML appended) and starts `outpost run`.
+    /// Writes a config and starts `outpost run`. `runtime` holds extra keys of `[runtime]`,
+    /// `extra` whole sections appended after it.
     pub fn start(device: &str, extra: &str) -> Agent {
+        Agent::start_with(device, "", extra)
+    }
+
+    pub fn start_with(device: &str, runtime: &str, extra: &str) -> Agent {
         require_docker();
         let dir = tempfile::tempdir().expect("agent dir");
         let config = dir.path().join("config.toml");
@@ -294,7 +299,7 @@ impl Agent {
             &config,
             format!(
                 "device_id = \"{device}\"\nstate_dir = \"{root}/state\"\nlog_level = \"info,outpost_agent=debug\"\n\
-                 [api]\nsocket = \"{root}/api.sock\"\n[runtime]\nstop_grace_secs = 2\n{extra}\n",
+                 [api]\nsocket = \"{root}/api.sock\"\n[runtime]\nstop_grace_secs = 2\n{runtime}\n{extra}\n",
                 root = dir.path().display()
             ),
         )
