@@ -352,14 +352,58 @@ fn images_no_deployment_uses_are_cleaned_up() {
     let new = test_image(&registry, "testmod-gc", "2");
     let device = format!("e2e-gc-{}", std::process::id());
     let agent = Agent::start_with(&device, "image_gc_after_secs = 1", "");
-    let (code, out) = agent.deploy(&manifest(&registry, 1, json!({ "app": { "image": old } })), 120);
+    let (code, out) = agent.deploy(
+        &manifest(&registry, 1, json!({ "app": { "image": old } })),
+        120,
+    );
     assert_eq!(code, 0, "{out}");
-    let (code, out) = agent.deploy(&manifest(&registry, 2, json!({ "gone": { "image": new } })), 120);
+    let (code, out) = agent.deploy(
+        &manifest(&registry, 2, json!({ "gone": { "image": new } })),
+        120,
+    );
     assert_eq!(code, 0, "{out}");
     // v2 is now the last good deployment too, so v1's image is unused: removed after 1 s.
     let present = |image: &str| {
-        Command::new("docker").args(["image", "inspect", image]).output().is_ok_and(|o| o.status.success())
+        Command::new("docker")
+            .args(["image", "inspect", image])
+            .output()
+            .is_ok_and(|o| o.status.success())
     };
-    wait_for("the unused image to be removed", MINUTE, || (!present(&old)).then_some(()));
+    wait_for("the unused image to be removed", MINUTE, || {
+        (!present(&old)).then_some(())
+    });
     assert!(present(&new), "the image in use was removed");
+}
+
+#[test]
+fn an_unhealthy_module_is_restarted_under_on_unhealthy_only() {
+    let registry = Registry::start();
+    // Runs as root: the test module marks itself unhealthy by writing to `/`.
+    let image = test_image_with(
+        &registry,
+        "testmod-health",
+        "1",
+        "HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD [\"/testmod\", \"health\"]\n",
+    );
+    let device = format!("e2e-health-{}", std::process::id());
+    let agent = Agent::start(&device, "");
+    let env = json!({ "TESTMOD_UNHEALTHY_AFTER_MS": "500" });
+    let d = manifest(
+        &registry,
+        1,
+        json!({
+            "watched": { "image": image, "restartPolicy": "on-unhealthy", "env": env },
+            "ignored": { "image": image, "restartPolicy": "always", "env": env }
+        }),
+    );
+    let _ = agent.deploy(&d, 5);
+    let state = wait_for("the unhealthy module to be restarted", MINUTE, || {
+        let s = agent.try_state();
+        (s["modules"]["watched"]["restartCount"].as_u64()? >= 1).then_some(s)
+    });
+    assert_eq!(state["modules"]["ignored"]["restartCount"], 0, "{state}");
+    assert_ne!(
+        state["deployment"]["status"], "applied",
+        "an unhealthy module counted as healthy"
+    );
 }

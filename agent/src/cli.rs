@@ -148,7 +148,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon takes its level and format from the configuration unless the command line
     // names them; it sets up logging itself once the configuration is read.
-    let from_config = matches!(cli.command, Command::Run) && cli.log_level.is_none() && cli.log_format.is_none();
+    let from_config =
+        matches!(cli.command, Command::Run) && cli.log_level.is_none() && cli.log_format.is_none();
     if !from_config {
         logging::init(
             cli.log_format.unwrap_or_default(),

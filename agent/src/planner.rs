@@ -231,19 +231,21 @@ pub fn plan(world: &World<'_>) -> Plan {
 
     plan.converged = plan.actions.is_empty()
         && plan.wake_at.is_none()
-        && modules.iter().all(|(name, m)| match (m.status, kept.get(name.as_str())) {
-            (DesiredStatus::Running, Some(c)) => {
-                c.state == ContainerState::Running && c.health != Health::Unhealthy
-            }
-            (DesiredStatus::Running, None) => false,
-            (DesiredStatus::Stopped, c) => c.is_none_or(|c| !is_up(c)),
-        })
-        // A module that exited under `never` counts as settled only when it ran successfully.
-        ;
+        && modules
+            .iter()
+            .all(|(name, m)| match (m.status, kept.get(name.as_str())) {
+                // With a health check, only `healthy` counts: `starting` is not there yet.
+                (DesiredStatus::Running, Some(c)) => {
+                    c.state == ContainerState::Running
+                        && matches!(c.health, Health::None | Health::Healthy)
+                }
+                (DesiredStatus::Running, None) => false,
+                (DesiredStatus::Stopped, c) => c.is_none_or(|c| !is_up(c)),
+            });
     plan
 }
 
-/// Plans one module; returns whether it is up (running and not unhealthy).
+/// Plans one module; returns whether it is running (what later startup groups wait for).
 fn module_pass(
     world: &World<'_>,
     plan: &mut Plan,
@@ -338,7 +340,9 @@ fn module_pass(
                 return false;
             }
             plan.set(name, ModuleStatus::Running, None);
-            c.health != Health::Unhealthy
+            // Running is what the next group waits for; health is what `applied` waits for.
+            // (An unhealthy module under `always` must not hold back later groups forever.)
+            true
         }
         ContainerState::Restarting => {
             plan.set(name, ModuleStatus::Running, None);

@@ -296,7 +296,10 @@ impl<R: Runtime> Reconciler<R> {
         }
         info!(id = %d.id, version = d.version, modules = d.modules.len(), "deployment accepted");
         // Every image a deployment names is the agent's to clean up once unused.
-        if let Err(e) = self.store.touch_images(d.modules.values().map(|m| m.image.as_str()), now) {
+        if let Err(e) = self
+            .store
+            .touch_images(d.modules.values().map(|m| m.image.as_str()), now)
+        {
             warn!(error = %e, "cannot record image use");
         }
         let desired = desired_of(&stored);
@@ -415,7 +418,11 @@ impl<R: Runtime> Reconciler<R> {
     /// deployment uses now, and that have not been used for `image_gc_after`, are removed.
     /// Images the agent never pulled for a deployment are not its business and stay.
     async fn collect_images(&mut self, now: u64) {
-        let period = self.settings.image_gc_after.min(Duration::from_secs(60)).as_millis() as u64;
+        let period = self
+            .settings
+            .image_gc_after
+            .min(Duration::from_secs(60))
+            .as_millis() as u64;
         let due = self.last_gc + period.max(1_000);
         if now < due {
             self.wake_at = Some(self.wake_at.map_or(due, |w| w.min(due)));
@@ -429,11 +436,16 @@ impl<R: Runtime> Reconciler<R> {
         if let Ok(Some(good)) = self.store.last_good() {
             in_use.extend(good.deployment.modules.values().map(|m| m.image.clone()));
         }
-        if let Err(e) = self.store.touch_images(in_use.iter().map(String::as_str), now) {
+        if let Err(e) = self
+            .store
+            .touch_images(in_use.iter().map(String::as_str), now)
+        {
             warn!(error = %e, "cannot record image use");
             return;
         }
-        let Ok(known) = self.store.images() else { return };
+        let Ok(known) = self.store.images() else {
+            return;
+        };
         let max_age = self.settings.image_gc_after.as_millis() as u64;
         for (image, last_used) in known {
             if in_use.contains(&image) || now.saturating_sub(last_used) < max_age {

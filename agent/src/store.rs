@@ -240,7 +240,9 @@ impl Store {
     /// Images deployments have used, with when they were last used (Unix ms).
     pub fn images(&self) -> Result<BTreeMap<String, u64>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| io("begin")(e.into()))?;
-        let table = txn.open_table(IMAGES).map_err(|e| io("open table")(e.into()))?;
+        let table = txn
+            .open_table(IMAGES)
+            .map_err(|e| io("open table")(e.into()))?;
         let mut out = BTreeMap::new();
         for entry in table.iter().map_err(|e| io("read")(e.into()))? {
             let (k, v) = entry.map_err(|e| io("read")(e.into()))?;
@@ -250,12 +252,20 @@ impl Store {
     }
 
     /// Marks images as used now.
-    pub fn touch_images<'a>(&self, images: impl IntoIterator<Item = &'a str>, now: u64) -> Result<(), StoreError> {
+    pub fn touch_images<'a>(
+        &self,
+        images: impl IntoIterator<Item = &'a str>,
+        now: u64,
+    ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(|e| io("begin")(e.into()))?;
         {
-            let mut table = txn.open_table(IMAGES).map_err(|e| io("open table")(e.into()))?;
+            let mut table = txn
+                .open_table(IMAGES)
+                .map_err(|e| io("open table")(e.into()))?;
             for image in images {
-                table.insert(image, now).map_err(|e| io("write")(e.into()))?;
+                table
+                    .insert(image, now)
+                    .map_err(|e| io("write")(e.into()))?;
             }
         }
         txn.commit().map_err(|e| io("commit")(e.into()))
@@ -264,7 +274,9 @@ impl Store {
     pub fn forget_image(&self, image: &str) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(|e| io("begin")(e.into()))?;
         {
-            let mut table = txn.open_table(IMAGES).map_err(|e| io("open table")(e.into()))?;
+            let mut table = txn
+                .open_table(IMAGES)
+                .map_err(|e| io("open table")(e.into()))?;
             table.remove(image).map_err(|e| io("write")(e.into()))?;
         }
         txn.commit().map_err(|e| io("commit")(e.into()))

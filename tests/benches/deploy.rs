@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use bollard::models::ContainerCreateBody;
-use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder, StartContainerOptions};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder, StartContainerOptions,
+};
 use outpost_agent::api::{self, ApiEvent, ApiRequest};
 use outpost_e2e::*;
 use serde_json::json;
@@ -29,10 +31,20 @@ async fn main() {
     let image = "outpost-bench/testmod:1".to_string();
     let ctx = tempfile::tempdir().unwrap();
     std::fs::copy(testmod_binary(), ctx.path().join("testmod")).unwrap();
-    std::fs::write(ctx.path().join("Dockerfile"), "FROM scratch\nCOPY testmod /testmod\nENTRYPOINT [\"/testmod\"]\n").unwrap();
-    run(std::process::Command::new("docker").args(["build", "-q", "-t", &image]).arg(ctx.path()));
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\nCOPY testmod /testmod\nENTRYPOINT [\"/testmod\"]\n",
+    )
+    .unwrap();
+    run(std::process::Command::new("docker")
+        .args(["build", "-q", "-t", &image])
+        .arg(ctx.path()));
 
-    let docker = Docker::connect_with_unix_defaults().unwrap().negotiate_version().await.unwrap();
+    let docker = Docker::connect_with_unix_defaults()
+        .unwrap()
+        .negotiate_version()
+        .await
+        .unwrap();
     let device = format!("bench-{}", std::process::id());
     let mut floor = Vec::new();
     let mut agent_times = Vec::new();
@@ -49,30 +61,44 @@ async fn main() {
             };
             let t = Instant::now();
             let id = docker
-                .create_container(Some(CreateContainerOptionsBuilder::default().name(&name).build()), body)
+                .create_container(
+                    Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+                    body,
+                )
                 .await
                 .unwrap()
                 .id;
-            docker.start_container(&id, None::<StartContainerOptions>).await.unwrap();
+            docker
+                .start_container(&id, None::<StartContainerOptions>)
+                .await
+                .unwrap();
             sum += t.elapsed();
             ids.push(id);
         }
         for id in ids {
             let _ = docker
-                .remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).build()))
+                .remove_container(
+                    &id,
+                    Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+                )
                 .await;
         }
         floor.push(sum.as_secs_f64());
 
         // The agent: accepted → all 10 running (the deploy call answers `applied` then).
         let agent = Agent::start(&format!("{device}-{round}"), "");
-        let modules: serde_json::Map<String, serde_json::Value> =
-            (0..MODULES).map(|i| (format!("m{i}"), json!({ "image": image }))).collect();
-        let manifest = json!({ "schemaVersion": "1.0", "id": "bench", "version": 1, "modules": modules });
+        let modules: serde_json::Map<String, serde_json::Value> = (0..MODULES)
+            .map(|i| (format!("m{i}"), json!({ "image": image })))
+            .collect();
+        let manifest =
+            json!({ "schemaVersion": "1.0", "id": "bench", "version": 1, "modules": modules });
         let socket = agent.dir.path().join("api.sock");
         let mut accepted = None;
         let mut applied = None;
-        let request = ApiRequest::Deploy { manifest: manifest.to_string(), wait_secs: 120 };
+        let request = ApiRequest::Deploy {
+            manifest: manifest.to_string(),
+            wait_secs: 120,
+        };
         api::call(&socket, &request, |event| match event {
             ApiEvent::Accepted { .. } => accepted = Some(Instant::now()),
             ApiEvent::Done { status, .. } => {
@@ -85,12 +111,19 @@ async fn main() {
         .unwrap();
         let secs = (applied.unwrap() - accepted.unwrap()).as_secs_f64();
         agent_times.push(secs);
-        eprintln!("round {round}: floor {:.3} s, agent {:.3} s", floor[round], secs);
+        eprintln!(
+            "round {round}: floor {:.3} s, agent {:.3} s",
+            floor[round], secs
+        );
         drop(agent);
     }
     let (f, a) = (median(&mut floor), median(&mut agent_times));
     println!("modules: {MODULES}, rounds: {ROUNDS}");
     println!("floor (sum of create+start), median: {f:.3} s");
     println!("agent (accepted -> all running), median: {a:.3} s");
-    println!("agent / floor: {:.3} ({:+.1}%)", a / f, (a / f - 1.0) * 100.0);
+    println!(
+        "agent / floor: {:.3} ({:+.1}%)",
+        a / f,
+        (a / f - 1.0) * 100.0
+    );
 }

@@ -226,13 +226,18 @@ pub fn testmod_binary() -> PathBuf {
 /// Builds the test module's FROM-scratch image as `REGISTRY/REPO:TAG`, pushes it, and removes
 /// it from the engine so that the agent has to pull it. Returns the reference.
 pub fn test_image(registry: &Registry, repo: &str, tag: &str) -> String {
+    test_image_with(registry, repo, tag, "USER 65532:65532\n")
+}
+
+/// As [`test_image`], with `extra` Dockerfile instructions (a `HEALTHCHECK`, a `USER`).
+pub fn test_image_with(registry: &Registry, repo: &str, tag: &str, extra: &str) -> String {
     require_docker();
     let reference = format!("{}/{repo}:{tag}", registry.addr);
     let ctx = tempfile::tempdir().expect("build context");
     std::fs::copy(testmod_binary(), ctx.path().join("testmod")).expect("copy testmod");
     std::fs::write(
         ctx.path().join("Dockerfile"),
-        "FROM scratch\nCOPY testmod /testmod\nUSER 65532:65532\nENTRYPOINT [\"/testmod\"]\n",
+        format!("FROM scratch\nCOPY testmod /testmod\n{extra}ENTRYPOINT [\"/testmod\"]\n"),
     )
     .expect("write Dockerfile");
     run(Command::new("docker")
