@@ -79,6 +79,7 @@ struct RawHub {
     #[serde(default)]
     allow_insecure: bool,
     keep_alive_secs: Option<u64>,
+    reconnect_max_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +167,8 @@ pub struct HubConfig {
     pub topic_prefix: String,
     pub groups: Vec<String>,
     pub keep_alive: Duration,
+    /// The longest wait between reconnect attempts (the backoff's cap).
+    pub reconnect_max: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -605,6 +608,13 @@ fn hub(h: RawHub, base: &Path, issues: &mut Issues) -> Option<HubConfig> {
             format!("{keep_alive} is outside 5..=3600"),
         );
     }
+    let reconnect_max = h.reconnect_max_secs.unwrap_or(30);
+    if !(1..=3600).contains(&reconnect_max) {
+        issues.push(
+            "hub.reconnect_max_secs",
+            format!("{reconnect_max} is outside 1..=3600"),
+        );
+    }
     Some(HubConfig {
         url,
         host,
@@ -616,6 +626,7 @@ fn hub(h: RawHub, base: &Path, issues: &mut Issues) -> Option<HubConfig> {
         topic_prefix,
         groups: h.groups,
         keep_alive: Duration::from_secs(keep_alive),
+        reconnect_max: Duration::from_secs(reconnect_max),
     })
 }
 
@@ -677,6 +688,7 @@ mod tests {
         let hub = c.hub.unwrap();
         assert_eq!((hub.host.as_str(), hub.port), ("other.example.com", 9000));
         assert_eq!(hub.groups, ["a", "b"]);
+        assert_eq!(hub.reconnect_max, Duration::from_secs(30));
         assert_eq!(c.device_id, "cam-2");
     }
 

@@ -14,6 +14,7 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod hub;
 pub mod intake;
 pub mod logging;
 pub mod manifest;
