@@ -130,12 +130,18 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, HubError> {
 
 /// Finds the rustls error inside what rumqttc returns, wherever it is wrapped: a failed
 /// handshake comes back as `Tls(Io(..))`, a refusal after the handshake (TLS 1.3 client
-/// certificates are checked then) as `Io(..)` on the first read.
+/// certificates are checked then) as an I/O error on the first read.
 pub(super) fn rustls_error(err: &rumqttc::ConnectionError) -> Option<&rustls::Error> {
     use rumqttc::ConnectionError as C;
+    use rumqttc::StateError as S;
     let io = match err {
         C::Tls(rumqttc::TlsError::TLS(e)) => return Some(e),
-        C::Tls(rumqttc::TlsError::Io(io)) | C::Io(io) => io,
+        C::Tls(rumqttc::TlsError::Io(io))
+        | C::Io(io)
+        | C::MqttState(S::Io(io))
+        // TLS 1.3: the broker's verdict on the client certificate arrives as an alert on the
+        // first read, which rumqttc reports as a failure to read the CONNACK.
+        | C::MqttState(S::Deserialization(rumqttc::Error::Io(io))) => io,
         _ => return None,
     };
     io.get_ref()?.downcast_ref::<rustls::Error>()

@@ -1,0 +1,583 @@
+//! The hub link and the operator's CLI against a real Mosquitto with TLS.
+//!
+//! The device side runs `outpost_agent::hub::run` against the STAND-IN agent of
+//! `tests/support` (see `StandInAgent`) until the reconciler is merged.
+
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use outpost_agent::intake::{MAX_MESSAGE_BYTES, hex_sha256};
+use outpost_agent::signing;
+use outpost_agent::state::{DeploymentStatus, ReportedState, Source};
+use outpost_e2e::{
+    Auth, Broker, Device, DeviceOptions, init, manifest, outpost, wait_for_message, wait_for_state,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+macro_rules! broker {
+    ($auth:expr) => {
+        match Broker::start($auth).unwrap() {
+            Some(b) => b,
+            None => return,
+        }
+    };
+}
+
+fn key_files(dir: &std::path::Path) -> (SigningKey, std::path::PathBuf, std::path::PathBuf) {
+    let key = SigningKey::from_bytes(&[42; 32]);
+    let (private, public) = signing::write_key_pair(&key, &dir.join("operator")).unwrap();
+    (key, private, public)
+}
+
+fn applied(id: &str, version: u64) -> impl Fn(&ReportedState) -> bool {
+    let id = id.to_string();
+    move |s| {
+        s.deployment.as_ref().is_some_and(|d| {
+            d.id == id && d.version == version && d.status == DeploymentStatus::Applied
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_over_mutual_tls_until_applied_and_commands_answer() {
+    init();
+    let broker = broker!(Auth::MutualTls);
+    let dir = tempfile::tempdir().unwrap();
+    let (_key, private, public) = key_files(dir.path());
+    let mut options = DeviceOptions::new("cam-1");
+    options.trusted_key = Some(public);
+    let mut device = Device::start(&broker, dir.path(), &options).unwrap();
+
+    let file = dir.path().join("deploy.json");
+    std::fs::write(&file, manifest("vision", 1, 0)).unwrap();
+    let mut args: Vec<String> = vec!["hub".into()];
+    args.extend(broker.cli_flags(dir.path()).unwrap());
+    let started = std::time::Instant::now();
+    let code = outpost(
+        [
+            args.clone(),
+            vec![
+                "deploy".into(),
+                "--device".into(),
+                "cam-1".into(),
+                file.display().to_string(),
+                "--sign-key".into(),
+                private.display().to_string(),
+                "--timeout".into(),
+                "20".into(),
+            ],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(
+        code,
+        0,
+        "deploy should end applied; broker log:\n{}",
+        broker.log()
+    );
+    eprintln!(
+        "BENCH deploy->applied (CLI, stand-in): {:?}",
+        started.elapsed()
+    );
+
+    let mut op = broker.operator(dir.path()).await.unwrap();
+    let state = wait_for_state(&mut op, "cam-1", WAIT, applied("vision", 1))
+        .await
+        .unwrap();
+    let d = state.deployment.unwrap();
+    assert_eq!(d.source, Source::Device);
+    assert_eq!(state.modules.len(), 1);
+
+    // Status, and commands with their answers.
+    let run = |extra: &[&str]| {
+        let mut a = args.clone();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        outpost(a)
+    };
+    assert_eq!(run(&["status"]).await, 0);
+    assert_eq!(run(&["status", "--device", "cam-1", "--json"]).await, 0);
+    assert_eq!(run(&["cmd", "--device", "cam-1", "ping"]).await, 0);
+    assert_eq!(
+        run(&[
+            "cmd",
+            "--device",
+            "cam-1",
+            "logs",
+            "--args",
+            r#"{"module":"app","tail":5}"#
+        ])
+        .await,
+        0
+    );
+    assert_eq!(
+        run(&[
+            "cmd",
+            "--device",
+            "cam-1",
+            "restart-module",
+            "--args",
+            r#"{"module":"app"}"#
+        ])
+        .await,
+        0
+    );
+    assert_eq!(
+        run(&[
+            "cmd",
+            "--device",
+            "cam-1",
+            "restart-module",
+            "--args",
+            r#"{"module":"nope"}"#
+        ])
+        .await,
+        1,
+        "a command the agent refuses exits 1"
+    );
+    assert_eq!(
+        run(&["cmd", "--device", "cam-1", "self-destruct"]).await,
+        1,
+        "unknown commands get an error reply"
+    );
+    // The error reply itself, read raw.
+    op.subscribe(&["outpost/cam-1/responses/+".to_string()])
+        .await
+        .unwrap();
+    op.publish(
+        "outpost/cam-1/commands/self-destruct",
+        false,
+        br#"{"id":"r-1","args":{}}"#.to_vec(),
+    )
+    .await
+    .unwrap();
+    let reply = wait_for_message(&mut op, "outpost/cam-1/responses/r-1", WAIT, |b| {
+        serde_json::from_slice::<serde_json::Value>(b).ok()
+    })
+    .await
+    .unwrap();
+    assert_eq!(reply["ok"], false);
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown command `self-destruct`")
+    );
+    let logs = {
+        op.publish(
+            "outpost/cam-1/commands/logs",
+            false,
+            br#"{"id":"r-2","args":{"module":"app","tail":3}}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+        wait_for_message(&mut op, "outpost/cam-1/responses/r-2", WAIT, |b| {
+            serde_json::from_slice::<serde_json::Value>(b).ok()
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        logs["result"]["text"],
+        "app line 998\napp line 999\napp line 1000\n"
+    );
+
+    // The same deployment delivered again (a redelivery) changes nothing.
+    let offers_before = device.agent.offers.lock().unwrap().len();
+    let code = outpost(
+        [
+            args.clone(),
+            vec![
+                "deploy".into(),
+                "--device".into(),
+                "cam-1".into(),
+                file.display().to_string(),
+                "--sign-key".into(),
+                private.display().to_string(),
+            ],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(
+        code, 0,
+        "redeploying the applied deployment is still applied"
+    );
+    assert_eq!(device.agent.offers.lock().unwrap().len(), offers_before);
+
+    device.stop().await.unwrap();
+    // A clean stop says offline.
+    wait_for_message(&mut op, "outpost/cam-1/presence", WAIT, |b| {
+        serde_json::from_slice::<serde_json::Value>(b)
+            .ok()
+            .filter(|v| v["online"] == false)
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_from_another_ca_is_refused_clearly() {
+    init();
+    let broker = broker!(Auth::MutualTls);
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = DeviceOptions::new("cam-2");
+    options.client_auth = Some((
+        broker.pki.other_client_cert.clone(),
+        broker.pki.other_client_key.clone(),
+    ));
+    let mut device = Device::start(&broker, dir.path(), &options).unwrap();
+    let err = device
+        .ended(WAIT)
+        .await
+        .expect("the link gives up at start-up")
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("broker refused the client certificate"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_server_ca_says_so() {
+    init();
+    let broker = broker!(Auth::Tls);
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = DeviceOptions::new("cam-3");
+    options.ca_file = Some(broker.pki.other_ca.clone());
+    let mut device = Device::start(&broker, dir.path(), &options).unwrap();
+    let err = device
+        .ended(WAIT)
+        .await
+        .expect("the link gives up at start-up")
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("server certificate is not signed by the CA in hub.ca_file"),
+        "{err}"
+    );
+    // The operator's CLI says the same and exits 69.
+    let code = outpost(vec![
+        "hub".into(),
+        "--hub".into(),
+        broker.url(),
+        "--ca".into(),
+        broker.pki.other_ca.display().to_string(),
+        "status".into(),
+    ])
+    .await;
+    assert_eq!(code, 69);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_reconnects_resubscribes_and_reports_after_a_broker_restart() {
+    init();
+    let mut broker = broker!(Auth::Tls);
+    let dir = tempfile::tempdir().unwrap();
+    let _device = Device::start(&broker, dir.path(), &DeviceOptions::new("cam-4")).unwrap();
+    {
+        let mut op = broker.operator(dir.path()).await.unwrap();
+        op.publish(
+            "outpost/cam-4/deployment",
+            true,
+            manifest("r", 1, 0).into_bytes(),
+        )
+        .await
+        .unwrap();
+        wait_for_state(&mut op, "cam-4", WAIT, applied("r", 1))
+            .await
+            .unwrap();
+    }
+    // The broker keeps nothing (persistence off): whatever comes back was sent again.
+    broker.stop();
+    broker.restart().unwrap();
+    let mut op = broker.operator(dir.path()).await.unwrap();
+    wait_for_state(&mut op, "cam-4", WAIT, applied("r", 1))
+        .await
+        .expect("state reported again after the reconnect");
+    wait_for_message(&mut op, "outpost/cam-4/presence", WAIT, |b| {
+        serde_json::from_slice::<serde_json::Value>(b)
+            .ok()
+            .filter(|v| v["online"] == true)
+    })
+    .await
+    .unwrap();
+    op.publish(
+        "outpost/cam-4/deployment",
+        true,
+        manifest("r", 2, 0).into_bytes(),
+    )
+    .await
+    .unwrap();
+    wait_for_state(&mut op, "cam-4", WAIT, applied("r", 2))
+        .await
+        .expect("resubscribed: the new deployment arrives");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_device_gets_the_newest_retained_deployment() {
+    init();
+    let broker = broker!(Auth::Tls);
+    let dir = tempfile::tempdir().unwrap();
+    let mut op = broker.operator(dir.path()).await.unwrap();
+    for version in [1, 2, 3] {
+        op.publish(
+            "outpost/cam-5/deployment",
+            true,
+            manifest("late", version, 0).into_bytes(),
+        )
+        .await
+        .unwrap();
+    }
+    op.fence(WAIT).await.unwrap();
+    let device = Device::start(&broker, dir.path(), &DeviceOptions::new("cam-5")).unwrap();
+    wait_for_state(&mut op, "cam-5", WAIT, applied("late", 3))
+        .await
+        .unwrap();
+    assert_eq!(
+        *device.agent.offers.lock().unwrap(),
+        vec![("late".to_string(), 3)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_deployment_reaches_its_devices_and_a_device_deployment_overrides_it() {
+    init();
+    let broker = broker!(Auth::MutualTls);
+    let dir = tempfile::tempdir().unwrap();
+    let mut op = broker.operator(dir.path()).await.unwrap();
+    let mut devices = Vec::new();
+    for (id, groups) in [
+        ("g-1", vec!["line-3"]),
+        ("g-2", vec!["other", "line-3"]),
+        ("g-3", vec![]),
+    ] {
+        let mut o = DeviceOptions::new(id);
+        o.groups = groups.into_iter().map(String::from).collect();
+        devices.push(Device::start(&broker, dir.path(), &o).unwrap());
+    }
+    for id in ["g-1", "g-2", "g-3"] {
+        wait_for_message(&mut op, &format!("outpost/{id}/presence"), WAIT, |b| {
+            serde_json::from_slice::<serde_json::Value>(b)
+                .ok()
+                .filter(|v| v["online"] == true)
+        })
+        .await
+        .unwrap();
+    }
+    let file = dir.path().join("group.json");
+    std::fs::write(&file, manifest("fleet", 1, 0)).unwrap();
+    let mut args: Vec<String> = vec!["hub".into()];
+    args.extend(broker.cli_flags(dir.path()).unwrap());
+    let mut deploy = args.clone();
+    deploy.extend([
+        "deploy".into(),
+        "--group".into(),
+        "line-3".into(),
+        file.display().to_string(),
+    ]);
+    assert_eq!(
+        outpost(deploy).await,
+        0,
+        "every member applies the group deployment"
+    );
+    for id in ["g-1", "g-2"] {
+        let s = wait_for_state(&mut op, id, WAIT, applied("fleet", 1))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.deployment.unwrap().source,
+            Source::Group {
+                name: "line-3".into()
+            }
+        );
+    }
+    assert!(
+        devices[2].agent.offers.lock().unwrap().is_empty(),
+        "g-3 is not in the group"
+    );
+
+    // A lower-priority group deployment does not displace it; the device's own one does.
+    op.publish(
+        "outpost/groups/other/deployment",
+        true,
+        manifest("other", 2, 0).into_bytes(),
+    )
+    .await
+    .unwrap();
+    op.publish(
+        "outpost/g-1/deployment",
+        true,
+        manifest("own", 3, 0).into_bytes(),
+    )
+    .await
+    .unwrap();
+    let s = wait_for_state(&mut op, "g-1", WAIT, applied("own", 3))
+        .await
+        .unwrap();
+    assert_eq!(s.deployment.unwrap().source, Source::Device);
+    // g-2 follows "other" and "line-3", listed in that order: equal priority, "other" wins.
+    let s = wait_for_state(&mut op, "g-2", WAIT, applied("other", 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.deployment.unwrap().source,
+        Source::Group {
+            name: "other".into()
+        }
+    );
+
+    let mut status = args.clone();
+    status.extend([
+        "status".into(),
+        "--group".into(),
+        "line-3".into(),
+        "--json".into(),
+    ]);
+    assert_eq!(outpost(status).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_deployments_are_rejected_with_their_reasons_in_the_state() {
+    init();
+    let broker = broker!(Auth::Tls);
+    let dir = tempfile::tempdir().unwrap();
+    let (key, _private, public) = key_files(dir.path());
+    let mut options = DeviceOptions::new("cam-6");
+    options.trusted_key = Some(public);
+    let _device = Device::start(&broker, dir.path(), &options).unwrap();
+    let mut op = broker.operator(dir.path()).await.unwrap();
+    let signed = |text: &str, key: &SigningKey| {
+        serde_json::to_vec(&signing::sign(text.as_bytes(), key)).unwrap()
+    };
+
+    // A good one first, so "old version" has something to be older than.
+    op.publish(
+        "outpost/cam-6/deployment",
+        true,
+        signed(&manifest("good", 5, 0), &key),
+    )
+    .await
+    .unwrap();
+    wait_for_state(&mut op, "cam-6", WAIT, applied("good", 5))
+        .await
+        .unwrap();
+
+    let stranger = SigningKey::from_bytes(&[9; 32]);
+    let wrong_json = r#"{"schemaVersion":"1.0","id":"bad","version":"seven","modules":{}}"#;
+    let cases: Vec<(&str, Vec<u8>, String, &str)> = vec![
+        (
+            "garbage",
+            b"\x00\x01 not json at all".to_vec(),
+            hex_sha256(b"\x00\x01 not json at all"),
+            "",
+        ),
+        (
+            "oversized",
+            vec![b' '; MAX_MESSAGE_BYTES + 1],
+            hex_sha256(&vec![b' '; MAX_MESSAGE_BYTES + 1]),
+            "",
+        ),
+        (
+            "unsigned",
+            manifest("plain", 6, 0).into_bytes(),
+            hex_sha256(manifest("plain", 6, 0).as_bytes()),
+            "",
+        ),
+        (
+            "wrong json",
+            signed(wrong_json, &key),
+            hex_sha256(wrong_json.as_bytes()),
+            "/version",
+        ),
+        (
+            "wrong signature",
+            signed(&manifest("forged", 7, 0), &stranger),
+            hex_sha256(manifest("forged", 7, 0).as_bytes()),
+            "/signatures",
+        ),
+        (
+            "old version",
+            signed(&manifest("good", 3, 0), &key),
+            hex_sha256(manifest("good", 3, 0).as_bytes()),
+            "/version",
+        ),
+    ];
+    for (name, payload, digest, path) in cases {
+        op.publish("outpost/cam-6/deployment", true, payload)
+            .await
+            .unwrap();
+        let state = wait_for_state(&mut op, "cam-6", WAIT, |s| {
+            s.last_rejected
+                .as_ref()
+                .is_some_and(|r| r.digest.as_deref() == Some(digest.as_str()))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let rejected = state.last_rejected.unwrap();
+        assert_eq!(rejected.status, DeploymentStatus::Rejected, "{name}");
+        assert!(!rejected.reasons.is_empty(), "{name}: no reasons");
+        assert!(
+            rejected.reasons.iter().any(|r| r.path.starts_with(path)),
+            "{name}: expected a reason at {path}: {:?}",
+            rejected.reasons
+        );
+        // Nothing changed: the good deployment is still in force.
+        assert_eq!(
+            state.deployment.as_ref().map(|d| d.version),
+            Some(5),
+            "{name}"
+        );
+        eprintln!("{name}: {:?}", rejected.reasons);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_state_and_presence_hold_no_secrets() {
+    init();
+    let password = "pw-9f8e7d6c-never-published";
+    let broker = broker!(Auth::Password {
+        username: "device".into(),
+        password: password.into()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let _device = Device::start(&broker, dir.path(), &DeviceOptions::new("cam-7")).unwrap();
+    let mut op = broker.operator(dir.path()).await.unwrap();
+    let with_registry = r#"{"schemaVersion":"1.0","id":"sec","version":1,"modules":{"app":{"image":"127.0.0.1:5000/app:1"}},"registries":{"127.0.0.1:5000":{"username":"edge","password":"registry-secret-123"}}}"#;
+    op.publish(
+        "outpost/cam-7/deployment",
+        true,
+        with_registry.as_bytes().to_vec(),
+    )
+    .await
+    .unwrap();
+    wait_for_state(&mut op, "cam-7", WAIT, applied("sec", 1))
+        .await
+        .unwrap();
+    let retained = op
+        .snapshot(&["outpost/cam-7/#".to_string()], WAIT)
+        .await
+        .unwrap();
+    let texts: Vec<String> = retained
+        .iter()
+        .filter(|m| m.topic.ends_with("/state") || m.topic.ends_with("/presence"))
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    assert_eq!(texts.len(), 2, "state and presence are retained");
+    let key_pem = std::fs::read_to_string(&broker.pki.client_key).unwrap();
+    for text in &texts {
+        for secret in [
+            password,
+            "registry-secret-123",
+            "PRIVATE KEY",
+            key_pem.lines().nth(1).unwrap(),
+        ] {
+            assert!(
+                !text.contains(secret),
+                "retained message holds a secret: {text}"
+            );
+        }
+    }
+}
