@@ -505,6 +505,18 @@ async fn bad_deployments_are_rejected_with_their_reasons_in_the_state() {
             "/version",
         ),
     ];
+    // Without trusted keys the device parses what it gets: garbage is refused as not JSON,
+    // with the position in the path.
+    let _open = Device::start(&broker, dir.path(), &DeviceOptions::new("cam-6b")).unwrap();
+    op.publish("outpost/cam-6b/deployment", true, b"{\"id\": ]".to_vec())
+        .await
+        .unwrap();
+    let state = wait_for_state(&mut op, "cam-6b", WAIT, |s| s.last_rejected.is_some())
+        .await
+        .unwrap();
+    let reasons = state.last_rejected.unwrap().reasons;
+    assert!(reasons[0].path.starts_with("line 1, column"), "{reasons:?}");
+
     for (name, payload, digest, path) in cases {
         op.publish("outpost/cam-6/deployment", true, payload)
             .await

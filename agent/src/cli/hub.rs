@@ -350,6 +350,23 @@ async fn deploy(
     }
     let deadline = published_at + timeout;
     let mut views = BTreeMap::new();
+    if let Target::Group(g) = &target {
+        fold(&prefix, &seen, &mut views);
+        if group_summary(g, None, &views).members.is_empty() {
+            // Nothing to wait for; the retained message reaches members when they connect.
+            // A mistyped group name looks the same, hence the explicit note.
+            eprintln!(
+                "no device currently follows group {g}; devices of the group get it when they connect"
+            );
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"target": target.topic(&prefix), "id": id, "version": version, "digest": digest, "exitCode": 0, "devices": []})
+                );
+            }
+            return Ok(0);
+        }
+    }
     let mut shown: BTreeMap<String, String> = BTreeMap::new();
     loop {
         fold(&prefix, &seen, &mut views);
