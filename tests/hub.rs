@@ -593,3 +593,48 @@ async fn retained_state_and_presence_hold_no_secrets() {
         }
     }
 }
+
+/// Benchmark (run with `--ignored --nocapture`): time from publishing a deployment to the
+/// device's retained state saying `applied`, over mutual TLS. With the stand-in agent this is
+/// the hub path only (intake, offer, report debounce, MQTT both ways), not pulling or starting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_publish_to_applied() {
+    init();
+    let broker = broker!(Auth::MutualTls);
+    let dir = tempfile::tempdir().unwrap();
+    let (key, _private, public) = key_files(dir.path());
+    let mut options = DeviceOptions::new("bench-1");
+    options.trusted_key = Some(public);
+    let _device = Device::start(&broker, dir.path(), &options).unwrap();
+    let mut op = broker.operator(dir.path()).await.unwrap();
+    let mut times = Vec::new();
+    for version in 1..=30u64 {
+        let envelope = serde_json::to_vec(&signing::sign(
+            manifest("bench", version, 0).as_bytes(),
+            &key,
+        ))
+        .unwrap();
+        // Deployments are isolated events: leave the reporter's rate limit window (a spacing
+        // for the measurement, not a wait for a condition).
+        tokio::time::sleep(outpost_agent::hub::report::DEBOUNCE * 2).await;
+        let started = std::time::Instant::now();
+        op.publish("outpost/bench-1/deployment", true, envelope)
+            .await
+            .unwrap();
+        wait_for_state(&mut op, "bench-1", WAIT, applied("bench", version))
+            .await
+            .unwrap();
+        times.push(started.elapsed());
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    eprintln!(
+        "BENCH publish->applied over mTLS, stand-in agent, n={}: min {:.1} ms, median {:.1} ms, p90 {:.1} ms, max {:.1} ms",
+        times.len(),
+        ms(times[0]),
+        ms(times[times.len() / 2]),
+        ms(times[times.len() * 9 / 10]),
+        ms(times[times.len() - 1])
+    );
+}

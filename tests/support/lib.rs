@@ -188,7 +188,7 @@ impl Broker {
         let port = free_port()?;
         let mut conf = format!(
             "per_listener_settings false\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
-             listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+             set_tcp_nodelay true\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
             pki.ca.display(),
             pki.server_cert.display(),
             pki.server_key.display()

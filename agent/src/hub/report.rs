@@ -2,8 +2,9 @@
 //! operator's `outpost hub status`) sees the latest.
 //!
 //! State is published when the agent's state changes, when the hub link records a refusal,
-//! and after every reconnect; bursts are debounced ([`DEBOUNCE`]) and an unchanged state is
-//! not sent twice on the same connection. Presence says `{"online": true, ...}` after each
+//! and after every reconnect; at most once per [`DEBOUNCE`] (the first change after a quiet
+//! spell at once, later ones of a burst gathered), and an unchanged state is not sent twice on
+//! the same connection. Presence says `{"online": true, ...}` after each
 //! connect; the last will, registered with the broker at connect, says `{"online": false}`.
 
 use std::time::Duration;
@@ -17,7 +18,7 @@ use super::topics::Topics;
 use super::unix_now;
 use crate::state::{DeploymentReport, ReportedState};
 
-/// How long a burst of changes is gathered before one publication.
+/// The shortest time between two state publications: changes within it are gathered.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// The presence payload.
@@ -83,6 +84,7 @@ pub struct Context {
 /// Runs until `stop` is cancelled.
 pub async fn run(mut ctx: Context, stop: CancellationToken) {
     let mut last: Option<(u64, Vec<u8>)> = None;
+    let mut published_at: Option<tokio::time::Instant> = None;
     let mut agent_alive = true;
     let mut link_alive = true;
     loop {
@@ -92,10 +94,14 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
             r = ctx.rejected.changed(), if link_alive => link_alive = r.is_ok(),
             r = ctx.session.changed() => if r.is_err() { return },
         }
-        // Gather the rest of a burst.
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(DEBOUNCE) => {}
+        // Rate limit rather than plain debounce: the first change after a quiet spell goes
+        // out at once (a deployment's `applied` should not wait), the rest of a burst is
+        // gathered until DEBOUNCE has passed since the last publication.
+        if let Some(at) = published_at {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(at + DEBOUNCE) => {}
+            }
         }
         let session = *ctx.session.borrow_and_update();
         if session == 0 {
@@ -126,6 +132,7 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
             Ok(()) => {
                 tracing::debug!(session, bytes = bytes.len(), "state published");
                 last = Some((session, bytes));
+                published_at = Some(tokio::time::Instant::now());
             }
             Err(e) => {
                 tracing::warn!(error = %e, "the MQTT client is gone; reporting stops");
