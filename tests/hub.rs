@@ -638,3 +638,87 @@ async fn bench_publish_to_applied() {
         ms(times[times.len() - 1])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_on_loopback_works_and_the_last_will_says_offline() {
+    init();
+    let broker = broker!(Auth::Plain);
+    let dir = tempfile::tempdir().unwrap();
+    let mut device = Device::start(&broker, dir.path(), &DeviceOptions::new("cam-8")).unwrap();
+    let mut op = broker.operator(dir.path()).await.unwrap();
+    op.publish(
+        "outpost/cam-8/deployment",
+        true,
+        manifest("plain", 1, 0).into_bytes(),
+    )
+    .await
+    .unwrap();
+    wait_for_state(&mut op, "cam-8", WAIT, applied("plain", 1))
+        .await
+        .unwrap();
+    let mut args: Vec<String> = vec!["hub".into()];
+    args.extend(broker.cli_flags(dir.path()).unwrap());
+    args.extend([
+        "watch".into(),
+        "--device".into(),
+        "cam-8".into(),
+        "--count".into(),
+        "2".into(),
+    ]);
+    assert_eq!(
+        outpost(args).await,
+        0,
+        "watch prints the retained state and presence"
+    );
+
+    // The device vanishes without a goodbye: the broker publishes its will.
+    device.kill();
+    wait_for_message(&mut op, "outpost/cam-8/presence", WAIT, |b| {
+        serde_json::from_slice::<serde_json::Value>(b)
+            .ok()
+            .filter(|v| v["online"] == false)
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_refused_at_start_up() {
+    init();
+    let broker = broker!(Auth::Password {
+        username: "device".into(),
+        password: "right".into()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = DeviceOptions::new("cam-9");
+    options.password = Some("wrong-password-xyz".into());
+    let mut device = Device::start(&broker, dir.path(), &options).unwrap();
+    let err = device
+        .ended(WAIT)
+        .await
+        .expect("the link gives up at start-up")
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("broker refused the connection")
+            && text.contains("wrong user name or password"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("wrong-password-xyz"),
+        "the password is never shown"
+    );
+}
+
+#[tokio::test]
+async fn the_cli_refuses_plaintext_to_a_remote_hub() {
+    init();
+    let code = outpost(vec![
+        "hub".into(),
+        "--hub".into(),
+        "mqtt://hub.example.com".into(),
+        "status".into(),
+    ])
+    .await;
+    assert_eq!(code, 1);
+}

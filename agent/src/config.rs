@@ -304,6 +304,13 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
             "device_id",
             format!("`{device_id}` is not valid: 1 to 128 letters, digits, `.`, `_` or `-`"),
         );
+    } else if device_id == "groups" || device_id.starts_with('_') {
+        // `{prefix}/groups/...` holds group deployments and `{prefix}/_...` the operator's
+        // own topics: a device of that name would collide with them.
+        issues.push(
+            "device_id",
+            format!("`{device_id}` is reserved on the hub (`groups` and names starting with `_`)"),
+        );
     }
     let state_dir = raw
         .state_dir
@@ -736,6 +743,19 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn hub_topic_names_are_reserved() {
+        for id in ["groups", "_operator"] {
+            let found = issues(load(&format!("device_id = \"{id}\"\n"), &[]));
+            assert!(found[0].contains("reserved"), "{found:?}");
+        }
+        let found = issues(load(
+            "device_id = \"a\"\n[hub]\nurl = \"mqtts://h\"\nreconnect_max_secs = 0\n",
+            &[],
+        ));
+        assert!(found[0].starts_with("hub.reconnect_max_secs"), "{found:?}");
     }
 
     #[test]

@@ -132,6 +132,8 @@ impl Pki {
 /// How the broker authenticates clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Auth {
+    /// Plaintext MQTT on loopback, anonymous (allowed without `allow_insecure` on loopback).
+    Plain,
     /// TLS (server certificate only), anonymous clients.
     Tls,
     /// TLS and a client certificate signed by the test CA.
@@ -188,12 +190,18 @@ impl Broker {
         let port = free_port()?;
         let mut conf = format!(
             "per_listener_settings false\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
-             set_tcp_nodelay true\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
-            pki.ca.display(),
-            pki.server_cert.display(),
-            pki.server_key.display()
+             set_tcp_nodelay true\nlistener {port} 127.0.0.1\n"
         );
+        if auth != Auth::Plain {
+            conf.push_str(&format!(
+                "cafile {}\ncertfile {}\nkeyfile {}\n",
+                pki.ca.display(),
+                pki.server_cert.display(),
+                pki.server_key.display()
+            ));
+        }
         match &auth {
+            Auth::Plain => conf.push_str("allow_anonymous true\n"),
             Auth::Tls => conf.push_str("allow_anonymous true\n"),
             Auth::MutualTls => conf.push_str(
                 "require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n",
@@ -275,7 +283,10 @@ impl Broker {
     }
 
     pub fn url(&self) -> String {
-        format!("mqtts://localhost:{}", self.port)
+        match self.auth {
+            Auth::Plain => format!("mqtt://127.0.0.1:{}", self.port),
+            _ => format!("mqtts://localhost:{}", self.port),
+        }
     }
 
     /// The broker's log so far, for failure messages.
@@ -300,7 +311,7 @@ impl Broker {
             client_id: "operator".into(),
             host: "localhost".into(),
             port: self.port,
-            tls: Some(TlsFiles {
+            tls: (self.auth != Auth::Plain).then(|| TlsFiles {
                 ca_file: Some(self.pki.ca.clone()),
                 client_auth: (self.auth == Auth::MutualTls)
                     .then(|| (self.pki.client_cert.clone(), self.pki.client_key.clone())),
@@ -325,12 +336,10 @@ impl Broker {
 
     /// `outpost hub` connection flags for this broker.
     pub fn cli_flags(&self, dir: &Path) -> Result<Vec<String>> {
-        let mut flags = vec![
-            "--hub".to_string(),
-            self.url(),
-            "--ca".into(),
-            self.pki.ca.display().to_string(),
-        ];
+        let mut flags = vec!["--hub".to_string(), self.url()];
+        if self.auth != Auth::Plain {
+            flags.extend(["--ca".into(), self.pki.ca.display().to_string()]);
+        }
         match &self.auth {
             Auth::MutualTls => flags.extend([
                 "--cert".into(),
@@ -348,7 +357,7 @@ impl Broker {
                     file.display().to_string(),
                 ]);
             }
-            Auth::Tls => {}
+            Auth::Tls | Auth::Plain => {}
         }
         Ok(flags)
     }
@@ -537,6 +546,8 @@ pub struct DeviceOptions {
     pub groups: Vec<String>,
     /// Trust only this public key file (policy.trusted_keys); none trusts unsigned manifests.
     pub trusted_key: Option<PathBuf>,
+    /// The password the device uses on a password broker; default the right one.
+    pub password: Option<String>,
     /// The CA file the device trusts; default the broker's CA.
     pub ca_file: Option<PathBuf>,
     /// Client certificate and key; default the test CA's client certificate on a mutual-TLS
@@ -550,6 +561,7 @@ impl DeviceOptions {
             id: id.into(),
             groups: vec![],
             trusted_key: None,
+            password: None,
             ca_file: None,
             client_auth: None,
         }
@@ -575,17 +587,22 @@ pub fn device_config(
     let dir = dir.join(&o.id);
     std::fs::create_dir_all(&dir)?;
     let mut text = format!(
-        "device_id = \"{}\"\nstate_dir = \"{}\"\n[hub]\nurl = \"{}\"\nca_file = \"{}\"\nreconnect_max_secs = 1\nkeep_alive_secs = 5\ngroups = [{}]\n",
+        "device_id = \"{}\"\nstate_dir = \"{}\"\n[hub]\nurl = \"{}\"\nreconnect_max_secs = 1\nkeep_alive_secs = 5\ngroups = [{}]\n",
         o.id,
         dir.join("state").display(),
         broker.url(),
-        o.ca_file.as_ref().unwrap_or(&broker.pki.ca).display(),
         o.groups
             .iter()
             .map(|g| format!("\"{g}\""))
             .collect::<Vec<_>>()
             .join(", "),
     );
+    if broker.auth != Auth::Plain {
+        text.push_str(&format!(
+            "ca_file = \"{}\"\n",
+            o.ca_file.as_ref().unwrap_or(&broker.pki.ca).display()
+        ));
+    }
     let client_auth = o.client_auth.clone().or_else(|| {
         (broker.auth == Auth::MutualTls).then(|| {
             (
@@ -603,6 +620,7 @@ pub fn device_config(
     }
     if let Auth::Password { username, password } = &broker.auth {
         let file = dir.join("hub-password");
+        let password = o.password.as_ref().unwrap_or(password);
         std::fs::write(&file, format!("{password}\n"))?;
         text.push_str(&format!(
             "username = \"{username}\"\npassword_file = \"{}\"\n",
@@ -655,6 +673,14 @@ impl Device {
                 Err(_) => panic!("hub link did not stop within 10 s"),
             },
             None => Ok(()),
+        }
+    }
+
+    /// Ends the link abruptly, as a crash or a power cut would: its connection closes without
+    /// a goodbye, so the broker publishes the last will.
+    pub fn kill(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
         }
     }
 

@@ -115,15 +115,28 @@ impl Settings {
             return tls::explain(tls_err, files, &self.host);
         }
         match err {
-            ConnectionError::ConnectionRefused(code) => HubError::Refused(match code {
-                ConnectReturnCode::BadUserNamePassword => {
-                    "bad user name or password (check hub.username and hub.password_file)".into()
-                }
-                ConnectReturnCode::NotAuthorized => {
-                    "not authorized (the broker's access rules or credentials)".into()
-                }
-                other => format!("{other:?}"),
-            }),
+            ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword) => {
+                HubError::Refused(
+                    "bad user name or password (check hub.username and hub.password_file)".into(),
+                )
+            }
+            ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized) => {
+                HubError::Refused(
+                    // Mosquitto answers a wrong password with this code too.
+                    "not authorized: wrong user name or password (hub.username, hub.password_file), or the broker's rules refuse this client".into(),
+                )
+            }
+            ConnectionError::ConnectionRefused(ConnectReturnCode::BadClientId) => {
+                HubError::Refused(format!(
+                    "client id `{}` not accepted by the broker",
+                    self.client_id
+                ))
+            }
+            // Busy or shutting down, or speaking another protocol version: worth retrying.
+            ConnectionError::ConnectionRefused(other) => HubError::Connect {
+                addr: self.addr(),
+                detail: format!("the broker refused the connection: {other:?}"),
+            },
             ConnectionError::NetworkTimeout => HubError::Connect {
                 addr: self.addr(),
                 detail: "connection timed out".into(),

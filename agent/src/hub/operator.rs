@@ -220,7 +220,7 @@ impl Target {
 
     pub fn is_valid(&self) -> bool {
         match self {
-            Target::Device(d) => is_level(d) && d != "groups",
+            Target::Device(d) => is_level(d) && d != "groups" && !d.starts_with('_'),
             Target::Group(g) => is_level(g),
         }
     }
