@@ -1,5 +1,5 @@
 //! The deployment intake loop: the latest retained message per source (the device's topic and
-//! each group's) → [`intake`](crate::intake::intake) → [`select`](super::select::select) →
+//! each group's) → [`intake`](crate::intake::intake) → [`select()`](super::select::select) →
 //! [`AgentHandle::offer`].
 //!
 //! Redelivery is harmless: a message whose bytes were already handled is skipped, and a

@@ -2,7 +2,7 @@
 //! event loop.
 //!
 //! The event loop task never waits on anyone: incoming deployments go into the
-//! [`Inbox`](super::deployments::Inbox) (latest message per source wins, which is what a retained
+//! [`deployments::Inbox`](super::deployments::Inbox) (latest message per source wins, which is what a retained
 //! topic means), commands into a bounded queue that drops with a warning when full. Everything
 //! that must happen after a (re)connect — subscribing, presence, state — is done by other tasks
 //! that watch the session number this task bumps on every CONNACK.
