@@ -95,9 +95,14 @@ pub async fn run(ctx: Context, stop: CancellationToken) {
         }
         let slots = rx.borrow_and_update().1.clone();
         for slot in slots {
+            if seen
+                .iter()
+                .any(|(s, seq, _)| *s == slot.source && *seq == slot.seq)
+            {
+                continue;
+            }
             let digest = hex_sha256(&slot.payload);
             match seen.iter_mut().find(|(s, _, _)| *s == slot.source) {
-                Some((_, seq, _)) if *seq == slot.seq => continue,
                 Some((_, seq, d)) if *d == digest => {
                     // The same bytes again (a reconnect redelivers retained messages).
                     *seq = slot.seq;

@@ -227,6 +227,9 @@ impl Backoff {
 /// Where the event loop task puts what arrives.
 pub struct Routes {
     pub topics: Topics,
+    /// The configured groups: messages for any other group (a broker should not send them)
+    /// are dropped, so the inbox holds at most one slot per subscription.
+    pub groups: Vec<String>,
     pub inbox: Inbox,
     pub commands: mpsc::Sender<Command>,
     /// 0 while disconnected, else a number that grows with every new connection.
@@ -236,6 +239,14 @@ pub struct Routes {
 impl Routes {
     fn route(&self, topic: &str, payload: &[u8]) {
         match self.topics.classify(topic) {
+            Some(Incoming::Deployment(crate::state::Source::Group { name }))
+                if !self.groups.contains(&name) =>
+            {
+                tracing::debug!(
+                    topic,
+                    "deployment of a group this device does not follow ignored"
+                );
+            }
             Some(Incoming::Deployment(source)) => {
                 tracing::debug!(topic, bytes = payload.len(), "deployment message");
                 self.inbox.put(source, payload.to_vec());

@@ -183,6 +183,7 @@ pub async fn run(
         client,
         link::Routes {
             topics,
+            groups: hub.groups.clone(),
             inbox,
             commands: commands_tx,
             session: session_tx,
