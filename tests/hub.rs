@@ -722,3 +722,27 @@ async fn the_cli_refuses_plaintext_to_a_remote_hub() {
     .await;
     assert_eq!(code, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_started_while_the_broker_is_down_connects_when_it_comes_up() {
+    init();
+    let mut broker = broker!(Auth::Tls);
+    let dir = tempfile::tempdir().unwrap();
+    broker.stop();
+    let mut device = Device::start(&broker, dir.path(), &DeviceOptions::new("cam-10")).unwrap();
+    // A broker that is down is not a configuration error: the link keeps trying.
+    assert!(device.ended(Duration::from_millis(1500)).await.is_none());
+    broker.restart().unwrap();
+    let mut op = broker.operator(dir.path()).await.unwrap();
+    op.publish(
+        "outpost/cam-10/deployment",
+        true,
+        manifest("boot", 1, 0).into_bytes(),
+    )
+    .await
+    .unwrap();
+    wait_for_state(&mut op, "cam-10", WAIT, applied("boot", 1))
+        .await
+        .unwrap();
+    device.stop().await.unwrap();
+}

@@ -337,7 +337,10 @@ async fn deploy(
     let fence_timeout = Duration::from_secs(10);
     // Subscribe first, so no report between publishing and waiting is missed.
     let filters = match &target {
-        Target::Device(d) => vec![topics::device_topic(&prefix, d, "state")],
+        Target::Device(d) => vec![
+            topics::device_topic(&prefix, d, "state"),
+            topics::device_topic(&prefix, d, "presence"),
+        ],
         Target::Group(_) => vec![format!("{prefix}/+/state"), format!("{prefix}/+/presence")],
     };
     let mut seen = op.snapshot(&filters, fence_timeout).await?;
@@ -368,16 +371,31 @@ async fn deploy(
         }
     }
     let mut shown: BTreeMap<String, String> = BTreeMap::new();
+    let mut offline_noted = false;
     loop {
         fold(&prefix, &seen, &mut views);
         seen.clear();
         let members: Vec<(String, Option<bool>, Progress)> = match &target {
             Target::Device(d) => {
-                let p = views
-                    .get(d)
+                let view = views.get(d);
+                let p = view
                     .and_then(|v| v.state.as_ref())
                     .map(|s| progress(s, &digest, None))
                     .unwrap_or(Progress::Waiting);
+                let online = view.and_then(DeviceView::online);
+                if online != Some(true) && !offline_noted && !p.is_final() {
+                    // Keep waiting (it may connect), but say why nothing happens.
+                    eprintln!(
+                        "{d} is {}; it gets the deployment when it connects",
+                        if online == Some(false) {
+                            "offline"
+                        } else {
+                            "not known to this hub (no presence)"
+                        }
+                    );
+                    offline_noted = true;
+                }
+                // A single device is waited for even while offline, until the timeout.
                 vec![(d.clone(), Some(true), p)]
             }
             Target::Group(g) => {
