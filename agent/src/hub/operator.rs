@@ -187,7 +187,13 @@ impl Operator {
                 Some(m) if m.topic == self.sync_topic && m.payload == marker => return Ok(before),
                 Some(m) if m.topic == self.sync_topic => {}
                 Some(m) => before.push(m),
-                None => return Err(HubError::Timeout(timeout)),
+                None => {
+                    return Err(HubError::Client(format!(
+                        "the broker did not pass back the marker on {} within {timeout:?}; \
+                         the operator needs publish and subscribe rights on {}/_operator/#",
+                        self.sync_topic, self.prefix
+                    )));
+                }
             }
         }
     }
