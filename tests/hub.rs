@@ -746,3 +746,38 @@ async fn a_device_started_while_the_broker_is_down_connects_when_it_comes_up() {
         .unwrap();
     device.stop().await.unwrap();
 }
+
+/// Benchmark (run with `--ignored --nocapture`, after
+/// `cargo build --release --example hub_idle -p outpost-agent`, with `HUB_IDLE_BIN` set to the
+/// built example): resident memory of the hub link alone — the `hub_idle` example, a
+/// do-nothing agent reporting five running modules — connected over mutual TLS and idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_hub_link_idle_memory() {
+    init();
+    let Ok(bin) = std::env::var("HUB_IDLE_BIN") else {
+        panic!("set HUB_IDLE_BIN to the built hub_idle example");
+    };
+    let broker = broker!(Auth::MutualTls);
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        outpost_e2e::device_config(&broker, dir.path(), &DeviceOptions::new("idle-1")).unwrap();
+    let mut child = std::process::Command::new(bin)
+        .arg(&config.source)
+        .spawn()
+        .unwrap();
+    let mut op = broker.operator(dir.path()).await.unwrap();
+    wait_for_state(&mut op, "idle-1", WAIT, |s| s.modules.len() == 5)
+        .await
+        .unwrap();
+    // Idle is a duration by definition: let it sit, then read its memory.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let rss: Vec<&str> = status
+        .lines()
+        .filter(|l| l.starts_with("VmRSS") || l.starts_with("VmHWM") || l.starts_with("RssAnon"))
+        .collect();
+    eprintln!("BENCH hub link idle (hub_idle example, mTLS, 5 modules in state): {rss:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

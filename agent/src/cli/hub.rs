@@ -45,6 +45,7 @@ pub struct HubConnection {
     /// Client private key (PEM) for mutual TLS.
     #[arg(long, env = "OUTPOST_HUB_KEY", global = true, requires = "cert")]
     pub key: Option<PathBuf>,
+    /// User name, with --password-file.
     #[arg(
         long,
         env = "OUTPOST_HUB_USERNAME",
@@ -79,8 +80,10 @@ pub enum HubCommand {
     Deploy {
         /// The manifest (or a signed envelope from `outpost manifest sign`).
         file: PathBuf,
+        /// The device whose own deployment this is.
         #[arg(long, required_unless_present = "group", conflicts_with = "group")]
         device: Option<String>,
+        /// The group whose deployment this is (every device following it).
         #[arg(long)]
         group: Option<String>,
         /// Sign the manifest with this private key before publishing.
@@ -98,8 +101,10 @@ pub enum HubCommand {
     /// Devices from their retained state and presence, as a table; with --group, how many of
     /// the group's devices applied its deployment, failed, or are offline.
     Status {
+        /// Only this device.
         #[arg(long, conflicts_with = "group")]
         device: Option<String>,
+        /// Count the members of this group and their progress on its deployment.
         #[arg(long)]
         group: Option<String>,
         #[command(flatten)]
@@ -107,6 +112,7 @@ pub enum HubCommand {
     },
     /// Print state and presence changes as they happen (Ctrl-C ends).
     Watch {
+        /// Only this device.
         #[arg(long)]
         device: Option<String>,
         /// Stop after this many changes.
@@ -117,6 +123,7 @@ pub enum HubCommand {
     },
     /// Send a command (restart-module, logs, ping, state) and print the device's answer.
     Cmd {
+        /// The device to ask.
         #[arg(long)]
         device: String,
         /// The command's name.
@@ -124,6 +131,7 @@ pub enum HubCommand {
         /// Arguments as JSON, e.g. '{"module": "infer", "tail": 50}'.
         #[arg(long)]
         args: Option<String>,
+        /// Seconds to wait for the answer.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
         #[command(flatten)]
