@@ -202,6 +202,23 @@ mod tests {
         assert!(parse(&vec![b' '; MAX_COMMAND_BYTES + 1]).is_err());
     }
 
+    proptest::proptest! {
+        /// Untrusted payloads never panic the parser, and an accepted id is a safe topic level.
+        #[test]
+        fn any_payload_is_parsed_without_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            if let Ok(request) = parse(&bytes) {
+                proptest::prop_assert!(is_level(&request.id));
+            }
+        }
+
+        #[test]
+        fn cap_tail_cuts_on_char_boundaries(text in ".{0,64}", max in 0usize..80) {
+            let (tail, cut) = cap_tail(&text, max);
+            proptest::prop_assert!(tail.len() <= max || !cut);
+            proptest::prop_assert!(text.ends_with(tail));
+        }
+    }
+
     #[test]
     fn logs_keep_their_end() {
         assert_eq!(cap_tail("abc", 5), ("abc", false));

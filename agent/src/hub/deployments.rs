@@ -267,6 +267,16 @@ mod tests {
         assert_eq!(digest, hex_sha256(manifest));
     }
 
+    proptest::proptest! {
+        /// Whatever a broker delivers, naming it for the report does not panic.
+        #[test]
+        fn identify_takes_any_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let (id, _, digest) = identify(&bytes);
+            proptest::prop_assert!(id.chars().count() <= 128);
+            proptest::prop_assert_eq!(digest.len(), 64);
+        }
+    }
+
     #[test]
     fn the_inbox_keeps_the_latest_message_per_source() {
         let inbox = Inbox::new();

@@ -517,6 +517,20 @@ mod tests {
         assert_eq!(progress(&s, "gg", Some("g")), Progress::Waiting);
     }
 
+    proptest::proptest! {
+        /// Retained messages from devices are untrusted too: reading them never panics.
+        #[test]
+        fn any_retained_message_is_read_without_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256),
+            leaf in proptest::sample::select(vec!["state", "presence", "deployment"]),
+        ) {
+            let mut views = BTreeMap::new();
+            let message = Message { topic: format!("outpost/d/{leaf}"), payload: bytes.clone(), retain: true };
+            fold("outpost", &[message], &mut views);
+            let _ = describe_deployment(&bytes);
+        }
+    }
+
     #[test]
     fn group_members_come_from_presence() {
         let mut views = BTreeMap::new();

@@ -137,6 +137,19 @@ mod tests {
         assert_eq!(t.classify("outpost/groups/a/b/deployment"), None);
     }
 
+    proptest::proptest! {
+        /// Only well-formed topics are classified, and what comes out is a safe level.
+        #[test]
+        fn classify_takes_any_topic(topic in "\\PC{0,80}") {
+            let t = Topics::new("outpost", "cam-1");
+            match t.classify(&topic) {
+                Some(Incoming::Command(name)) => proptest::prop_assert!(is_level(&name)),
+                Some(Incoming::Deployment(Source::Group { name })) => proptest::prop_assert!(is_level(&name)),
+                _ => {}
+            }
+        }
+    }
+
     #[test]
     fn finds_the_device_of_a_topic() {
         assert_eq!(
