@@ -92,6 +92,7 @@ async fn handle_one(ctx: &Context, command: Command) {
             json!({"id": request.id, "ok": false, "error": error})
         }
     };
+    // A `Value` always serializes.
     let bytes = serde_json::to_vec(&reply).unwrap_or_default();
     if let Err(e) = ctx
         .client

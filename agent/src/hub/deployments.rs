@@ -153,6 +153,7 @@ pub async fn run(ctx: Context, stop: CancellationToken) {
         let Some(chosen) = select(&list, &ctx.groups) else {
             continue;
         };
+        // `select` returns an index into `list`, which mirrors `candidates` one to one.
         let (candidate, accepted) = &candidates[chosen];
         let key = (candidate.source.clone(), accepted.digest.clone());
         if last_offered.as_ref() == Some(&key) || in_force(&ctx.handle, &key) {
