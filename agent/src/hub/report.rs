@@ -4,7 +4,7 @@
 //! State is published when the agent's state changes, when the hub link records a refusal,
 //! and after every reconnect; at most once per [`DEBOUNCE`] (the first change after a quiet
 //! spell at once, later ones of a burst gathered), and an unchanged state is not sent twice on
-//! the same connection. Presence says `{"online": true, ...}` after each
+//! the same connection (a change of `agent.uptimeSecs` alone does not count as a change). Presence says `{"online": true, ...}` after each
 //! connect; the last will, registered with the broker at connect, says `{"online": false}`.
 
 use std::time::Duration;
@@ -83,6 +83,7 @@ pub struct Context {
 
 /// Runs until `stop` is cancelled.
 pub async fn run(mut ctx: Context, stop: CancellationToken) {
+    // The session and the state (without uptime) last published.
     let mut last: Option<(u64, Vec<u8>)> = None;
     let mut published_at: Option<tokio::time::Instant> = None;
     let mut agent_alive = true;
@@ -118,9 +119,16 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
                 continue;
             }
         };
+        // A change of the uptime alone is not news: an agent that refreshes it every second
+        // would otherwise have its state republished ten times a second.
+        let key = {
+            let mut without_uptime = state.clone();
+            without_uptime.agent.uptime_secs = 0;
+            serde_json::to_vec(&without_uptime).unwrap_or_else(|_| bytes.clone())
+        };
         if last
             .as_ref()
-            .is_some_and(|(s, b)| *s == session && *b == bytes)
+            .is_some_and(|(s, k)| *s == session && *k == key)
         {
             continue;
         }
@@ -131,7 +139,7 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
         match published {
             Ok(()) => {
                 tracing::debug!(session, bytes = bytes.len(), "state published");
-                last = Some((session, bytes));
+                last = Some((session, key));
                 published_at = Some(tokio::time::Instant::now());
             }
             Err(e) => {
