@@ -10,6 +10,8 @@ use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
+pub mod hub;
+
 use crate::api::{self, ApiEvent, ApiRequest};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 use crate::intake::{self, Provenance};
@@ -87,6 +89,13 @@ pub enum Command {
     /// Check the device configuration file and show what it resolves to.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The operator's side of the hub: deploy, status, watch, commands.
+    Hub {
+        #[command(flatten)]
+        connection: Box<hub::HubConnection>,
+        #[command(subcommand)]
+        command: Box<hub::HubCommand>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,7 +154,24 @@ pub struct Output {
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    crate::hub::install_crypto_provider();
+    ExitCode::from(run_args(std::env::args_os()))
+}
+
+/// Parses `args` (the program name first) and runs the command; returns the exit code.
+/// The binary's `main` and the end-to-end tests both come through here.
+pub fn run_args<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code().clamp(0, 255) as u8;
+        }
+    };
     // The daemon takes its level and format from the configuration unless the command line
     // names them; it sets up logging itself once the configuration is read.
     let from_config =
@@ -157,15 +183,17 @@ pub fn main() -> ExitCode {
         );
     }
     match run(cli) {
-        Ok(code) => ExitCode::from(code),
+        Ok(code) => code,
         Err(e) => {
             let code = if e.downcast_ref::<ConfigError>().is_some() {
                 EXIT_CONFIG
+            } else if e.downcast_ref::<crate::hub::HubError>().is_some() {
+                hub::EXIT_UNAVAILABLE
             } else {
                 EXIT_REFUSED
             };
             eprintln!("error: {e:#}");
-            ExitCode::from(code)
+            code
         }
     }
 }
@@ -257,6 +285,10 @@ fn run(cli: Cli) -> Result<u8> {
             }
             outcome
         }
+        Command::Hub {
+            connection,
+            command,
+        } => hub::run(&cli.config, &connection, *command),
         Command::Manifest(ManifestCommand::Validate { files, output }) => {
             validate(&files, output.json)
         }

@@ -79,6 +79,7 @@ struct RawHub {
     #[serde(default)]
     allow_insecure: bool,
     keep_alive_secs: Option<u64>,
+    reconnect_max_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +167,8 @@ pub struct HubConfig {
     pub topic_prefix: String,
     pub groups: Vec<String>,
     pub keep_alive: Duration,
+    /// The longest wait between reconnect attempts (the backoff's cap).
+    pub reconnect_max: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -300,6 +303,13 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
         issues.push(
             "device_id",
             format!("`{device_id}` is not valid: 1 to 128 letters, digits, `.`, `_` or `-`"),
+        );
+    } else if device_id == "groups" || device_id.starts_with('_') {
+        // `{prefix}/groups/...` holds group deployments and `{prefix}/_...` the operator's
+        // own topics: a device of that name would collide with them.
+        issues.push(
+            "device_id",
+            format!("`{device_id}` is reserved on the hub (`groups` and names starting with `_`)"),
         );
     }
     let state_dir = raw
@@ -608,6 +618,13 @@ fn hub(h: RawHub, base: &Path, issues: &mut Issues) -> Option<HubConfig> {
             format!("{keep_alive} is outside 5..=3600"),
         );
     }
+    let reconnect_max = h.reconnect_max_secs.unwrap_or(30);
+    if !(1..=3600).contains(&reconnect_max) {
+        issues.push(
+            "hub.reconnect_max_secs",
+            format!("{reconnect_max} is outside 1..=3600"),
+        );
+    }
     Some(HubConfig {
         url,
         host,
@@ -619,6 +636,7 @@ fn hub(h: RawHub, base: &Path, issues: &mut Issues) -> Option<HubConfig> {
         topic_prefix,
         groups: h.groups,
         keep_alive: Duration::from_secs(keep_alive),
+        reconnect_max: Duration::from_secs(reconnect_max),
     })
 }
 
@@ -680,6 +698,7 @@ mod tests {
         let hub = c.hub.unwrap();
         assert_eq!((hub.host.as_str(), hub.port), ("other.example.com", 9000));
         assert_eq!(hub.groups, ["a", "b"]);
+        assert_eq!(hub.reconnect_max, Duration::from_secs(30));
         assert_eq!(c.device_id, "cam-2");
     }
 
@@ -727,6 +746,19 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn hub_topic_names_are_reserved() {
+        for id in ["groups", "_operator"] {
+            let found = issues(load(&format!("device_id = \"{id}\"\n"), &[]));
+            assert!(found[0].contains("reserved"), "{found:?}");
+        }
+        let found = issues(load(
+            "device_id = \"a\"\n[hub]\nurl = \"mqtts://h\"\nreconnect_max_secs = 0\n",
+            &[],
+        ));
+        assert!(found[0].starts_with("hub.reconnect_max_secs"), "{found:?}");
     }
 
     #[test]

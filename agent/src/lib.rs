@@ -7,6 +7,8 @@
 //! - [`intake`]: the one path from untrusted bytes to an accepted deployment.
 //! - [`state`]: reported state, as the hub and `outpost list` see it.
 //! - [`control`]: the handle through which the hub link and local API reach the reconciler.
+//! - [`hub`]: the hub link (MQTT with TLS: deployments in, state and presence out, commands)
+//!   and the operator's side of it.
 //! - [`config`]: the device configuration, read raw and validated.
 //! - [`logging`]: tracing set-up (human or JSON).
 //! - [`cli`]: the `outpost` command line (the binary only calls [`cli::main`]).
@@ -16,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod hub;
 pub mod intake;
 pub mod logging;
 pub mod manifest;

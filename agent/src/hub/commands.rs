@@ -1,0 +1,230 @@
+//! Commands from the hub: `{prefix}/{device}/commands/{name}` carrying `{"id": ..., "args": ...}`,
+//! answered on `{prefix}/{device}/responses/{id}` with `{"id", "ok": true, "result"}` or
+//! `{"id", "ok": false, "error"}`.
+//!
+//! Payloads are untrusted: size-limited before parsing; the id must be a safe topic level
+//! (it becomes part of the reply topic), and a command without a usable id gets no reply
+//! because there is nowhere to send one. Commands run one at a time, each with a time limit.
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, QoS};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::report::merged;
+use super::topics::{Topics, is_level};
+use super::unix_now;
+use crate::control::AgentHandle;
+use crate::state::DeploymentReport;
+
+/// Commands waiting to run; more are dropped (with a warning) rather than queued.
+pub const QUEUE: usize = 16;
+/// Largest command payload read.
+pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
+/// Most log bytes a `logs` reply carries.
+pub const MAX_LOG_BYTES: usize = 64 * 1024;
+/// Most log lines a `logs` command may ask for.
+pub const MAX_TAIL: usize = 10_000;
+pub const DEFAULT_TAIL: usize = 100;
+/// How long one command may take before it is answered with an error.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// The commands this agent knows, for the error reply to any other.
+pub const KNOWN: &[&str] = &["restart-module", "logs", "ping", "state"];
+
+/// A command as it arrived.
+#[derive(Debug)]
+pub struct Command {
+    pub name: String,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CommandRequest {
+    id: String,
+    #[serde(default)]
+    args: Value,
+}
+
+pub struct Context {
+    pub client: AsyncClient,
+    pub topics: Topics,
+    pub handle: AgentHandle,
+    pub rejected: watch::Receiver<Option<DeploymentReport>>,
+}
+
+/// Runs until `stop` is cancelled or the event loop goes away.
+pub async fn run(ctx: Context, mut rx: mpsc::Receiver<Command>, stop: CancellationToken) {
+    loop {
+        let command = tokio::select! {
+            _ = stop.cancelled() => return,
+            c = rx.recv() => match c { Some(c) => c, None => return },
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = handle_one(&ctx, command) => {}
+        }
+    }
+}
+
+async fn handle_one(ctx: &Context, command: Command) {
+    let request = match parse(&command.payload) {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::warn!(command = %command.name, %why, "command ignored: no usable id to reply to");
+            return;
+        }
+    };
+    tracing::info!(command = %command.name, id = %request.id, "command");
+    let outcome =
+        match tokio::time::timeout(COMMAND_TIMEOUT, execute(ctx, &command.name, &request.args))
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => Err(format!("timed out after {COMMAND_TIMEOUT:?}")),
+        };
+    let reply = match outcome {
+        Ok(result) => json!({"id": request.id, "ok": true, "result": result}),
+        Err(error) => {
+            tracing::info!(command = %command.name, id = %request.id, %error, "command failed");
+            json!({"id": request.id, "ok": false, "error": error})
+        }
+    };
+    // A `Value` always serializes.
+    let bytes = serde_json::to_vec(&reply).unwrap_or_default();
+    if let Err(e) = ctx
+        .client
+        .publish(
+            ctx.topics.response(&request.id),
+            QoS::AtLeastOnce,
+            false,
+            bytes,
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "command reply not sent");
+    }
+}
+
+fn parse(payload: &[u8]) -> Result<CommandRequest, String> {
+    if payload.len() > MAX_COMMAND_BYTES {
+        return Err(format!(
+            "{} bytes, over the {MAX_COMMAND_BYTES}-byte limit",
+            payload.len()
+        ));
+    }
+    let request: CommandRequest =
+        serde_json::from_slice(payload).map_err(|e| format!("not a command: {e}"))?;
+    if !is_level(&request.id) {
+        return Err("`id` must be 1 to 128 letters, digits, `.`, `_` or `-`".into());
+    }
+    Ok(request)
+}
+
+async fn execute(ctx: &Context, name: &str, args: &Value) -> Result<Value, String> {
+    match name {
+        "ping" => Ok(json!({
+            "pong": true,
+            "deviceId": ctx.topics.device,
+            "agentVersion": env!("CARGO_PKG_VERSION"),
+            "time": unix_now(),
+        })),
+        "state" => {
+            let state = merged(&ctx.handle.state.borrow(), ctx.rejected.borrow().as_ref());
+            serde_json::to_value(state).map_err(|e| e.to_string())
+        }
+        "restart-module" => {
+            let module = module_arg(args)?;
+            ctx.handle
+                .restart_module(&module)
+                .await
+                .map_err(|e| e.to_string())??;
+            Ok(json!({"restarted": module}))
+        }
+        "logs" => {
+            let module = module_arg(args)?;
+            let tail = match args.get("tail") {
+                None | Some(Value::Null) => DEFAULT_TAIL,
+                Some(v) => v
+                    .as_u64()
+                    .filter(|n| (1..=MAX_TAIL as u64).contains(n))
+                    .ok_or(format!("`args.tail` must be a number from 1 to {MAX_TAIL}"))?
+                    as usize,
+            };
+            let text = ctx
+                .handle
+                .logs(&module, tail, MAX_LOG_BYTES)
+                .await
+                .map_err(|e| e.to_string())??;
+            let (text, truncated) = cap_tail(&text, MAX_LOG_BYTES);
+            Ok(json!({"module": module, "tail": tail, "truncated": truncated, "text": text}))
+        }
+        other => Err(format!(
+            "unknown command `{other}`; this agent knows {}",
+            KNOWN.join(", ")
+        )),
+    }
+}
+
+fn module_arg(args: &Value) -> Result<String, String> {
+    args.get("module")
+        .and_then(Value::as_str)
+        .filter(|m| is_level(m))
+        .map(str::to_string)
+        .ok_or_else(|| "`args.module` must name a module".to_string())
+}
+
+/// The last `max` bytes of `text` (cut at a character boundary), and whether it was cut:
+/// the end of a log is what an operator wants.
+fn cap_tail(text: &str, max: usize) -> (&str, bool) {
+    if text.len() <= max {
+        return (text, false);
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    (&text[start..], true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_need_a_safe_id() {
+        assert!(parse(br#"{"id":"r-1","args":{"module":"a"}}"#).is_ok());
+        assert!(parse(br#"{"id":"r-1"}"#).is_ok());
+        assert!(parse(br#"{"id":"a/b"}"#).is_err());
+        assert!(parse(br#"{"id":""}"#).is_err());
+        assert!(parse(b"\xff").is_err());
+        assert!(parse(&vec![b' '; MAX_COMMAND_BYTES + 1]).is_err());
+    }
+
+    proptest::proptest! {
+        /// Untrusted payloads never panic the parser, and an accepted id is a safe topic level.
+        #[test]
+        fn any_payload_is_parsed_without_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            if let Ok(request) = parse(&bytes) {
+                proptest::prop_assert!(is_level(&request.id));
+            }
+        }
+
+        #[test]
+        fn cap_tail_cuts_on_char_boundaries(text in ".{0,64}", max in 0usize..80) {
+            let (tail, cut) = cap_tail(&text, max);
+            proptest::prop_assert!(tail.len() <= max || !cut);
+            proptest::prop_assert!(text.ends_with(tail));
+        }
+    }
+
+    #[test]
+    fn logs_keep_their_end() {
+        assert_eq!(cap_tail("abc", 5), ("abc", false));
+        assert_eq!(cap_tail("abcdef", 3), ("def", true));
+        // "é" is two bytes: the cut moves forward to a boundary.
+        assert_eq!(cap_tail("aéb", 2), ("b", true));
+    }
+}

@@ -1,0 +1,438 @@
+//! Shared harness for the end-to-end tests: the real parts they run against.
+//!
+//! - [`Registry`]: the distribution registry from Debian's `docker-registry` package on a free
+//!   loopback port, with htpasswd credentials, so the agent really pulls and really
+//!   authenticates;
+//! - [`test_image`]: the static `outpost-testmod` binary in a FROM-scratch image, pushed to a
+//!   registry and removed locally;
+//! - [`Agent`]: the real `outpost run` binary as a child process, with its own device id, state
+//!   folder and API socket, killed and cleaned up on drop;
+//! - [`wait_for`]: polls a condition with a timeout (no fixed sleeps in tests).
+//!
+//! Every part is required: a missing tool or engine fails the test with what to install.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Fails the test with an actionable message when a tool is missing.
+pub fn require(tool: &str, hint: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(tool))
+            .find(|p| p.is_file())
+    });
+    match found {
+        Some(p) => p,
+        None => panic!(
+            "`{tool}` is required by this test and is not installed: {hint} (scripts/setup installs it)"
+        ),
+    }
+}
+
+/// Fails unless the Docker engine answers.
+pub fn require_docker() {
+    require("docker", "apt-get install docker.io");
+    let ok = Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "the Docker engine does not answer on /var/run/docker.sock; these tests need it"
+    );
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Waits until `f` returns `Some`, polling every 100 ms; panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The workspace's target directory (where `outpost` and the test binaries are).
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    // Test binaries live in TARGET/debug/deps.
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    exe.ancestors()
+        .nth(3)
+        .expect("TARGET/debug/deps/test")
+        .to_path_buf()
+}
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+/// The `outpost` binary, built if this test run did not build it already.
+pub fn outpost_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let bin = target_dir().join("debug/outpost");
+        run(Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "outpost-agent", "--bin", "outpost"])
+            .current_dir(workspace()));
+        assert!(bin.is_file(), "{} was not built", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A distribution registry on loopback with one user.
+pub struct Registry {
+    pub addr: String,
+    /// The Docker client's config folder for this registry's login: tests run in parallel and
+    /// must not share (and race on) `~/.docker/config.json`.
+    pub docker_config: PathBuf,
+    pub username: String,
+    pub password: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        let bin = require("docker-registry", "apt-get install docker-registry");
+        require("htpasswd", "apt-get install apache2-utils");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (username, password) = ("edge".to_string(), format!("pw-{}", std::process::id()));
+        let htpasswd = run(Command::new("htpasswd").args(["-Bbn", &username, &password]));
+        std::fs::write(dir.path().join("htpasswd"), htpasswd).expect("write htpasswd");
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n\
+             http:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: outpost-test\n    path: {root}/htpasswd\n",
+            root = dir.path().display()
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).expect("write registry config");
+        let log = std::fs::File::create(dir.path().join("registry.log")).expect("registry log");
+        let child = Command::new(bin)
+            .args(["serve"])
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start docker-registry");
+        wait_for("the registry to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(&addr).ok()
+        });
+        let docker_config = dir.path().join("docker-config");
+        std::fs::create_dir_all(&docker_config).expect("docker config dir");
+        let registry = Registry {
+            docker_config,
+            addr,
+            username,
+            password,
+            child,
+            _dir: dir,
+        };
+        let mut login = Command::new("docker")
+            .env("DOCKER_CONFIG", &registry.docker_config)
+            .args([
+                "login",
+                "--username",
+                &registry.username,
+                "--password-stdin",
+                &registry.addr,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("docker login");
+        {
+            use std::io::Write as _;
+            let mut stdin = login.stdin.take().expect("piped stdin");
+            stdin
+                .write_all(registry.password.as_bytes())
+                .expect("password to docker login");
+        }
+        let out = login.wait_with_output().expect("docker login finished");
+        assert!(
+            out.status.success(),
+            "docker login failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        registry
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The static test-module binary, built once per test run.
+pub fn testmod_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let target = "x86_64-unknown-linux-gnu";
+        run(Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "-q",
+                "--release",
+                "-p",
+                "outpost-testmod",
+                "--target",
+                target,
+            ])
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .current_dir(workspace()));
+        target_dir().join(target).join("release/outpost-testmod")
+    })
+    .clone()
+}
+
+/// Builds the test module's FROM-scratch image as `REGISTRY/REPO:TAG`, pushes it, and removes
+/// it from the engine so that the agent has to pull it. Returns the reference.
+pub fn test_image(registry: &Registry, repo: &str, tag: &str) -> String {
+    test_image_with(registry, repo, tag, "USER 65532:65532\n")
+}
+
+/// As [`test_image`], with `extra` Dockerfile instructions (a `HEALTHCHECK`, a `USER`).
+pub fn test_image_with(registry: &Registry, repo: &str, tag: &str, extra: &str) -> String {
+    require_docker();
+    let reference = format!("{}/{repo}:{tag}", registry.addr);
+    let ctx = tempfile::tempdir().expect("build context");
+    std::fs::copy(testmod_binary(), ctx.path().join("testmod")).expect("copy testmod");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("FROM scratch\nCOPY testmod /testmod\n{extra}ENTRYPOINT [\"/testmod\"]\n"),
+    )
+    .expect("write Dockerfile");
+    run(Command::new("docker")
+        .args(["build", "-q", "-t", &reference])
+        .arg(ctx.path()));
+    run(Command::new("docker")
+        .env("DOCKER_CONFIG", &registry.docker_config)
+        .args(["push", "-q", &reference]));
+    remove_image(&reference);
+    reference
+}
+
+pub fn remove_image(reference: &str) {
+    let _ = Command::new("docker")
+        .args(["rmi", "-f", reference])
+        .output();
+}
+
+/// The id, state and config hash of every container of a device, by module.
+pub fn containers(device: &str) -> Vec<(String, String, String, String)> {
+    let out = run(Command::new("docker").args([
+        "ps",
+        "-a",
+        "--filter",
+        &format!("label=io.outpost.device={device}"),
+        "--format",
+        "{{.ID}}\t{{.Label \"io.outpost.module\"}}\t{{.State}}\t{{.Label \"io.outpost.config-hash\"}}",
+    ]));
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f.len() == 4).then(|| {
+                (
+                    f[1].to_string(),
+                    f[0].to_string(),
+                    f[2].to_string(),
+                    f[3].to_string(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The real agent as a child process.
+pub struct Agent {
+    pub device: String,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Writes a config and starts `outpost run`. `runtime` holds extra keys of `[runtime]`,
+    /// `extra` whole sections appended after it.
+    pub fn start(device: &str, extra: &str) -> Agent {
+        Agent::start_with(device, "", extra)
+    }
+
+    pub fn start_with(device: &str, runtime: &str, extra: &str) -> Agent {
+        require_docker();
+        let dir = tempfile::tempdir().expect("agent dir");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "device_id = \"{device}\"\nstate_dir = \"{root}/state\"\nlog_level = \"info,outpost_agent=debug\"\n\
+                 [api]\nsocket = \"{root}/api.sock\"\n[runtime]\nstop_grace_secs = 2\n{runtime}\n{extra}\n",
+                root = dir.path().display()
+            ),
+        )
+        .expect("write agent config");
+        let mut agent = Agent {
+            device: device.to_string(),
+            dir,
+            config,
+            child: None,
+        };
+        agent.cleanup_containers();
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let socket = self.dir.path().join("api.sock");
+        // A killed agent leaves its socket behind; wait for the new one, not the old.
+        let _ = std::fs::remove_file(&socket);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .expect("agent log");
+        let child = Command::new(outpost_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start outpost run");
+        self.child = Some(child);
+        wait_for("the agent's API socket", Duration::from_secs(20), || {
+            socket.exists().then_some(())
+        });
+    }
+
+    /// `kill -9`: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let status = c.wait().expect("agent exit");
+            assert!(status.success(), "agent exited with {status} on SIGTERM");
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn outpost(&self, args: &[&str]) -> std::process::Output {
+        Command::new(outpost_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .expect("run outpost")
+    }
+
+    /// `outpost deploy --local` with the manifest as JSON; returns (exit code, stdout).
+    pub fn deploy(&self, manifest: &Value, wait_secs: u64) -> (i32, String) {
+        let file = self
+            .dir
+            .path()
+            .join(format!("manifest-{}.json", manifest["version"]));
+        std::fs::write(&file, manifest.to_string()).expect("write manifest");
+        let out = self.outpost(&[
+            "deploy",
+            "--local",
+            file.to_str().expect("utf-8 path"),
+            "--wait-secs",
+            &wait_secs.to_string(),
+        ]);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    /// The reported state (`outpost list --json`).
+    pub fn state(&self) -> Value {
+        let out = self.outpost(&["list", "--json"]);
+        assert!(
+            out.status.success(),
+            "outpost list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("state is JSON")
+    }
+
+    /// The reported state, or `Null` while the agent is not answering (restarting).
+    pub fn try_state(&self) -> Value {
+        let out = self.outpost(&["list", "--json"]);
+        if !out.status.success() {
+            return Value::Null;
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn cleanup_containers(&self) {
+        for (_, id, _, _) in containers(&self.device) {
+            let _ = Command::new("docker").args(["rm", "-f", &id]).output();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- agent log ({}) ----\n{}", self.device, self.log());
+        }
+        self.cleanup_containers();
+    }
+}
