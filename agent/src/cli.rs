@@ -211,12 +211,19 @@ fn run(cli: Cli) -> Result<u8> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(async {
+            let result = runtime.block_on(async {
                 let shutdown = tokio_util::sync::CancellationToken::new();
                 tokio::spawn(crate::daemon::cancel_on_signal(shutdown.clone()));
                 crate::daemon::run(config, shutdown).await
-            })?;
-            Ok(0)
+            });
+            match result {
+                Ok(()) => Ok(0),
+                Err(e) if e.is_configuration() => {
+                    eprintln!("error: {e}");
+                    Ok(EXIT_CONFIG)
+                }
+                Err(e) => Err(e.into()),
+            }
         }
         Command::Deploy {
             local: _,

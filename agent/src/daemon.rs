@@ -23,6 +23,15 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
+}
+
+impl DaemonError {
+    /// Whether restarting cannot help (a configuration problem): the binary exits 78 then.
+    pub fn is_configuration(&self) -> bool {
+        matches!(self, DaemonError::Hub(e) if e.is_configuration())
+    }
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -74,6 +83,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             }
         });
     }
+    let (hub_tx, mut hub_rx) = tokio::sync::oneshot::channel();
+    if config.hub.is_some() {
+        let (config, handle, token) = (config.clone(), parts.handle.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let result = crate::hub::run(&config, handle, token.child_token()).await;
+            if let Err(e) = &result {
+                error!(error = %e, "hub link stopped; stopping the agent");
+                token.cancel();
+            }
+            let _ = hub_tx.send(result);
+        });
+    } else {
+        info!("no [hub] configured: local deployments only");
+    }
     tasks.close();
     shutdown.cancelled().await;
     info!("shutting down; modules keep running");
@@ -87,6 +110,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         );
     } else {
         info!("stopped cleanly");
+    }
+    if let Ok(Err(e)) = hub_rx.try_recv() {
+        return Err(e.into());
     }
     Ok(())
 }

@@ -238,6 +238,15 @@ impl<R: Runtime> Reconciler<R> {
             debug!(id = %d.id, version = d.version, "duplicate delivery of the deployment in force");
             return Ok(());
         }
+        // The same bytes as the last deployment reported (applied, or rolled back): a
+        // redelivery of a retained message, for instance after the agent restarted.
+        if let Some(report) = &self.report
+            && report.digest.as_deref() == Some(accepted.digest.as_str())
+            && report.source == source
+        {
+            debug!(id = %d.id, version = d.version, status = ?report.status, "deployment already handled");
+            return Ok(());
+        }
         let mut issues = Vec::new();
         match self.store.versions() {
             Ok(versions) => {

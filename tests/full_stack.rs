@@ -1,0 +1,108 @@
+//! The whole path with every real part: an operator runs `outpost hub deploy` against a real
+//! Mosquitto hub (mutual TLS, certificates made by the test); the real agent (`outpost run`)
+//! takes the signed deployment from the hub, pulls from a real registry with credentials, runs
+//! the containers on the real Docker engine, and reports `applied` back through the hub.
+
+use std::process::Command;
+use std::time::Duration;
+
+use outpost_e2e::*;
+use serde_json::{Value, json};
+
+fn hub_section(broker: &Broker) -> String {
+    format!(
+        "[hub]\nurl = \"{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nreconnect_max_secs = 1\n",
+        broker.url(),
+        broker.pki.ca.display(),
+        broker.pki.client_cert.display(),
+        broker.pki.client_key.display()
+    )
+}
+
+#[test]
+fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
+    let Some(broker) = Broker::start(Auth::MutualTls).unwrap() else { return };
+    let registry = Registry::start();
+    let image = test_image(&registry, "testmod-hub", "1");
+    let dir = tempfile::tempdir().unwrap();
+    // The operator's key; the device trusts only it.
+    let keys = dir.path().join("ops");
+    run(Command::new(outpost_bin()).args(["keys", "generate", "--out"]).arg(&keys));
+    let public = format!("{}.pub", keys.display());
+    let device = format!("e2e-hub-{}", std::process::id());
+    let agent = Agent::start(
+        &device,
+        &format!("{}[policy]\ntrusted_keys = [\"{public}\"]\n", hub_section(&broker)),
+    );
+
+    let manifest = json!({
+        "schemaVersion": "1.0", "id": "fleet", "version": 1,
+        "modules": {
+            "reader": { "image": image, "startupOrder": 0 },
+            "writer": { "image": image, "startupOrder": 1 }
+        },
+        "registries": { registry.addr.clone(): { "username": registry.username, "password": registry.password } }
+    });
+    let file = dir.path().join("fleet.json");
+    std::fs::write(&file, manifest.to_string()).unwrap();
+    let mut args = vec!["hub".to_string()];
+    args.extend(broker.cli_flags(dir.path()).unwrap());
+    let out = Command::new(outpost_bin())
+        .args(&args)
+        .args(["deploy", "--device", &device])
+        .arg(&file)
+        .args(["--sign-key", &format!("{}.key", keys.display()), "--timeout", "90"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "hub deploy: {}{}\nagent log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        agent.log()
+    );
+
+    // The containers run on the engine.
+    let running: Vec<_> = containers(&device).into_iter().filter(|c| c.2 == "running").collect();
+    assert_eq!(running.len(), 2, "{running:?}");
+
+    // The hub's retained state says applied, names the source, and holds no secret.
+    let status = Command::new(outpost_bin())
+        .args(&args)
+        .args(["status", "--device", &device, "--json"])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
+    let text = String::from_utf8_lossy(&status.stdout).into_owned();
+    let state: Value = serde_json::from_str(&text).unwrap();
+    let state_text = state.to_string();
+    assert!(state_text.contains("\"applied\""), "{state_text}");
+    assert!(!state_text.contains(&registry.password), "the registry password is in the hub's state");
+    assert!(!state_text.contains("PRIVATE KEY"), "key material is in the hub's state");
+
+    // An unsigned deployment to the same device is refused; the modules keep running.
+    let unsigned = dir.path().join("unsigned.json");
+    let mut v2 = manifest.clone();
+    v2["version"] = json!(2);
+    std::fs::write(&unsigned, v2.to_string()).unwrap();
+    let out = Command::new(outpost_bin())
+        .args(&args)
+        .args(["deploy", "--device", &device])
+        .arg(&unsigned)
+        .args(["--timeout", "30"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    // The refusal is in the hub's retained state, with its reason.
+    let status = Command::new(outpost_bin())
+        .args(&args)
+        .args(["status", "--device", &device, "--json"])
+        .output()
+        .unwrap();
+    let state: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let text = state.to_string();
+    assert!(text.contains("accepts only signed deployments"), "{text}");
+    let still: Vec<_> = containers(&device).into_iter().filter(|c| c.2 == "running").collect();
+    assert_eq!(still.len(), 2);
+}
