@@ -4,7 +4,6 @@
 //! the containers on the real Docker engine, and reports `applied` back through the hub.
 
 use std::process::Command;
-use std::time::Duration;
 
 use outpost_e2e::*;
 use serde_json::{Value, json};
@@ -21,18 +20,25 @@ fn hub_section(broker: &Broker) -> String {
 
 #[test]
 fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
-    let Some(broker) = Broker::start(Auth::MutualTls).unwrap() else { return };
+    let Some(broker) = Broker::start(Auth::MutualTls).unwrap() else {
+        return;
+    };
     let registry = Registry::start();
     let image = test_image(&registry, "testmod-hub", "1");
     let dir = tempfile::tempdir().unwrap();
     // The operator's key; the device trusts only it.
     let keys = dir.path().join("ops");
-    run(Command::new(outpost_bin()).args(["keys", "generate", "--out"]).arg(&keys));
+    run(Command::new(outpost_bin())
+        .args(["keys", "generate", "--out"])
+        .arg(&keys));
     let public = format!("{}.pub", keys.display());
     let device = format!("e2e-hub-{}", std::process::id());
     let agent = Agent::start(
         &device,
-        &format!("{}[policy]\ntrusted_keys = [\"{public}\"]\n", hub_section(&broker)),
+        &format!(
+            "{}[policy]\ntrusted_keys = [\"{public}\"]\n",
+            hub_section(&broker)
+        ),
     );
 
     let manifest = json!({
@@ -51,7 +57,12 @@ fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
         .args(&args)
         .args(["deploy", "--device", &device])
         .arg(&file)
-        .args(["--sign-key", &format!("{}.key", keys.display()), "--timeout", "90"])
+        .args([
+            "--sign-key",
+            &format!("{}.key", keys.display()),
+            "--timeout",
+            "90",
+        ])
         .output()
         .unwrap();
     assert_eq!(
@@ -64,7 +75,10 @@ fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
     );
 
     // The containers run on the engine.
-    let running: Vec<_> = containers(&device).into_iter().filter(|c| c.2 == "running").collect();
+    let running: Vec<_> = containers(&device)
+        .into_iter()
+        .filter(|c| c.2 == "running")
+        .collect();
     assert_eq!(running.len(), 2, "{running:?}");
 
     // The hub's retained state says applied, names the source, and holds no secret.
@@ -78,8 +92,14 @@ fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
     let state: Value = serde_json::from_str(&text).unwrap();
     let state_text = state.to_string();
     assert!(state_text.contains("\"applied\""), "{state_text}");
-    assert!(!state_text.contains(&registry.password), "the registry password is in the hub's state");
-    assert!(!state_text.contains("PRIVATE KEY"), "key material is in the hub's state");
+    assert!(
+        !state_text.contains(&registry.password),
+        "the registry password is in the hub's state"
+    );
+    assert!(
+        !state_text.contains("PRIVATE KEY"),
+        "key material is in the hub's state"
+    );
 
     // An unsigned deployment to the same device is refused; the modules keep running.
     let unsigned = dir.path().join("unsigned.json");
@@ -93,7 +113,12 @@ fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
         .args(["--timeout", "30"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // The refusal is in the hub's retained state, with its reason.
     let status = Command::new(outpost_bin())
         .args(&args)
@@ -103,6 +128,9 @@ fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
     let state: Value = serde_json::from_slice(&status.stdout).unwrap();
     let text = state.to_string();
     assert!(text.contains("accepts only signed deployments"), "{text}");
-    let still: Vec<_> = containers(&device).into_iter().filter(|c| c.2 == "running").collect();
+    let still: Vec<_> = containers(&device)
+        .into_iter()
+        .filter(|c| c.2 == "running")
+        .collect();
     assert_eq!(still.len(), 2);
 }

@@ -25,6 +25,8 @@ pub enum DaemonError {
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Hub(#[from] crate::hub::HubError),
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
 }
 
 impl DaemonError {
@@ -54,6 +56,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
 
     let tasks = TaskTracker::new();
     tasks.spawn(parts.reconciler.run(parts.requests, shutdown.clone()));
+    let (api_tx, mut api_rx) = tokio::sync::oneshot::channel();
     {
         let (handle, trusted, progress, token) = (
             parts.handle.clone(),
@@ -67,7 +70,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             runtime.clone(),
         );
         tasks.spawn(async move {
-            if let Err(e) = crate::api::serve(
+            let result = crate::api::serve(
                 &socket,
                 device,
                 handle,
@@ -76,11 +79,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
                 progress,
                 token.clone(),
             )
-            .await
-            {
+            .await;
+            if let Err(e) = &result {
                 error!(error = %e, "local API failed; stopping the agent");
                 token.cancel();
             }
+            let _ = api_tx.send(result);
         });
     }
     let (hub_tx, mut hub_rx) = tokio::sync::oneshot::channel();
@@ -110,6 +114,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         );
     } else {
         info!("stopped cleanly");
+    }
+    if let Ok(Err(e)) = api_rx.try_recv() {
+        return Err(e.into());
     }
     if let Ok(Err(e)) = hub_rx.try_recv() {
         return Err(e.into());

@@ -339,7 +339,12 @@ fn module_pass(
                 restart_after_backoff(world, plan, name, c, &history, true);
                 return false;
             }
-            plan.set(name, ModuleStatus::Running, None);
+            let health = match c.health {
+                Health::Unhealthy => Some("its health check reports unhealthy".to_string()),
+                Health::Starting => Some("its health check has not passed yet".to_string()),
+                Health::None | Health::Healthy => None,
+            };
+            plan.set(name, ModuleStatus::Running, health);
             // Running is what the next group waits for; health is what `applied` waits for.
             // (An unhealthy module under `always` must not hold back later groups forever.)
             true

@@ -247,11 +247,23 @@ impl<R: Runtime> Reconciler<R> {
             debug!(id = %d.id, version = d.version, status = ?report.status, "deployment already handled");
             return Ok(());
         }
+        // Control handed back to a source whose deployment was overridden (a device's own
+        // deployment cleared, so its group's applies again): the same bytes that source had
+        // accepted are not a replay. A local deployment is not overridden this way.
+        let handed_back = self.desired.as_ref().is_some_and(|(current, _)| {
+            current.source != source && current.source != Source::Local
+        }) && self
+            .store
+            .digests()
+            .ok()
+            .and_then(|digests| digests.get(&source_key(&source)).cloned())
+            .is_some_and(|digest| digest == accepted.digest);
         let mut issues = Vec::new();
         match self.store.versions() {
             Ok(versions) => {
                 if let Some(last) = versions.get(&source_key(&source))
                     && d.version <= *last
+                    && !handed_back
                 {
                     issues.push(Issue::new(
                         "/version",
@@ -488,6 +500,11 @@ impl<R: Runtime> Reconciler<R> {
         match action {
             Action::Remove { id, module } => {
                 info!(module, container = %short(id), "removing container");
+                // Stop first: the module gets SIGTERM and its grace period, not a SIGKILL.
+                self.runtime
+                    .stop(id, grace)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 self.runtime.remove(id).await.map_err(|e| e.to_string())?;
             }
             Action::Stop { id, module } => {
@@ -666,8 +683,11 @@ impl<R: Runtime> Reconciler<R> {
             .modules
             .iter()
             .filter(|(_, m)| {
-                m.status != crate::state::ModuleStatus::Running
-                    && m.status != crate::state::ModuleStatus::Stopped
+                m.problem.is_some()
+                    || !matches!(
+                        m.status,
+                        crate::state::ModuleStatus::Running | crate::state::ModuleStatus::Stopped
+                    )
             })
             .map(|(name, m)| {
                 let why = m

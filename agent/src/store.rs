@@ -25,6 +25,7 @@ const IMAGES: TableDefinition<&str, u64> = TableDefinition::new("images");
 const DESIRED: &str = "desired";
 const LAST_GOOD: &str = "last_good";
 const VERSIONS: &str = "versions";
+const DIGESTS: &str = "digests";
 const REPORT: &str = "report";
 
 /// A deployment as the store keeps it.
@@ -147,6 +148,11 @@ impl Store {
         Ok(self.get(VERSIONS)?.unwrap_or_default())
     }
 
+    /// The digest of the last deployment accepted from each source.
+    pub fn digests(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        Ok(self.get(DIGESTS)?.unwrap_or_default())
+    }
+
     /// The last reported deployment status, so a restarted agent reports where it was.
     pub fn report(&self) -> Result<Option<DeploymentReport>, StoreError> {
         self.get(REPORT)
@@ -159,12 +165,15 @@ impl Store {
         report: &DeploymentReport,
     ) -> Result<(), StoreError> {
         let mut versions = self.versions()?;
+        let mut digests = self.digests()?;
         let key = source_key(&d.source);
-        let v = versions.entry(key).or_default();
+        let v = versions.entry(key.clone()).or_default();
         *v = (*v).max(d.deployment.version);
+        digests.insert(key, d.digest.clone());
         self.write(|meta, _| {
             Self::put(meta, DESIRED, d)?;
             Self::put(meta, VERSIONS, &versions)?;
+            Self::put(meta, DIGESTS, &digests)?;
             Self::put(meta, REPORT, report)
         })
     }

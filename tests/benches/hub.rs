@@ -29,12 +29,20 @@ fn rss_kb(pid: u32) -> u64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     outpost_agent::hub::install_crypto_provider();
-    let broker = Broker::start(Auth::MutualTls).unwrap().expect("mosquitto is required");
+    let broker = Broker::start(Auth::MutualTls)
+        .unwrap()
+        .expect("mosquitto is required");
     let image = "outpost-bench/testmod:1";
     let ctx = tempfile::tempdir().unwrap();
     std::fs::copy(testmod_binary(), ctx.path().join("testmod")).unwrap();
-    std::fs::write(ctx.path().join("Dockerfile"), "FROM scratch\nCOPY testmod /testmod\nENTRYPOINT [\"/testmod\"]\n").unwrap();
-    run(std::process::Command::new("docker").args(["build", "-q", "-t", image]).arg(ctx.path()));
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\nCOPY testmod /testmod\nENTRYPOINT [\"/testmod\"]\n",
+    )
+    .unwrap();
+    run(std::process::Command::new("docker")
+        .args(["build", "-q", "-t", image])
+        .arg(ctx.path()));
 
     let device = format!("bench-hub-{}", std::process::id());
     let hub = format!(
@@ -48,26 +56,46 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let mut op = broker.operator(dir.path()).await.unwrap();
     let state_topic = format!("outpost/{device}/state");
-    op.subscribe(std::slice::from_ref(&state_topic)).await.unwrap();
+    op.subscribe(std::slice::from_ref(&state_topic))
+        .await
+        .unwrap();
     let mut times = Vec::new();
     for version in 1..=ROUNDS {
         // Each version changes one module's environment: one container is replaced.
         let modules: serde_json::Map<String, serde_json::Value> = (0..MODULES)
             .map(|i| {
-                let env = if i == 0 { json!({ "ROUND": version.to_string() }) } else { json!({}) };
+                let env = if i == 0 {
+                    json!({ "ROUND": version.to_string() })
+                } else {
+                    json!({})
+                };
                 (format!("m{i}"), json!({ "image": image, "env": env }))
             })
             .collect();
         let manifest = json!({ "schemaVersion": "1.0", "id": "bench", "version": version, "modules": modules });
         let started = Instant::now();
-        op.publish(&format!("outpost/{device}/deployment"), true, manifest.to_string().into_bytes())
-            .await
-            .unwrap();
+        op.publish(
+            &format!("outpost/{device}/deployment"),
+            true,
+            manifest.to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
-            let message = op.recv_until(deadline).await.unwrap().expect("applied within 120 s");
-            let Ok(state) = serde_json::from_slice::<ReportedState>(&message.payload) else { continue };
-            if state.deployment.as_ref().is_some_and(|d| d.version == version && d.status == DeploymentStatus::Applied) {
+            let message = op
+                .recv_until(deadline)
+                .await
+                .unwrap()
+                .expect("applied within 120 s");
+            let Ok(state) = serde_json::from_slice::<ReportedState>(&message.payload) else {
+                continue;
+            };
+            if state
+                .deployment
+                .as_ref()
+                .is_some_and(|d| d.version == version && d.status == DeploymentStatus::Applied)
+            {
                 break;
             }
         }
@@ -87,6 +115,13 @@ async fn main() {
         peak = peak.max(rss_kb(pid));
     }
     println!("binary: {}", outpost_bin().display());
-    println!("publish -> applied (one of 5 modules replaced), median of {}: {:.1} ms", times.len(), times[times.len() / 2] * 1e3);
-    println!("agent resident memory, idle with {MODULES} modules, connected: {:.1} MB (VmRSS peak over 5 s)", peak as f64 / 1024.0);
+    println!(
+        "publish -> applied (one of 5 modules replaced), median of {}: {:.1} ms",
+        times.len(),
+        times[times.len() / 2] * 1e3
+    );
+    println!(
+        "agent resident memory, idle with {MODULES} modules, connected: {:.1} MB (VmRSS peak over 5 s)",
+        peak as f64 / 1024.0
+    );
 }
