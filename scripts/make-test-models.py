@@ -10,6 +10,7 @@ Models:
   mlp     sensor-anomaly MLP: sensor float32 [N, 16] -> score float32 [N, 1] (symbolic batch)
   cnn     small CNN: image float32 [1, 3, 64, 64] -> probs float32 [1, 10] (fixed shape)
   dtypes  one input and one output per OIP datatype (FP32, FP16, INT64, INT32, UINT8, BOOL)
+  mlp_v2  mlp with other weights (the hot-reload test swaps the two)
 
 Test tooling only (pip install onnx==1.22.0 onnxruntime numpy); never part of the product.
 Run from the repository root: python3 scripts/make-test-models.py
@@ -130,6 +131,9 @@ def main():
     for name, make in (("mlp", mlp), ("cnn", cnn), ("dtypes", dtypes)):
         graph, inputs = make(rng)
         save(name, graph, inputs)
+    # Same interface as mlp, other weights, same input: the hot-reload test tells them apart.
+    graph, _ = mlp(rng)
+    save("mlp_v2", graph, {"sensor": np.load(os.path.join(ROOT, "reference", "mlp", "inputs", "sensor.npy"))})
     return 0
 
 
