@@ -27,7 +27,8 @@ file "$bin" 2>/dev/null | grep -q "static" || ldd "$bin" 2>&1 | grep -q "not a d
   || { echo "$bin is not statically linked" >&2; exit 1; }
 
 ctx="$(mktemp -d)"; trap 'rm -rf "$ctx"' EXIT
-cp "$bin" "$ctx/outpost-infer"
+# Symbols are no use on the device: strip them (the release profile keeps them for profiling).
+strip -o "$ctx/outpost-infer" "$bin"
 docker build -q -t "$tag" -f "$root/module/Dockerfile" "$ctx"
 echo "built $tag: $(docker image inspect -f '{{.Size}}' "$tag") bytes"
 [[ $verify == 1 ]] || exit 0
