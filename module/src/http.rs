@@ -135,11 +135,12 @@ async fn ready(State(state): Shared) -> Response {
     readiness(&state)
 }
 
-fn known_model(state: &AppState, name: &str) -> Result<(), Response> {
+/// The 404 for a name other than the served model's, or `None` when the name is right.
+fn reject_model(state: &AppState, name: &str) -> Option<Response> {
     if name == state.engine.slot.name {
-        Ok(())
+        None
     } else {
-        Err(error(
+        Some(error(
             StatusCode::NOT_FOUND,
             format!(
                 "unknown model '{name}'; this server serves '{}'",
@@ -149,22 +150,23 @@ fn known_model(state: &AppState, name: &str) -> Result<(), Response> {
     }
 }
 
-fn known_version(state: &AppState, version: &str) -> Result<(), Response> {
+/// The 404 for a version other than the one in service, or `None`.
+fn reject_version(state: &AppState, version: &str) -> Option<Response> {
     match state.engine.slot.current() {
-        Some(m) if m.version.to_string() == version => Ok(()),
-        Some(m) => Err(error(
+        Some(m) if m.version.to_string() == version => None,
+        Some(m) => Some(error(
             StatusCode::NOT_FOUND,
             format!(
                 "unknown model version '{version}'; the version in service is '{}'",
                 m.version
             ),
         )),
-        None => Ok(()),
+        None => None,
     }
 }
 
 async fn model_ready(State(state): Shared, Path(name): Path<String>) -> Response {
-    if let Err(r) = known_model(&state, &name) {
+    if let Some(r) = reject_model(&state, &name) {
         return r;
     }
     readiness(&state)
@@ -174,14 +176,14 @@ async fn model_ready_versioned(
     State(state): Shared,
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
-    if let Err(r) = known_model(&state, &name).and_then(|_| known_version(&state, &version)) {
+    if let Some(r) = reject_model(&state, &name).or_else(|| reject_version(&state, &version)) {
         return r;
     }
     readiness(&state)
 }
 
 async fn model_metadata(State(state): Shared, Path(name): Path<String>) -> Response {
-    if let Err(r) = known_model(&state, &name) {
+    if let Some(r) = reject_model(&state, &name) {
         return r;
     }
     match state.engine.slot.require() {
@@ -205,7 +207,7 @@ async fn model_metadata_versioned(
     State(state): Shared,
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
-    if let Err(r) = known_version(&state, &version) {
+    if let Some(r) = reject_version(&state, &version) {
         return r;
     }
     model_metadata(State(state), Path(name)).await
@@ -252,7 +254,7 @@ async fn infer(
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(r) = known_model(&state, &name) {
+    if let Some(r) = reject_model(&state, &name) {
         return r;
     }
     let body = match body {
@@ -277,7 +279,7 @@ async fn infer_versioned(
     Path((name, version)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(r) = known_version(&state, &version) {
+    if let Some(r) = reject_version(&state, &version) {
         return r;
     }
     infer(State(state), Path(name), body).await

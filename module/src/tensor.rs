@@ -130,7 +130,8 @@ impl DataType {
             DatumType::I8 => DataType::Int8,
             DatumType::I16 => DataType::Int16,
             DatumType::I32 => DataType::Int32,
-            DatumType::I64 => DataType::Int64,
+            // Shape computations come out of tract as symbolic dims; they are plain integers.
+            DatumType::I64 | DatumType::TDim => DataType::Int64,
             DatumType::F16 => DataType::Fp16,
             DatumType::F32 => DataType::Fp32,
             DatumType::F64 => DataType::Fp64,
@@ -478,6 +479,8 @@ pub fn output_data(name: &str, t: &Tensor) -> Result<(DataType, OutputData), Ten
             format!("datum type {:?} has no OIP datatype", t.datum_type()),
         )
     })?;
+    // A no-op borrow except for TDim (shape results), which becomes plain i64.
+    let t = t.cast_to_dt(dt.datum()).map_err(|e| internal(name, e))?;
     let view = t.try_as_plain_ram().map_err(|e| internal(name, e))?;
     macro_rules! slice {
         ($t:ty) => {
@@ -593,6 +596,16 @@ mod tests {
             let (back, _) = output_data("x", &t).unwrap();
             assert_eq!(back, dt);
         }
+    }
+
+    #[test]
+    fn shape_results_go_out_as_int64() {
+        use tract_onnx::prelude::TDim;
+        let t = Tensor::from_shape(&[2], &[TDim::from(3), TDim::from(4)]).unwrap();
+        assert_eq!(
+            output_data("shape", &t).unwrap(),
+            (DataType::Int64, OutputData::Int(vec![3, 4]))
+        );
     }
 
     #[test]
