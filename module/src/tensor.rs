@@ -601,7 +601,7 @@ mod tests {
     #[test]
     fn shape_results_go_out_as_int64() {
         use tract_onnx::prelude::TDim;
-        let t = Tensor::from_shape(&[2], &[TDim::from(3), TDim::from(4)]).unwrap();
+        let t = tract_onnx::prelude::tensor1(&[TDim::from(3), TDim::from(4)]);
         assert_eq!(
             output_data("shape", &t).unwrap(),
             (DataType::Int64, OutputData::Int(vec![3, 4]))
