@@ -151,6 +151,9 @@ struct BenchArgs {
     /// `.npy` input for a single-input model (random, seeded, otherwise).
     #[arg(long)]
     input: Option<PathBuf>,
+    /// Also print the time per operator on stderr.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// A configuration error: exit code 2.
@@ -394,6 +397,15 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     };
     for _ in 0..args.warmup {
         model.run(inputs.clone())?;
+    }
+    if args.profile {
+        for (op, took, share) in model.profile(&inputs, args.iterations)? {
+            eprintln!(
+                "{:>6.1}% {:>10.3} ms  {op}",
+                share * 100.0,
+                took.as_secs_f64() * 1e3 / args.iterations.max(1) as f64
+            );
+        }
     }
     let mut times = Vec::with_capacity(args.iterations);
     for _ in 0..args.iterations.max(1) {

@@ -481,6 +481,37 @@ impl LoadedModel {
         Ok(out)
     }
 
+    /// Runs `runs` times timing every node, and returns (operator name, total time, share)
+    /// sorted by time: where a model spends its time, for tuning (`bench --profile`).
+    pub fn profile(
+        &self,
+        inputs: &TVec<TValue>,
+        runs: usize,
+    ) -> Result<Vec<(String, Duration, f64)>, InferError> {
+        let mut state = self
+            .plan
+            .spawn()
+            .map_err(|e| InferError::Run(format!("{e:#}")))?;
+        let mut per_op: HashMap<String, Duration> = HashMap::new();
+        for _ in 0..runs.max(1) {
+            state
+                .run_plan_with_eval(inputs.clone(), |ctx, op_state, node, input| {
+                    let t = Instant::now();
+                    let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+                    *per_op.entry(node.op().name().to_string()).or_default() += t.elapsed();
+                    r
+                })
+                .map_err(|e| InferError::Run(format!("{e:#}")))?;
+        }
+        let total: Duration = per_op.values().sum();
+        let mut v: Vec<_> = per_op
+            .into_iter()
+            .map(|(op, d)| (op, d, d.as_secs_f64() / total.as_secs_f64().max(1e-12)))
+            .collect();
+        v.sort_by_key(|x| std::cmp::Reverse(x.1));
+        Ok(v)
+    }
+
     pub fn metadata_inputs(&self) -> Vec<TensorMetadata> {
         self.inputs.iter().map(Into::into).collect()
     }
