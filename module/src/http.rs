@@ -213,7 +213,7 @@ async fn model_metadata_versioned(
     model_metadata(State(state), Path(name)).await
 }
 
-fn body_error(state: &AppState, rejection: BytesRejection) -> Response {
+fn body_error(state: &AppState, source: Source, rejection: BytesRejection) -> Response {
     let status = rejection.status();
     let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
         format!(
@@ -226,7 +226,7 @@ fn body_error(state: &AppState, rejection: BytesRejection) -> Response {
     state
         .engine
         .metrics
-        .observe(Source::V2, std::time::Duration::ZERO, false);
+        .observe(source, std::time::Duration::ZERO, false);
     error(StatusCode::BAD_REQUEST, message)
 }
 
@@ -259,7 +259,7 @@ async fn infer(
     }
     let body = match body {
         Ok(b) => b,
-        Err(rejection) => return body_error(&state, rejection),
+        Err(rejection) => return body_error(&state, Source::V2, rejection),
     };
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
         return busy(&state);
@@ -293,7 +293,7 @@ struct ScoreRequest {
 async fn score(State(state): Shared, body: Result<Bytes, BytesRejection>) -> Response {
     let body = match body {
         Ok(b) => b,
-        Err(rejection) => return body_error(&state, rejection),
+        Err(rejection) => return body_error(&state, Source::Score, rejection),
     };
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
         return busy(&state);
