@@ -18,20 +18,20 @@ use crate::model::{InferError, LoadedModel};
 /// Why the batch as a whole could not run (single files failing is not an error).
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
-    #[error("reading input folder {path}: {source}")]
+    #[error("reading input folder {path}: {error}")]
     ReadDir {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("creating output folder {path}: {source}")]
+    #[error("creating output folder {path}: {error}")]
     CreateDir {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("writing the report {path}: {source}")]
+    #[error("writing the report {path}: {error}")]
     Report {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -92,9 +92,9 @@ pub fn run(
     metrics: &Metrics,
     mut progress: impl FnMut(&Progress<'_>),
 ) -> Result<BatchReport, BatchError> {
-    let read_dir = |source| BatchError::ReadDir {
+    let read_dir = |error| BatchError::ReadDir {
         path: input.to_path_buf(),
-        source,
+        error,
     };
     let mut files: Vec<PathBuf> = std::fs::read_dir(input)
         .map_err(read_dir)?
@@ -105,9 +105,9 @@ pub fn run(
         .filter(|p| p.is_file())
         .collect();
     files.sort();
-    std::fs::create_dir_all(output).map_err(|source| BatchError::CreateDir {
+    std::fs::create_dir_all(output).map_err(|error| BatchError::CreateDir {
         path: output.to_path_buf(),
-        source,
+        error,
     })?;
 
     let (inputs, skipped): (Vec<PathBuf>, Vec<PathBuf>) = files
@@ -161,7 +161,7 @@ pub fn run(
     };
     let path = output.join(REPORT);
     let text = serde_json::to_vec_pretty(&report).unwrap_or_default();
-    std::fs::write(&path, text).map_err(|source| BatchError::Report { path, source })?;
+    std::fs::write(&path, text).map_err(|error| BatchError::Report { path, error })?;
     Ok(report)
 }
 

@@ -55,13 +55,13 @@ pub struct ServeConfig {
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {error}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("HTTP server failed: {0}")]
-    Http(#[source] std::io::Error),
+    Http(std::io::Error),
 }
 
 /// A server bound to its port, not yet serving: tests read [`Server::local_addr`] first.
@@ -78,9 +78,9 @@ impl Server {
         let listener =
             TcpListener::bind(config.listen)
                 .await
-                .map_err(|source| ServeError::Bind {
+                .map_err(|error| ServeError::Bind {
                     addr: config.listen,
-                    source,
+                    error,
                 })?;
         let metrics = Arc::new(Metrics::default());
         let slot = Arc::new(ModelSlot::new(

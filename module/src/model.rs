@@ -20,13 +20,14 @@ use tract_onnx::tract_hir::internal::{DimLike, Factoid};
 use crate::metrics::Metrics;
 use crate::tensor::{DataType, InferRequest, TensorError, tensor_from_scalars};
 
-/// Why a model could not be loaded.
+/// Why a model could not be loaded. Causes are part of each message rather than a `#[source]`:
+/// the message is served whole on `/v2/health/ready`, and a source would print twice in a chain.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: not a loadable ONNX model: {reason}")]
     Parse { path: PathBuf, reason: String },
@@ -235,13 +236,13 @@ fn spec_of(
 /// or when tract cannot type or optimize the graph (usually an unsupported operator).
 pub fn load(path: &Path, options: &LoadOptions, version: u64) -> Result<LoadedModel, LoadError> {
     let start = Instant::now();
-    let stamp = FileStamp::of(path).map_err(|source| LoadError::Read {
+    let stamp = FileStamp::of(path).map_err(|error| LoadError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+    let bytes = std::fs::read(path).map_err(|error| LoadError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let parse = |e: TractError| LoadError::Parse {
         path: path.to_path_buf(),
