@@ -341,7 +341,10 @@ async fn a_model_that_does_not_load_leaves_the_server_up_but_not_ready() {
     let s = Running::start(config(&path, "broken")).await;
     let a = s.addr;
     wait_for("the load to fail", Duration::from_secs(10), || async move {
-        get_json(a, "/v2/health/ready").await.1["error"].is_string()
+        // Not just any error: "still loading" comes first.
+        get_json(a, "/v2/health/ready").await.1["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not a loadable ONNX model"))
     })
     .await;
     let (st, v) = get_json(a, "/v2/health/ready").await;
