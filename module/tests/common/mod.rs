@@ -242,20 +242,23 @@ impl Mosquitto {
     /// Starts Mosquitto; `None` (the test skips) when it is not installed, except with
     /// `CI=true`, where a missing broker fails the test.
     pub async fn start() -> Option<Mosquitto> {
-        let found = Command::new("mosquitto")
-            .arg("-h")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
+        // Debian puts it in /usr/sbin, which is not on every user's PATH.
+        let bin = ["mosquitto", "/usr/sbin/mosquitto"].into_iter().find(|b| {
+            Command::new(b)
+                .arg("-h")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok()
+        });
+        let Some(bin) = bin else {
             assert!(
                 !in_ci(),
                 "mosquitto is not installed (apt-get install -y mosquitto) and CI=true"
             );
             eprintln!("SKIPPED: mosquitto is not installed (apt-get install -y mosquitto)");
             return None;
-        }
+        };
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -275,7 +278,7 @@ impl Mosquitto {
         );
         let _ =
             std::fs::set_permissions(&conf, std::os::unix::fs::PermissionsExt::from_mode(0o644));
-        let child = Command::new("mosquitto")
+        let child = Command::new(bin)
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
