@@ -1,0 +1,647 @@
+//! The model: loading an ONNX file into an optimized tract plan, describing its inputs and
+//! outputs, checking requests against them, running it, and swapping it when the file changes.
+//!
+//! Owns [`LoadedModel`] (one immutable, runnable plan with its metadata) and [`ModelSlot`] (the
+//! model currently served, replaced atomically by a reload; requests hold an `Arc` of the
+//! model they started on, so a swap never cuts one short).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::runtime::RunOptions;
+use tract_onnx::tract_hir::internal::{DimLike, Factoid};
+
+use crate::metrics::Metrics;
+use crate::tensor::{DataType, InferRequest, TensorError, tensor_from_scalars};
+
+/// Why a model could not be loaded. Causes are part of each message rather than a `#[source]`:
+/// the message is served whole on `/v2/health/ready`, and a source would print twice in a chain.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("reading {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: not a loadable ONNX model: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error(
+        "{path}: declared shape for unknown input '{input}' (the model's inputs are {known:?})"
+    )]
+    UnknownDeclaredInput {
+        path: PathBuf,
+        input: String,
+        known: Vec<String>,
+    },
+    #[error("{path}: {what} '{name}' has datatype {datum} that this server cannot carry")]
+    Datatype {
+        path: PathBuf,
+        what: &'static str,
+        name: String,
+        datum: String,
+    },
+    #[error("{path}: cannot optimize the model: {reason}")]
+    Optimize { path: PathBuf, reason: String },
+}
+
+/// Why a request could not be run. [`InferError::is_client_error`] decides 400 against 500.
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    #[error("no model is loaded: {0}")]
+    NotReady(String),
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
+    #[error("unknown input '{name}'; the model's inputs are {known:?}")]
+    UnknownInput { name: String, known: Vec<String> },
+    #[error("input '{0}' appears more than once")]
+    DuplicateInput(String),
+    #[error("missing input '{0}'")]
+    MissingInput(String),
+    #[error("input '{name}' has datatype {got} but the model expects {expected}")]
+    WrongDatatype {
+        name: String,
+        got: String,
+        expected: DataType,
+    },
+    #[error("input '{name}' has shape {got:?} but the model expects {expected}")]
+    WrongShape {
+        name: String,
+        got: Vec<i64>,
+        expected: String,
+    },
+    #[error("unknown output '{name}'; the model's outputs are {known:?}")]
+    UnknownOutput { name: String, known: Vec<String> },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("inference failed: {0}")]
+    Run(String),
+}
+
+impl InferError {
+    /// True when the request is at fault (answered 400); false for server-side failures.
+    pub fn is_client_error(&self) -> bool {
+        !matches!(self, InferError::NotReady(_) | InferError::Run(_))
+            && !matches!(self, InferError::Tensor(TensorError::Internal { .. }))
+    }
+}
+
+/// How to load models: what the command line and environment declare.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Shapes for inputs the model leaves symbolic (or that should be fixed for speed).
+    pub shapes: HashMap<String, Vec<usize>>,
+    /// Threads for tract's matrix products; 1 keeps everything on the calling thread.
+    pub threads: usize,
+}
+
+/// One input or output as served in metadata; `None` dimensions are symbolic (sent as -1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<Option<usize>>,
+}
+
+impl TensorSpec {
+    /// Shape in the protocol's form: symbolic dimensions are -1.
+    pub fn oip_shape(&self) -> Vec<i64> {
+        self.shape
+            .iter()
+            .map(|d| d.map_or(-1, |d| d as i64))
+            .collect()
+    }
+
+    fn shape_text(&self) -> String {
+        let dims: Vec<String> = self
+            .shape
+            .iter()
+            .map(|d| d.map_or("?".to_string(), |d| d.to_string()))
+            .collect();
+        format!("[{}]", dims.join(", "))
+    }
+
+    /// Accepts `shape` when rank and every fixed dimension agree.
+    fn accepts(&self, shape: &[i64]) -> bool {
+        shape.len() == self.shape.len()
+            && shape
+                .iter()
+                .zip(&self.shape)
+                .all(|(&got, want)| match want {
+                    Some(w) => got == *w as i64,
+                    None => got >= 0,
+                })
+    }
+}
+
+/// The metadata document of `GET /v2/models/{name}`, also logged at load.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorMetadata {
+    pub name: String,
+    pub datatype: &'static str,
+    pub shape: Vec<i64>,
+}
+
+impl From<&TensorSpec> for TensorMetadata {
+    fn from(s: &TensorSpec) -> Self {
+        TensorMetadata {
+            name: s.name.clone(),
+            datatype: s.datatype.oip_name(),
+            shape: s.oip_shape(),
+        }
+    }
+}
+
+/// A loaded, optimized, runnable model and what is known about it. Immutable once built.
+pub struct LoadedModel {
+    pub path: PathBuf,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    /// Time from reading the file to a runnable plan.
+    pub load_time: Duration,
+    /// Identity of the file this was loaded from, to notice replacement.
+    pub stamp: FileStamp,
+    /// Counts loads in this process, served as the model version.
+    pub version: u64,
+    plan: Arc<TypedSimplePlan>,
+    /// Run states kept between requests: spawning one allocates every intermediate buffer.
+    states: Mutex<Vec<TypedSimpleState>>,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("path", &self.path)
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .field("load_time", &self.load_time)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What identifies a version of the model file: replacing it by rename changes the inode,
+/// rewriting it in place changes the length or the modification time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+impl FileStamp {
+    pub fn of(path: &Path) -> std::io::Result<FileStamp> {
+        let m = std::fs::metadata(path)?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&m);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Ok(FileStamp {
+            modified: m.modified().ok(),
+            len: m.len(),
+            inode,
+        })
+    }
+}
+
+fn spec_of(
+    path: &Path,
+    what: &'static str,
+    name: String,
+    fact: &TypedFact,
+) -> Result<TensorSpec, LoadError> {
+    let datatype = DataType::from_datum(fact.datum_type).ok_or_else(|| LoadError::Datatype {
+        path: path.to_path_buf(),
+        what,
+        name: name.clone(),
+        datum: format!("{:?}", fact.datum_type),
+    })?;
+    let shape = fact.shape.iter().map(|d| d.to_usize().ok()).collect();
+    Ok(TensorSpec {
+        name,
+        datatype,
+        shape,
+    })
+}
+
+/// Loads `path` into a runnable plan: parse, apply declared shapes, type, optimize.
+///
+/// Fails when the file cannot be read or parsed, when a declared shape names an input the
+/// model does not have, when an input or output has a datatype the protocols cannot carry,
+/// or when tract cannot type or optimize the graph (usually an unsupported operator).
+pub fn load(path: &Path, options: &LoadOptions, version: u64) -> Result<LoadedModel, LoadError> {
+    let start = Instant::now();
+    let stamp = FileStamp::of(path).map_err(|error| LoadError::Read {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let bytes = std::fs::read(path).map_err(|error| LoadError::Read {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let parse = |e: TractError| LoadError::Parse {
+        path: path.to_path_buf(),
+        reason: format!("{e:#}"),
+    };
+    let mut model = tract_onnx::onnx()
+        .model_for_read(&mut bytes.as_slice())
+        .map_err(parse)?;
+
+    let names: Vec<String> = model
+        .input_outlets()
+        .map_err(parse)?
+        .iter()
+        .map(|o| model.node(o.node).name.clone())
+        .collect();
+    for declared in options.shapes.keys() {
+        if !names.contains(declared) {
+            return Err(LoadError::UnknownDeclaredInput {
+                path: path.to_path_buf(),
+                input: declared.clone(),
+                known: names.clone(),
+            });
+        }
+    }
+    for (ix, name) in names.iter().enumerate() {
+        if let Some(shape) = options.shapes.get(name) {
+            let dt = model.input_fact(ix).map_err(parse)?.datum_type.concretize();
+            let fact = match dt {
+                Some(dt) => InferenceFact::dt_shape(dt, shape.clone()),
+                None => InferenceFact::default().with_shape(shape.clone()),
+            };
+            model.set_input_fact(ix, fact).map_err(parse)?;
+        }
+    }
+    let optimize = |e: TractError| LoadError::Optimize {
+        path: path.to_path_buf(),
+        reason: format!("{e:#}"),
+    };
+    let typed = model.into_optimized().map_err(optimize)?;
+
+    let mut inputs = Vec::new();
+    for (ix, outlet) in typed.input_outlets().map_err(optimize)?.iter().enumerate() {
+        let name = typed.node(outlet.node).name.clone();
+        inputs.push(spec_of(
+            path,
+            "input",
+            name,
+            typed.input_fact(ix).map_err(optimize)?,
+        )?);
+    }
+    let mut outputs = Vec::new();
+    for outlet in typed.output_outlets().map_err(optimize)? {
+        let name = typed
+            .outlet_label(*outlet)
+            .map(str::to_string)
+            .unwrap_or_else(|| typed.node(outlet.node).name.clone());
+        outputs.push(spec_of(
+            path,
+            "output",
+            name,
+            typed.outlet_fact(*outlet).map_err(optimize)?,
+        )?);
+    }
+    let run_options = RunOptions {
+        executor: (options.threads > 1)
+            .then(|| tract_linalg::multithread::Executor::multithread(options.threads)),
+        ..RunOptions::default()
+    };
+    let plan = typed
+        .into_runnable_with_options(&run_options)
+        .map_err(optimize)?;
+    Ok(LoadedModel {
+        path: path.to_path_buf(),
+        inputs,
+        outputs,
+        load_time: start.elapsed(),
+        stamp,
+        version,
+        plan,
+        states: Mutex::new(Vec::new()),
+    })
+}
+
+/// A request after checking: tensors in the model's input order, outputs to return.
+#[derive(Debug)]
+pub struct CheckedRequest {
+    pub inputs: TVec<TValue>,
+    /// Indices into the model's outputs, in the order the client asked for them.
+    pub outputs: Vec<usize>,
+}
+
+/// States kept for reuse; more concurrent requests than this spawn a fresh state and drop it.
+const STATE_POOL: usize = 8;
+
+impl LoadedModel {
+    fn input_names(&self) -> Vec<String> {
+        self.inputs.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// Checks an OIP request against the model's inputs and builds its tensors. Every error
+    /// names the input and the problem (unknown or missing name, datatype, shape, values).
+    pub fn check(&self, request: &InferRequest) -> Result<CheckedRequest, InferError> {
+        let mut by_name: HashMap<&str, &crate::tensor::RequestInput> = HashMap::new();
+        for input in &request.inputs {
+            if !self.inputs.iter().any(|s| s.name == input.name) {
+                return Err(InferError::UnknownInput {
+                    name: input.name.clone(),
+                    known: self.input_names(),
+                });
+            }
+            if by_name.insert(&input.name, input).is_some() {
+                return Err(InferError::DuplicateInput(input.name.clone()));
+            }
+        }
+        let mut tensors = TVec::new();
+        for spec in &self.inputs {
+            let input = by_name
+                .get(spec.name.as_str())
+                .ok_or_else(|| InferError::MissingInput(spec.name.clone()))?;
+            match DataType::from_oip(&input.datatype) {
+                None => {
+                    return Err(TensorError::UnknownDatatype {
+                        name: input.name.clone(),
+                        datatype: input.datatype.clone(),
+                        supported: crate::tensor::SUPPORTED,
+                    }
+                    .into());
+                }
+                Some(dt) if dt != spec.datatype => {
+                    return Err(InferError::WrongDatatype {
+                        name: input.name.clone(),
+                        got: input.datatype.clone(),
+                        expected: spec.datatype,
+                    });
+                }
+                Some(_) => {}
+            }
+            if input.shape.iter().any(|&d| d < 0) {
+                return Err(TensorError::NegativeDim {
+                    name: input.name.clone(),
+                    shape: input.shape.clone(),
+                }
+                .into());
+            }
+            if !spec.accepts(&input.shape) {
+                return Err(InferError::WrongShape {
+                    name: input.name.clone(),
+                    got: input.shape.clone(),
+                    expected: spec.shape_text(),
+                });
+            }
+            if let Some(what) = &input.data.non_scalar {
+                return Err(InferError::BadRequest(format!(
+                    "input '{}': data holds {what}; expected numbers or booleans",
+                    input.name
+                )));
+            }
+            let shape: Vec<usize> = input.shape.iter().map(|&d| d as usize).collect();
+            let t = tensor_from_scalars(&input.name, spec.datatype, &shape, &input.data.values)?;
+            tensors.push(t.into_tvalue());
+        }
+        let outputs = match &request.outputs {
+            None => (0..self.outputs.len()).collect(),
+            Some(wanted) => wanted
+                .iter()
+                .map(|w| {
+                    self.outputs
+                        .iter()
+                        .position(|o| o.name == w.name)
+                        .ok_or_else(|| InferError::UnknownOutput {
+                            name: w.name.clone(),
+                            known: self.outputs.iter().map(|o| o.name.clone()).collect(),
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(CheckedRequest {
+            inputs: tensors,
+            outputs,
+        })
+    }
+
+    /// Checks one ready-made tensor for a single-input model (`/score`, `.npy` batch files).
+    /// A tensor one rank short of the model's input is taken as a single sample.
+    pub fn check_single(&self, t: Tensor) -> Result<Tensor, InferError> {
+        let [spec] = self.inputs.as_slice() else {
+            return Err(InferError::BadRequest(format!(
+                "this call needs a model with exactly one input; this one has {:?}",
+                self.input_names()
+            )));
+        };
+        if DataType::from_datum(t.datum_type()) != Some(spec.datatype) {
+            let got = DataType::from_datum(t.datum_type())
+                .map_or(format!("{:?}", t.datum_type()), |d| d.to_string());
+            return Err(InferError::WrongDatatype {
+                name: spec.name.clone(),
+                got,
+                expected: spec.datatype,
+            });
+        }
+        let mut shape: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
+        let mut t = t;
+        if shape.len() + 1 == spec.shape.len() {
+            shape.insert(0, 1);
+            t.insert_axis(0)
+                .map_err(|e| InferError::Run(e.to_string()))?;
+        }
+        if !spec.accepts(&shape) {
+            return Err(InferError::WrongShape {
+                name: spec.name.clone(),
+                got: shape,
+                expected: spec.shape_text(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// Runs the plan on checked inputs. Blocking: call it from a blocking thread.
+    pub fn run(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>, InferError> {
+        // A poisoned pool only means another run panicked; its states are dropped, not reused.
+        let state = self.states.lock().ok().and_then(|mut s| s.pop());
+        let mut state = match state {
+            Some(s) => s,
+            None => self
+                .plan
+                .spawn()
+                .map_err(|e| InferError::Run(format!("{e:#}")))?,
+        };
+        let out = state
+            .run(inputs)
+            .map_err(|e| InferError::Run(format!("{e:#}")))?;
+        if let Ok(mut pool) = self.states.lock()
+            && pool.len() < STATE_POOL
+        {
+            pool.push(state);
+        }
+        Ok(out)
+    }
+
+    /// Runs `runs` times timing every node, and returns (operator name, total time, share)
+    /// sorted by time: where a model spends its time, for tuning (`bench --profile`).
+    pub fn profile(
+        &self,
+        inputs: &TVec<TValue>,
+        runs: usize,
+    ) -> Result<Vec<(String, Duration, f64)>, InferError> {
+        let mut state = self
+            .plan
+            .spawn()
+            .map_err(|e| InferError::Run(format!("{e:#}")))?;
+        let mut per_op: HashMap<String, Duration> = HashMap::new();
+        for _ in 0..runs.max(1) {
+            state
+                .run_plan_with_eval(inputs.clone(), |ctx, op_state, node, input| {
+                    let t = Instant::now();
+                    let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+                    *per_op.entry(node.op().name().to_string()).or_default() += t.elapsed();
+                    r
+                })
+                .map_err(|e| InferError::Run(format!("{e:#}")))?;
+        }
+        let total: Duration = per_op.values().sum();
+        let mut v: Vec<_> = per_op
+            .into_iter()
+            .map(|(op, d)| (op, d, d.as_secs_f64() / total.as_secs_f64().max(1e-12)))
+            .collect();
+        v.sort_by_key(|x| std::cmp::Reverse(x.1));
+        Ok(v)
+    }
+
+    pub fn metadata_inputs(&self) -> Vec<TensorMetadata> {
+        self.inputs.iter().map(Into::into).collect()
+    }
+
+    pub fn metadata_outputs(&self) -> Vec<TensorMetadata> {
+        self.outputs.iter().map(Into::into).collect()
+    }
+}
+
+/// What the slot reports about its last load attempt.
+#[derive(Debug, Clone, Default)]
+struct SlotStatus {
+    /// The last load's error, cleared by a successful load.
+    last_error: Option<String>,
+    loads: u64,
+}
+
+/// The model being served, and how to replace it. Cheap to read from any thread.
+pub struct ModelSlot {
+    /// The served name (`/v2/models/{name}`).
+    pub name: String,
+    pub path: PathBuf,
+    options: LoadOptions,
+    current: ArcSwapOption<LoadedModel>,
+    status: Mutex<SlotStatus>,
+    metrics: Arc<Metrics>,
+}
+
+impl ModelSlot {
+    /// A slot with nothing loaded yet.
+    pub fn new(name: String, path: PathBuf, options: LoadOptions, metrics: Arc<Metrics>) -> Self {
+        ModelSlot {
+            name,
+            path,
+            options,
+            current: ArcSwapOption::empty(),
+            status: Mutex::new(SlotStatus::default()),
+            metrics,
+        }
+    }
+
+    /// The model in service, if any. Holding the `Arc` keeps it alive through a swap.
+    pub fn current(&self) -> Option<Arc<LoadedModel>> {
+        self.current.load_full()
+    }
+
+    /// Why the slot is not ready (or why the last reload failed while an older model serves).
+    pub fn last_error(&self) -> Option<String> {
+        self.status.lock().ok().and_then(|s| s.last_error.clone())
+    }
+
+    /// The model, or the reason there is none, as a request error.
+    pub fn require(&self) -> Result<Arc<LoadedModel>, InferError> {
+        self.current().ok_or_else(|| {
+            InferError::NotReady(self.last_error().unwrap_or_else(|| "still loading".into()))
+        })
+    }
+
+    /// Loads the file now (blocking) and, when it loads, swaps it in. A failure leaves the
+    /// model in service untouched and is kept as the slot's last error.
+    pub fn load_now(&self) -> Result<Arc<LoadedModel>, LoadError> {
+        let version = self.status.lock().map(|s| s.loads + 1).unwrap_or(1);
+        match load(&self.path, &self.options, version) {
+            Ok(model) => {
+                let model = Arc::new(model);
+                tracing::info!(
+                    model = %self.name,
+                    path = %self.path.display(),
+                    version,
+                    load_ms = model.load_time.as_secs_f64() * 1e3,
+                    inputs = %serde_json::to_string(&model.metadata_inputs()).unwrap_or_default(),
+                    outputs = %serde_json::to_string(&model.metadata_outputs()).unwrap_or_default(),
+                    "model loaded"
+                );
+                self.metrics.model_loaded(model.load_time);
+                self.current.store(Some(model.clone()));
+                if let Ok(mut s) = self.status.lock() {
+                    s.loads = version;
+                    s.last_error = None;
+                }
+                Ok(model)
+            }
+            Err(e) => {
+                tracing::error!(model = %self.name, error = %e, serving_previous = self.current.load().is_some(), "model load failed");
+                self.metrics.model_load_failed();
+                if let Ok(mut s) = self.status.lock() {
+                    s.last_error = Some(e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Watches the model file and reloads it when it changes, until `shutdown`.
+    ///
+    /// Polls the file's identity (inode, length, mtime) every `interval`: inotify does not see
+    /// a file replaced through a bind mount, and polling a `stat` is cheap. A file that keeps
+    /// changing is loaded once it has been stable for one interval, so a copy in progress is
+    /// not loaded half-written (replace by rename to make it immediate).
+    pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        let mut tried: Option<FileStamp> = self
+            .current()
+            .map(|m| m.stamp.clone())
+            .or_else(|| FileStamp::of(&self.path).ok());
+        let mut pending: Option<FileStamp> = None;
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let Ok(now) = FileStamp::of(&self.path) else {
+                continue;
+            };
+            if Some(&now) == tried.as_ref() {
+                pending = None;
+                continue;
+            }
+            if pending.as_ref() != Some(&now) {
+                pending = Some(now);
+                continue;
+            }
+            pending = None;
+            tried = Some(now);
+            tracing::info!(model = %self.name, "model file changed; loading it beside the current one");
+            let slot = self.clone();
+            // Loading takes hundreds of milliseconds of CPU: keep it off the async threads.
+            let _ = tokio::task::spawn_blocking(move || slot.load_now()).await;
+        }
+    }
+}
