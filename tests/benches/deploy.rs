@@ -29,16 +29,7 @@ async fn main() {
     require_docker();
     // A local image, present on the engine: nothing is pulled.
     let image = "outpost-bench/testmod:1".to_string();
-    let ctx = tempfile::tempdir().unwrap();
-    std::fs::copy(testmod_binary(), ctx.path().join("testmod")).unwrap();
-    std::fs::write(
-        ctx.path().join("Dockerfile"),
-        "FROM scratch\nCOPY testmod /testmod\nENTRYPOINT [\"/testmod\"]\n",
-    )
-    .unwrap();
-    run(std::process::Command::new("docker")
-        .args(["build", "-q", "-t", &image])
-        .arg(ctx.path()));
+    local_test_image(&image, "");
 
     let docker = Docker::connect_with_unix_defaults()
         .unwrap()

@@ -33,16 +33,7 @@ async fn main() {
         .unwrap()
         .expect("mosquitto is required");
     let image = "outpost-bench/testmod:1";
-    let ctx = tempfile::tempdir().unwrap();
-    std::fs::copy(testmod_binary(), ctx.path().join("testmod")).unwrap();
-    std::fs::write(
-        ctx.path().join("Dockerfile"),
-        "FROM scratch\nCOPY testmod /testmod\nENTRYPOINT [\"/testmod\"]\n",
-    )
-    .unwrap();
-    run(std::process::Command::new("docker")
-        .args(["build", "-q", "-t", image])
-        .arg(ctx.path()));
+    local_test_image(image, "");
 
     let device = format!("bench-hub-{}", std::process::id());
     let hub = format!(

@@ -235,8 +235,19 @@ pub fn test_image(registry: &Registry, repo: &str, tag: &str) -> String {
 
 /// As [`test_image`], with `extra` Dockerfile instructions (a `HEALTHCHECK`, a `USER`).
 pub fn test_image_with(registry: &Registry, repo: &str, tag: &str, extra: &str) -> String {
-    require_docker();
     let reference = format!("{}/{repo}:{tag}", registry.addr);
+    local_test_image(&reference, extra);
+    run(Command::new("docker")
+        .env("DOCKER_CONFIG", &registry.docker_config)
+        .args(["push", "-q", &reference]));
+    remove_image(&reference);
+    reference
+}
+
+/// Builds the test module's FROM-scratch image as `reference` on the engine only (benchmarks
+/// use it as an image already present on the device).
+pub fn local_test_image(reference: &str, extra: &str) {
+    require_docker();
     let ctx = tempfile::tempdir().expect("build context");
     std::fs::copy(testmod_binary(), ctx.path().join("testmod")).expect("copy testmod");
     std::fs::write(
@@ -245,13 +256,8 @@ pub fn test_image_with(registry: &Registry, repo: &str, tag: &str, extra: &str) 
     )
     .expect("write Dockerfile");
     run(Command::new("docker")
-        .args(["build", "-q", "-t", &reference])
+        .args(["build", "-q", "-t", reference])
         .arg(ctx.path()));
-    run(Command::new("docker")
-        .env("DOCKER_CONFIG", &registry.docker_config)
-        .args(["push", "-q", &reference]));
-    remove_image(&reference);
-    reference
 }
 
 pub fn remove_image(reference: &str) {
