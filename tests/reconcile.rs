@@ -73,6 +73,11 @@ fn deployments_update_remove_and_survive_agent_restarts() {
     let (code, out) = agent.deploy(&v1, 120);
     assert_eq!(code, 0, "deploy v1: {out}\n{}", agent.log());
     assert!(out.contains("applied"), "{out}");
+    // The pull was shown as it went.
+    assert!(
+        out.contains(&format!("pulling {image}")),
+        "no pull progress: {out}"
+    );
     let v1_containers = by_module(&device);
     assert_eq!(v1_containers.len(), 3);
     for (module, cs) in &v1_containers {
@@ -291,6 +296,8 @@ fn a_deployment_that_cannot_start_rolls_back_and_bad_credentials_are_reported() 
     let good = manifest(&registry, 1, json!({ "app": { "image": image } }));
     let (code, out) = agent.deploy(&good, 120);
     assert_eq!(code, 0, "{out}");
+    // The agent pulled the image, and showed the pull as it went.
+    assert!(out.contains(&format!("pulling {image}")), "no pull progress: {out}");
     let good_id = by_module(&device)["app"][0].0.clone();
 
     // v2 names an image that does not exist: rolled back to v1 within the window.

@@ -391,7 +391,7 @@ impl Agent {
             .expect("run outpost")
     }
 
-    /// `outpost deploy --local` with the manifest as JSON; returns (exit code, stdout).
+    /// `outpost deploy --local` with the manifest as JSON; returns (exit code, stdout + stderr).
     pub fn deploy(&self, manifest: &Value, wait_secs: u64) -> (i32, String) {
         let file = self
             .dir
@@ -405,9 +405,14 @@ impl Agent {
             "--wait-secs",
             &wait_secs.to_string(),
         ]);
+        // Progress (pulls) goes to standard error, the outcome to standard output: both.
         (
             out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
         )
     }
 
