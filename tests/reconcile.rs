@@ -297,7 +297,10 @@ fn a_deployment_that_cannot_start_rolls_back_and_bad_credentials_are_reported() 
     let (code, out) = agent.deploy(&good, 120);
     assert_eq!(code, 0, "{out}");
     // The agent pulled the image, and showed the pull as it went.
-    assert!(out.contains(&format!("pulling {image}")), "no pull progress: {out}");
+    assert!(
+        out.contains(&format!("pulling {image}")),
+        "no pull progress: {out}"
+    );
     let good_id = by_module(&device)["app"][0].0.clone();
 
     // v2 names an image that does not exist: rolled back to v1 within the window.
