@@ -84,6 +84,9 @@ pub struct Reconciler<R: Runtime> {
     started: Instant,
     runtime_version: Option<String>,
     last_gc: u64,
+    /// The last deployment that became healthy, as stored: kept here so that passes and
+    /// reports do not read it back from the store each time.
+    last_good: Option<StoredDeployment>,
 }
 
 /// What [`Reconciler::build`] hands back: the task to run and the handle to reach it.
@@ -109,7 +112,7 @@ impl<R: Runtime> Reconciler<R> {
             device_id: settings.device.clone(),
             deployment: report.clone(),
             last_rejected: None,
-            last_good: last_good.map(|g| DeploymentRef {
+            last_good: last_good.as_ref().map(|g| DeploymentRef {
                 id: g.deployment.id.clone(),
                 version: g.deployment.version,
             }),
@@ -145,6 +148,7 @@ impl<R: Runtime> Reconciler<R> {
             started: Instant::now(),
             runtime_version: None,
             last_gc: 0,
+            last_good,
         };
         Ok(Parts {
             reconciler,
@@ -454,7 +458,7 @@ impl<R: Runtime> Reconciler<R> {
         if let Some((stored, _)) = &self.desired {
             in_use.extend(stored.deployment.modules.values().map(|m| m.image.clone()));
         }
-        if let Ok(Some(good)) = self.store.last_good() {
+        if let Some(good) = &self.last_good {
             in_use.extend(good.deployment.modules.values().map(|m| m.image.clone()));
         }
         if let Err(e) = self
@@ -656,6 +660,7 @@ impl<R: Runtime> Reconciler<R> {
                 if let Err(e) = self.store.set_last_good(stored) {
                     warn!(error = %e, "cannot store the last good deployment");
                 }
+                self.last_good = Some(stored.clone());
                 let modules: BTreeSet<&String> = stored.deployment.modules.keys().collect();
                 self.history.retain(|k, _| modules.contains(k));
                 let _ = self
@@ -706,8 +711,7 @@ impl<R: Runtime> Reconciler<R> {
             .rollback
             .as_ref()
             .is_some_and(|r| r.on_failure);
-        let last_good = self.store.last_good().ok().flatten();
-        match last_good {
+        match self.last_good.clone() {
             Some(good) if rollback && good.digest != stored.digest => {
                 warn!(id = %report.id, version = report.version, to = good.deployment.version, "deployment did not become healthy; rolling back");
                 report.status = DeploymentStatus::RolledBack;
@@ -737,15 +741,10 @@ impl<R: Runtime> Reconciler<R> {
 
     /// Publishes the reported state if it changed.
     fn publish(&self, plan: Option<&Plan>, observed: &[Observed]) {
-        let last_good = self
-            .store
-            .last_good()
-            .ok()
-            .flatten()
-            .map(|g| DeploymentRef {
-                id: g.deployment.id,
-                version: g.deployment.version,
-            });
+        let last_good = self.last_good.as_ref().map(|g| DeploymentRef {
+            id: g.deployment.id.clone(),
+            version: g.deployment.version,
+        });
         let mut modules = BTreeMap::new();
         if let (Some((stored, desired)), Some(plan)) = (&self.desired, plan) {
             for (name, m) in &stored.deployment.modules {
