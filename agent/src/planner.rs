@@ -6,8 +6,8 @@
 //! - only containers labelled as Outpost's for this device are considered; others do not exist;
 //! - containers of modules no longer desired are removed; duplicates of a module are removed;
 //! - a container whose config hash differs from its module's is replaced (only that module);
-//! - modules start by `startupOrder` groups: a group starts when every lower group's running
-//!   modules are running;
+//! - modules start by `startupOrder` groups: a group starts when every lower group's modules
+//!   are running (or have run and, by their restart policy, stay exited);
 //! - desired `stopped` stops a running container;
 //! - exited containers restart by their policy after the backoff of [`backoff_delay`]; the
 //!   planner never gives up: a crash-looping module keeps being retried at the capped interval;
@@ -384,6 +384,9 @@ fn module_pass(
                 restart_after_backoff(world, plan, name, c, &history, false);
             } else {
                 plan.set(name, ModuleStatus::Exited, None);
+                // It ran and, by its policy, is done: later groups must not wait for it
+                // forever (found by the simulation below).
+                return true;
             }
             false
         }
