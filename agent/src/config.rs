@@ -196,7 +196,9 @@ pub struct PolicyConfig {
 #[derive(Debug, Clone)]
 pub struct BusConfig {
     pub enabled: bool,
-    pub listen: SocketAddr,
+    /// `None`: the Docker bridge's gateway address (what containers on the default network
+    /// reach), port [`BusConfig::DEFAULT_PORT`]; loopback when there is no bridge.
+    pub listen: Option<SocketAddr>,
     /// An external broker (e.g. the device's Mosquitto) instead of the embedded one.
     pub external_url: Option<url::Url>,
 }
@@ -208,6 +210,10 @@ pub struct TelemetryConfig {
     pub outbox_max_age: Duration,
     /// Prometheus endpoint; loopback only.
     pub metrics_listen: Option<SocketAddr>,
+}
+
+impl BusConfig {
+    pub const DEFAULT_PORT: u16 = 1884;
 }
 
 impl Config {
@@ -432,22 +438,24 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
         );
     }
 
-    let bus_listen = raw.bus.listen.unwrap_or_else(|| "127.0.0.1:1884".into());
-    let listen = match bus_listen.parse::<SocketAddr>() {
-        Ok(addr) => {
-            if addr.ip().is_unspecified() {
-                issues.push("bus.listen", format!("`{bus_listen}` listens on every interface; name the address modules reach (e.g. the Docker bridge's)"));
+    let listen = raw
+        .bus
+        .listen
+        .and_then(|bus_listen| match bus_listen.parse::<SocketAddr>() {
+            Ok(addr) => {
+                if addr.ip().is_unspecified() {
+                    issues.push("bus.listen", format!("`{bus_listen}` listens on every interface; name the address modules reach (e.g. the Docker bridge's), or leave it out for that default"));
+                }
+                Some(addr)
             }
-            addr
-        }
-        Err(_) => {
-            issues.push(
-                "bus.listen",
-                format!("`{bus_listen}` is not an address:port"),
-            );
-            SocketAddr::from(([127, 0, 0, 1], 1884))
-        }
-    };
+            Err(_) => {
+                issues.push(
+                    "bus.listen",
+                    format!("`{bus_listen}` is not an address:port"),
+                );
+                None
+            }
+        });
     let external_url = raw
         .bus
         .external_url
@@ -681,7 +689,10 @@ mod tests {
         assert!(c.hub.is_none());
         assert!(!c.policy.allow_privileged && !c.policy.allow_host_network);
         assert!(c.policy.allowed_host_paths.is_empty());
-        assert!(c.bus.listen.ip().is_loopback());
+        assert!(
+            c.bus.enabled && c.bus.listen.is_none(),
+            "the bridge's address, found at start"
+        );
     }
 
     #[test]

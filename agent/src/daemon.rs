@@ -8,11 +8,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use tokio::sync::watch;
+
+use crate::bus::broker::BusCounters;
+use crate::bus::routes::RouteTable;
+use crate::bus::{BusError, BusSecret, ModuleEnv};
+use crate::config::{BusConfig, Config};
 use crate::policy::DeviceFacts;
+use crate::reconciler::DeploymentCounters;
 use crate::reconciler::{Reconciler, Settings};
 use crate::runtime::{DockerRuntime, RuntimeError};
 use crate::store::{Store, StoreError};
+use crate::telemetry::outbox::{Limits, Outbox};
+use crate::telemetry::upstream;
 
 /// How long tasks get to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -27,6 +35,10 @@ pub enum DaemonError {
     Hub(#[from] crate::hub::HubError),
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    #[error(transparent)]
+    Bus(#[from] crate::bus::BusError),
+    #[error(transparent)]
+    Outbox(#[from] crate::telemetry::outbox::OutboxError),
 }
 
 impl DaemonError {
@@ -43,6 +55,21 @@ impl DaemonError {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let store = Store::open(&config.state_dir)?;
     let runtime = Arc::new(DockerRuntime::connect(&config.runtime.docker_socket).await?);
+    let (outbox, outbox_writer) = Outbox::open(
+        &config.state_dir,
+        Limits {
+            max_bytes: config.telemetry.outbox_max_bytes,
+            max_age: config.telemetry.outbox_max_age,
+        },
+    )?;
+    let tasks = TaskTracker::new();
+    tasks.spawn(outbox_writer.run(shutdown.clone()));
+    let counters = Counters::default();
+    let (routes_tx, routes_rx) = watch::channel(Arc::new(RouteTable::default()));
+    let module_env = start_bus(
+        &config, &runtime, routes_rx, &outbox, &counters, &tasks, &shutdown,
+    )
+    .await?;
     let settings = Settings {
         device: config.device_id.clone(),
         policy: config.policy.clone(),
@@ -50,11 +77,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         stop_grace: config.runtime.stop_grace,
         max_concurrent_pulls: config.runtime.max_concurrent_pulls,
         image_gc_after: config.runtime.image_gc_after,
+        module_env,
+        routes: config.bus.enabled.then_some(routes_tx),
+        deployments: counters.deployments.clone(),
     };
     let parts = Reconciler::build(settings, runtime.clone(), store)?;
     info!(device = %config.device_id, version = env!("CARGO_PKG_VERSION"), "outpost agent starting");
 
-    let tasks = TaskTracker::new();
     tasks.spawn(parts.reconciler.run(parts.requests, shutdown.clone()));
     let (api_tx, mut api_rx) = tokio::sync::oneshot::channel();
     {
@@ -88,10 +117,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         });
     }
     let (hub_tx, mut hub_rx) = tokio::sync::oneshot::channel();
-    if config.hub.is_some() {
+    if let Some(hub) = &config.hub {
+        let (session_tx, session_rx) = watch::channel(0u64);
+        let mut settings = crate::hub::link::Settings::from_hub_config(hub, &config.device_id)?;
+        settings.client_id = format!("{}-telemetry", config.device_id);
+        tasks.spawn(upstream::run(
+            upstream::Context {
+                settings,
+                topics: crate::hub::topics::Topics::new(&hub.topic_prefix, &config.device_id),
+                outbox: outbox.clone(),
+                link_session: session_rx,
+                counters: counters.upstream.clone(),
+            },
+            shutdown.clone(),
+        ));
         let (config, handle, token) = (config.clone(), parts.handle.clone(), shutdown.clone());
         tasks.spawn(async move {
-            let result = crate::hub::run(&config, handle, token.child_token()).await;
+            let result =
+                crate::hub::run_with(&config, handle, token.child_token(), session_tx).await;
             if let Err(e) = &result {
                 error!(error = %e, "hub link stopped; stopping the agent");
                 token.cancel();
@@ -122,6 +165,62 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         return Err(e.into());
     }
     Ok(())
+}
+
+/// The agent's counters that metrics read, each owned by the part that counts.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    pub deployments: Arc<DeploymentCounters>,
+    pub upstream: Arc<upstream::LinkCounters>,
+    pub bus: Arc<BusCounters>,
+}
+
+/// Starts the embedded bus (unless it is off or an external broker is configured) and says
+/// what modules are told about it.
+async fn start_bus(
+    config: &Config,
+    runtime: &DockerRuntime,
+    routes: watch::Receiver<Arc<RouteTable>>,
+    outbox: &Outbox,
+    counters: &Counters,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<ModuleEnv, DaemonError> {
+    if !config.bus.enabled {
+        info!("local bus off ([bus] enabled = false)");
+        return Ok(ModuleEnv::default());
+    }
+    if let Some(url) = &config.bus.external_url {
+        // Modules are told where the device's broker is; its own configuration holds their
+        // credentials and topic rules.
+        warn!(%url, "external local bus: routes are not applied by the agent in this version");
+        return Ok(ModuleEnv::external(url.to_string()));
+    }
+    let addr = match config.bus.listen {
+        Some(addr) => addr,
+        None => match runtime.bridge_gateway().await {
+            Some(ip) => std::net::SocketAddr::new(ip, BusConfig::DEFAULT_PORT),
+            None => {
+                warn!(
+                    "no Docker bridge network found: the local bus listens on loopback, which modules on a bridge network cannot reach; set bus.listen"
+                );
+                std::net::SocketAddr::from(([127, 0, 0, 1], BusConfig::DEFAULT_PORT))
+            }
+        },
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| BusError::Listen { addr, source })?;
+    let secret = BusSecret::load_or_create(&config.state_dir)?;
+    tasks.spawn(crate::bus::broker::serve(
+        listener,
+        secret.clone(),
+        routes,
+        outbox.clone(),
+        counters.bus.clone(),
+        shutdown.clone(),
+    ));
+    Ok(ModuleEnv::embedded(format!("mqtt://{addr}"), secret))
 }
 
 /// Resolves on SIGTERM or SIGINT, then cancels `token`.

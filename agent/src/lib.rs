@@ -14,6 +14,7 @@
 //! - [`cli`]: the `outpost` command line (the binary only calls [`cli::main`]).
 
 pub mod api;
+pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -29,3 +30,4 @@ pub mod runtime;
 pub mod signing;
 pub mod state;
 pub mod store;
+pub mod telemetry;

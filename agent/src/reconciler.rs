@@ -47,6 +47,21 @@ pub struct Settings {
     pub max_concurrent_pulls: usize,
     /// Images no deployment uses are removed after this long.
     pub image_gc_after: Duration,
+    /// What the agent adds to each module's environment (bus address and credentials).
+    pub module_env: crate::bus::ModuleEnv,
+    /// Where the deployment's routes go when it changes; `None` without a bus.
+    pub routes: Option<watch::Sender<Arc<crate::bus::routes::RouteTable>>>,
+    /// Deployment durations, for metrics.
+    pub deployments: Arc<DeploymentCounters>,
+}
+
+/// How long deployments took from acceptance to applied, for metrics.
+#[derive(Debug, Default)]
+pub struct DeploymentCounters {
+    pub applied_total: std::sync::atomic::AtomicU64,
+    /// Milliseconds.
+    pub last_ms: std::sync::atomic::AtomicU64,
+    pub sum_ms: std::sync::atomic::AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -123,9 +138,14 @@ impl<R: Runtime> Reconciler<R> {
         let (progress, _) = broadcast::channel(256);
         let (requests_tx, requests) = mpsc::channel(REQUEST_CAPACITY);
         let desired = stored.map(|s| {
-            let d = desired_of(&s);
+            let d = desired_of(&s, &settings.module_env);
             (s, d)
         });
+        if let (Some(tx), Some((s, _))) = (&settings.routes, &desired) {
+            tx.send_replace(Arc::new(crate::bus::routes::RouteTable::new(
+                &s.deployment.routes,
+            )));
+        }
         let reconciler = Reconciler {
             pull_slots: Arc::new(Semaphore::new(settings.max_concurrent_pulls.max(1))),
             settings,
@@ -327,14 +347,25 @@ impl<R: Runtime> Reconciler<R> {
         {
             warn!(error = %e, "cannot record image use");
         }
-        let desired = desired_of(&stored);
-        self.desired = Some((stored, desired));
+        self.set_desired(stored);
         self.report = Some(report);
         self.applying_since = now;
         self.errors.clear();
         self.wake_at = None;
         self.publish(None, &[]);
         Ok(())
+    }
+
+    /// Makes `stored` the deployment to carry out, and its routes the bus's: a route change
+    /// applies with the deployment, without restarting modules.
+    fn set_desired(&mut self, stored: StoredDeployment) {
+        if let Some(tx) = &self.settings.routes {
+            tx.send_replace(Arc::new(crate::bus::routes::RouteTable::new(
+                &stored.deployment.routes,
+            )));
+        }
+        let desired = desired_of(&stored, &self.settings.module_env);
+        self.desired = Some((stored, desired));
     }
 
     fn pull_done(&mut self, done: PullDone) {
@@ -572,7 +603,7 @@ impl<R: Runtime> Reconciler<R> {
                     stored.deployment.version,
                     module,
                     m,
-                    &BTreeMap::new(),
+                    &self.settings.module_env.for_module(module),
                 );
                 info!(module, image = %m.image, "creating and starting");
                 let id = match self.runtime.create(&spec).await {
@@ -653,6 +684,14 @@ impl<R: Runtime> Reconciler<R> {
                 )
             {
                 info!(id = %report.id, version = report.version, secs = (now - self.applying_since) as f64 / 1000.0, "deployment applied");
+                {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let took = now.saturating_sub(self.applying_since);
+                    let c = &self.settings.deployments;
+                    c.applied_total.fetch_add(1, Relaxed);
+                    c.last_ms.store(took, Relaxed);
+                    c.sum_ms.fetch_add(took, Relaxed);
+                }
                 report.status = DeploymentStatus::Applied;
                 report.reasons.clear();
                 report.updated_at = now / 1000;
@@ -724,8 +763,7 @@ impl<R: Runtime> Reconciler<R> {
                 if let Err(e) = self.store.set_desired(&restored, report) {
                     warn!(error = %e, "cannot store the rollback");
                 }
-                let d = desired_of(&restored);
-                self.desired = Some((restored, d));
+                self.set_desired(restored);
                 self.applying_since = now;
                 self.errors.clear();
             }
@@ -852,12 +890,12 @@ impl<R: Runtime> Reconciler<R> {
 }
 
 /// The desired deployment with its config hashes.
-pub fn desired_of(stored: &StoredDeployment) -> Desired {
+pub fn desired_of(stored: &StoredDeployment, env: &crate::bus::ModuleEnv) -> Desired {
     let hashes = stored
         .deployment
         .modules
         .iter()
-        .map(|(name, m)| (name.clone(), config_hash(m, &BTreeMap::new())))
+        .map(|(name, m)| (name.clone(), config_hash(m, &env.for_module(name))))
         .collect();
     Desired {
         deployment: stored.deployment.clone(),

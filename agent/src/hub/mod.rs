@@ -126,6 +126,17 @@ pub async fn run(
     handle: AgentHandle,
     shutdown: CancellationToken,
 ) -> Result<(), HubError> {
+    run_with(config, handle, shutdown, watch::channel(0u64).0).await
+}
+
+/// [`run`], telling `session` the link's session number (0 while disconnected), which the
+/// telemetry drain watches to reconnect the moment the hub is back.
+pub async fn run_with(
+    config: &Config,
+    handle: AgentHandle,
+    shutdown: CancellationToken,
+    session_tx: watch::Sender<u64>,
+) -> Result<(), HubError> {
     let hub = config.hub.as_ref().ok_or(HubError::NotConfigured)?;
     let topics = topics::Topics::new(&hub.topic_prefix, &config.device_id);
     let settings = link::Settings::from_hub_config(hub, &config.device_id)?;
@@ -134,7 +145,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
     // The link's own token: cancelled by the caller, or by the link itself when it gives up.
     let stop = shutdown.child_token();
-    let (session_tx, session_rx) = watch::channel(0u64);
+    let session_rx = session_tx.subscribe();
     let inbox = deployments::Inbox::new();
     let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(commands::QUEUE);
     let (rejected_tx, rejected_rx) = watch::channel(None);

@@ -56,6 +56,11 @@ impl Topics {
         group_deployment(&self.prefix, group)
     }
 
+    /// Where the outbox's records of `stream` go.
+    pub fn telemetry(&self, stream: &str) -> String {
+        device_topic(&self.prefix, &self.device, &format!("telemetry/{stream}"))
+    }
+
     /// Sorts a topic the device is subscribed to; `None` for anything else (which a broker
     /// should not send, and which is then ignored).
     pub fn classify(&self, topic: &str) -> Option<Incoming> {

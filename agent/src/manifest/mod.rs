@@ -352,6 +352,12 @@ pub struct Route {
     pub from: String,
     /// `$upstream/{stream}` or `modules/{name}/inputs/{topic}`.
     pub to: String,
+    /// For `$upstream` routes: 0 (most important) to 9 (least), default 5. When the outbox is
+    /// full, the oldest records of the least important stream are dropped first, and the drain
+    /// favours important streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 9))]
+    pub priority: Option<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -131,6 +131,12 @@ impl Validator {
             let path = format!("/routes/{i}");
             self.route_from(&format!("{path}/from"), &route.from, d);
             self.route_to(&format!("{path}/to"), &route.to, d);
+            if route.priority.is_some() && !route.to.starts_with("$upstream/") {
+                self.push(
+                    format!("{path}/priority"),
+                    "`priority` applies to routes to `$upstream/STREAM` only",
+                );
+            }
             if d.routes[..i].contains(route) {
                 self.push(path, "this route is listed twice; keep one");
             }
@@ -501,6 +507,11 @@ pub fn check_topic(topic: &str, filter: bool) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Module names are DNS labels: 1 to 63 lowercase letters, digits and `-`.
+pub fn is_module_name(s: &str) -> bool {
+    is_dns_label(s)
 }
 
 fn is_dns_label(s: &str) -> bool {

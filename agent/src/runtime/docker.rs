@@ -39,6 +39,19 @@ pub struct DockerRuntime {
     docker: Docker,
 }
 
+/// The configured IPv4 gateway, or else the first address of the subnet (Docker's choice
+/// when it does not list one).
+fn gateway_of(gateway: Option<&str>, subnet: Option<&str>) -> Option<std::net::IpAddr> {
+    if let Some(ip) = gateway.and_then(|g| g.parse::<std::net::Ipv4Addr>().ok()) {
+        return Some(ip.into());
+    }
+    let (net, len) = subnet?.split_once('/')?;
+    let net: std::net::Ipv4Addr = net.parse().ok()?;
+    let len: u32 = len.parse().ok().filter(|l| *l <= 30)?;
+    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+    Some(std::net::Ipv4Addr::from((u32::from(net) & mask) + 1).into())
+}
+
 impl DockerRuntime {
     /// Connects to the engine's socket and agrees on an API version.
     ///
@@ -53,6 +66,17 @@ impl DockerRuntime {
             Docker::connect_with_unix(&path, TIMEOUT_SECS, &FALLBACK_API).map_err(connect_err)?;
         let docker = docker.negotiate_version().await.map_err(connect_err)?;
         Ok(DockerRuntime { docker })
+    }
+
+    /// The gateway address of Docker's default `bridge` network: the host as containers on it
+    /// see it, where the local bus listens by default. `None` when there is no such network.
+    pub async fn bridge_gateway(&self) -> Option<std::net::IpAddr> {
+        let network = self.docker.inspect_network("bridge", None).await.ok()?;
+        network
+            .ipam?
+            .config?
+            .into_iter()
+            .find_map(|c| gateway_of(c.gateway.as_deref(), c.subnet.as_deref()))
     }
 
     async fn observe(&self, id: &str) -> Result<Option<Observed>, RuntimeError> {
@@ -499,6 +523,18 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bridge_gateway_from_ipam() {
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(
+            gateway_of(Some("10.1.0.254"), Some("10.1.0.0/24")),
+            ip("10.1.0.254")
+        );
+        assert_eq!(gateway_of(None, Some("172.17.0.0/16")), ip("172.17.0.1"));
+        assert_eq!(gateway_of(None, Some("fd00::/64")), None);
+        assert_eq!(gateway_of(None, None), None);
+    }
 
     #[test]
     fn rfc3339() {

@@ -1,0 +1,496 @@
+//! The embedded broker: MQTT 3.1.1 over TCP for the modules of this device.
+//!
+//! What it enforces:
+//! - **Who:** the user name is the module's name and the password its own
+//!   ([`super::BusSecret::password`]); anything else is refused at CONNECT.
+//! - **Where:** a module publishes only under `modules/{name}/outputs/` and subscribes only
+//!   under `modules/{name}/inputs/`. A publish elsewhere closes the connection (MQTT 3.1.1 has
+//!   no negative acknowledgement; closing is what a client notices); a subscription elsewhere
+//!   gets the failure return code.
+//! - **When a message is safe:** a QoS 1 publish routed to `$upstream` is acknowledged only after
+//!   the outbox made it durable, and PUBACKs go out in the order the publishes came in.
+//!
+//! What it leaves out, on purpose (documented in `docs/bus.md`): QoS 2 (the connection is
+//! closed), retained messages (the flag is ignored), persistent sessions and redelivery to
+//! subscribers (a module's inputs reach it while it is connected; when its queue is full, or it
+//! is not connected, messages are dropped and counted), wills, and TLS — the bus listens only on
+//! an address the device's containers reach, never on every interface by default.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, QoS, SubAck, SubscribeReasonCode, UnsubAck,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::BusSecret;
+use super::routes::{RouteTable, Target};
+use crate::telemetry::outbox::{NewRecord, Outbox, OutboxError};
+
+/// Largest packet either way.
+pub const MAX_PACKET: usize = 512 * 1024;
+/// Messages waiting to be written to one subscriber.
+const SUBSCRIBER_QUEUE: usize = 1024;
+/// Publishes waiting for the outbox, per connection: beyond it the broker stops reading from
+/// that module (back-pressure through TCP).
+const MAX_PENDING_ACKS: usize = 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct BusCounters {
+    pub clients: AtomicU64,
+    /// Connections refused (credentials) or closed for a publish outside the module's topics,
+    /// and refused subscriptions.
+    pub refused: AtomicU64,
+    /// Messages routed to a module input that was not connected or could not keep up.
+    pub dropped: AtomicU64,
+    pub received: AtomicU64,
+}
+
+struct Client {
+    /// Tells apart a newer connection with the same client id.
+    conn: u64,
+    module: String,
+    filters: Vec<(String, QoS)>,
+    tx: mpsc::Sender<Publish>,
+    kick: CancellationToken,
+}
+
+struct Shared {
+    secret: BusSecret,
+    routes: watch::Receiver<Arc<RouteTable>>,
+    outbox: Outbox,
+    clients: std::sync::Mutex<HashMap<String, Client>>,
+    counters: Arc<BusCounters>,
+    next_conn: AtomicU64,
+}
+
+impl Shared {
+    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<String, Client>> {
+        // Entries are inserted and removed whole; a poisoned lock holds nothing half-done.
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Delivers to every subscriber whose filter matches `topic`.
+    fn deliver(&self, topic: &str, payload: &bytes::Bytes, qos: QoS) {
+        for client in self.clients().values() {
+            let Some(granted) = client
+                .filters
+                .iter()
+                .filter(|(f, _)| rumqttc::matches(topic, f))
+                .map(|(_, q)| *q)
+                .max_by_key(|q| *q as u8)
+            else {
+                continue;
+            };
+            let qos = if (granted as u8) < (qos as u8) {
+                granted
+            } else {
+                qos
+            };
+            let publish = Publish::from_bytes(topic, qos, payload.clone());
+            if client.tx.try_send(publish).is_err() {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(module = %client.module, topic, "subscriber queue full; message dropped");
+            }
+        }
+    }
+}
+
+/// Serves the bus on `listener` until `stop` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    secret: BusSecret,
+    routes: watch::Receiver<Arc<RouteTable>>,
+    outbox: Outbox,
+    counters: Arc<BusCounters>,
+    stop: CancellationToken,
+) {
+    let shared = Arc::new(Shared {
+        secret,
+        routes,
+        outbox,
+        clients: std::sync::Mutex::new(HashMap::new()),
+        counters,
+        next_conn: AtomicU64::new(1),
+    });
+    let tracker = TaskTracker::new();
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "local bus listening");
+    }
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let (shared, stop) = (shared.clone(), stop.clone());
+                tracker.spawn(async move {
+                    if let Err(reason) = connection(stream, &shared, stop).await {
+                        tracing::debug!(%peer, reason, "bus connection closed");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "bus accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+type AckWait = Pin<Box<dyn Future<Output = Result<(), OutboxError>> + Send>>;
+
+struct Conn<'a> {
+    shared: &'a Shared,
+    module: String,
+    client_id: String,
+    stream: TcpStream,
+    input: BytesMut,
+    output: BytesMut,
+    /// PUBACKs waiting for the outbox, in arrival order.
+    acks: VecDeque<(u16, AckWait)>,
+    next_pkid: u16,
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    shared: &Arc<Shared>,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    let mut input = BytesMut::with_capacity(4096);
+    let first = tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut stream, &mut input))
+        .await
+        .map_err(|_| "no CONNECT in time".to_string())??;
+    let Packet::Connect(connect) = first else {
+        return Err("first packet is not CONNECT".into());
+    };
+    let mut output = BytesMut::with_capacity(4096);
+    let refuse = |code| Packet::ConnAck(ConnAck::new(code, false));
+    if connect.protocol != rumqttc::Protocol::V4 {
+        write(
+            &mut stream,
+            &mut output,
+            refuse(ConnectReturnCode::RefusedProtocolVersion),
+        )
+        .await?;
+        return Err("MQTT 5 is not spoken here; use 3.1.1".into());
+    }
+    let (module, authorized) = match &connect.login {
+        Some(login) => (
+            login.username.clone(),
+            crate::manifest::validate::is_module_name(&login.username)
+                && shared.secret.verify(&login.username, &login.password),
+        ),
+        None => (String::new(), false),
+    };
+    if !authorized {
+        shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(user = %module, "bus connection refused: bad module name or password");
+        write(
+            &mut stream,
+            &mut output,
+            refuse(ConnectReturnCode::BadUserNamePassword),
+        )
+        .await?;
+        return Err("bad credentials".into());
+    }
+    let client_id = if connect.client_id.is_empty() {
+        format!("{module}-{}", shared.next_conn.load(Ordering::Relaxed))
+    } else {
+        connect.client_id.clone()
+    };
+    let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+    let kick = stop.child_token();
+    if let Some(old) = shared.clients().insert(
+        client_id.clone(),
+        Client {
+            conn: conn_id,
+            module: module.clone(),
+            filters: Vec::new(),
+            tx,
+            kick: kick.clone(),
+        },
+    ) {
+        // MQTT: a new connection with the same client id takes over.
+        old.kick.cancel();
+    }
+    shared.counters.clients.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(module, client_id, "module connected to the bus");
+    let mut conn = Conn {
+        shared,
+        module,
+        client_id,
+        stream,
+        input,
+        output,
+        acks: VecDeque::new(),
+        next_pkid: 0,
+    };
+    conn.send(Packet::ConnAck(ConnAck::new(
+        ConnectReturnCode::Success,
+        false,
+    )))
+    .await?;
+    // Keep-alive: 1.5 times what the client asked for (0 means none).
+    let keep_alive = (connect.keep_alive > 0)
+        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let result = conn.run(&mut rx, keep_alive, kick).await;
+    {
+        let mut clients = shared.clients();
+        if clients
+            .get(&conn.client_id)
+            .is_some_and(|c| c.conn == conn_id)
+        {
+            clients.remove(&conn.client_id);
+        }
+    }
+    shared.counters.clients.fetch_sub(1, Ordering::Relaxed);
+    tracing::info!(module = %conn.module, reason = result.as_ref().err().map(String::as_str).unwrap_or("disconnected"), "module left the bus");
+    result
+}
+
+async fn read_packet(stream: &mut TcpStream, input: &mut BytesMut) -> Result<Packet, String> {
+    loop {
+        match Packet::read(input, MAX_PACKET) {
+            Ok(p) => return Ok(p),
+            Err(rumqttc::Error::InsufficientBytes(_)) => {}
+            Err(e) => return Err(format!("bad packet: {e}")),
+        }
+        if stream.read_buf(input).await.map_err(|e| e.to_string())? == 0 {
+            return Err("closed".into());
+        }
+    }
+}
+
+async fn write(stream: &mut TcpStream, output: &mut BytesMut, p: Packet) -> Result<(), String> {
+    output.clear();
+    p.write(output, MAX_PACKET).map_err(|e| e.to_string())?;
+    stream.write_all(output).await.map_err(|e| e.to_string())
+}
+
+async fn front(acks: &mut VecDeque<(u16, AckWait)>) -> (u16, Result<(), OutboxError>) {
+    match acks.front_mut() {
+        Some((pkid, wait)) => (*pkid, wait.await),
+        None => std::future::pending().await,
+    }
+}
+
+impl Conn<'_> {
+    async fn send(&mut self, p: Packet) -> Result<(), String> {
+        write(&mut self.stream, &mut self.output, p).await
+    }
+
+    async fn run(
+        &mut self,
+        rx: &mut mpsc::Receiver<Publish>,
+        keep_alive: Option<Duration>,
+        kick: CancellationToken,
+    ) -> Result<(), String> {
+        let mut deadline = keep_alive.map(|k| tokio::time::Instant::now() + k);
+        loop {
+            let reading = self.acks.len() < MAX_PENDING_ACKS;
+            tokio::select! {
+                _ = kick.cancelled() => return Err("taken over or shutting down".into()),
+                _ = sleep_until(deadline) => return Err("keep-alive expired".into()),
+                (pkid, result) = front(&mut self.acks) => {
+                    self.acks.pop_front();
+                    match result {
+                        Ok(()) => self.send(Packet::PubAck(PubAck::new(pkid))).await?,
+                        // Counted as dropped by the outbox; acknowledging stops a resend loop.
+                        Err(OutboxError::TooLarge { size, .. }) => {
+                            tracing::warn!(module = %self.module, size, "record too large for the outbox; dropped");
+                            self.send(Packet::PubAck(PubAck::new(pkid))).await?;
+                        }
+                        // Not accepted: no PUBACK, and the module sends it again on reconnect.
+                        Err(e) => return Err(format!("outbox: {e}")),
+                    }
+                }
+                Some(mut publish) = rx.recv() => {
+                    if publish.qos != QoS::AtMostOnce {
+                        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+                        publish.pkid = self.next_pkid;
+                    }
+                    self.send(Packet::Publish(publish)).await?;
+                }
+                read = self.stream.read_buf(&mut self.input), if reading => {
+                    if read.map_err(|e| e.to_string())? == 0 {
+                        return Err("closed by the module".into());
+                    }
+                    deadline = keep_alive.map(|k| tokio::time::Instant::now() + k);
+                    loop {
+                        match Packet::read(&mut self.input, MAX_PACKET) {
+                            Ok(Packet::Disconnect) => return Ok(()),
+                            Ok(p) => self.handle(p).await?,
+                            Err(rumqttc::Error::InsufficientBytes(_)) => break,
+                            Err(e) => return Err(format!("bad packet: {e}")),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, packet: Packet) -> Result<(), String> {
+        match packet {
+            Packet::Publish(p) => self.publish(p).await,
+            Packet::Subscribe(s) => {
+                let mut codes = Vec::with_capacity(s.filters.len());
+                let mut granted = Vec::new();
+                for f in s.filters {
+                    if allowed_filter(&self.module, &f.path) {
+                        let qos = if f.qos == QoS::AtMostOnce {
+                            QoS::AtMostOnce
+                        } else {
+                            QoS::AtLeastOnce
+                        };
+                        codes.push(SubscribeReasonCode::Success(qos));
+                        granted.push((f.path, qos));
+                    } else {
+                        self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(module = %self.module, filter = %f.path, "subscription outside the module's inputs refused");
+                        codes.push(SubscribeReasonCode::Failure);
+                    }
+                }
+                if let Some(c) = self.shared.clients().get_mut(&self.client_id) {
+                    for (filter, qos) in granted {
+                        c.filters.retain(|(f, _)| *f != filter);
+                        c.filters.push((filter, qos));
+                    }
+                }
+                self.send(Packet::SubAck(SubAck::new(s.pkid, codes))).await
+            }
+            Packet::Unsubscribe(u) => {
+                if let Some(c) = self.shared.clients().get_mut(&self.client_id) {
+                    c.filters.retain(|(f, _)| !u.topics.contains(f));
+                }
+                self.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await
+            }
+            Packet::PingReq => self.send(Packet::PingResp).await,
+            // Acknowledgements of what the broker delivered: nothing is redelivered, so nothing
+            // to track.
+            Packet::PubAck(_) => Ok(()),
+            other => Err(format!("unexpected packet {:?}", packet_kind(&other))),
+        }
+    }
+
+    async fn publish(&mut self, p: Publish) -> Result<(), String> {
+        if p.qos == QoS::ExactlyOnce {
+            return Err("QoS 2 is not supported on the local bus; use QoS 0 or 1".into());
+        }
+        if !allowed_publish(&self.module, &p.topic) {
+            self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(module = %self.module, topic = %p.topic, "publish outside the module's outputs refused; connection closed");
+            return Err(format!("publish to `{}` refused", p.topic));
+        }
+        self.shared
+            .counters
+            .received
+            .fetch_add(1, Ordering::Relaxed);
+        let table = self.shared.routes.borrow().clone();
+        let mut waits = Vec::new();
+        for target in table.targets(&p.topic) {
+            match target {
+                Target::Module { topic } => self.shared.deliver(topic, &p.payload, p.qos),
+                Target::Upstream { stream, priority } => {
+                    let record = NewRecord {
+                        stream: stream.clone(),
+                        priority: *priority,
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                    };
+                    let rx = self
+                        .shared
+                        .outbox
+                        .submit(record)
+                        .await
+                        .map_err(|e| format!("outbox: {e}"))?;
+                    waits.push(rx);
+                }
+            }
+        }
+        if p.qos == QoS::AtLeastOnce {
+            let wait: AckWait = Box::pin(async move {
+                for rx in waits {
+                    rx.await.map_err(|_| OutboxError::Closed)??;
+                }
+                Ok(())
+            });
+            self.acks.push_back((p.pkid, wait));
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn packet_kind(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => "QoS 2 flow",
+        Packet::SubAck(_) | Packet::UnsubAck(_) => "SUBACK/UNSUBACK",
+        Packet::PingResp => "PINGRESP",
+        _ => "other",
+    }
+}
+
+/// A module may publish to concrete topics under its own outputs.
+pub fn allowed_publish(module: &str, topic: &str) -> bool {
+    let prefix = format!("modules/{module}/outputs/");
+    topic.len() > prefix.len() && topic.starts_with(&prefix) && rumqttc::valid_topic(topic)
+}
+
+/// A module may subscribe to filters under its own inputs (wildcards only below them).
+pub fn allowed_filter(module: &str, filter: &str) -> bool {
+    let prefix = format!("modules/{module}/inputs/");
+    filter.len() > prefix.len() && filter.starts_with(&prefix) && rumqttc::valid_filter(filter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modules_stay_within_their_own_topics() {
+        assert!(allowed_publish("cam", "modules/cam/outputs/frames"));
+        assert!(allowed_publish("cam", "modules/cam/outputs/a/b"));
+        assert!(!allowed_publish("cam", "modules/cam/outputs/"));
+        assert!(!allowed_publish("cam", "modules/cam/outputs/#"));
+        assert!(!allowed_publish("cam", "modules/infer/outputs/x"));
+        assert!(!allowed_publish("cam", "modules/cam/inputs/x"));
+        assert!(!allowed_publish("cam", "modules/camera/outputs/x"));
+        assert!(!allowed_publish("ca", "modules/cam/outputs/x"));
+        assert!(!allowed_publish("cam", "outpost/dev/deployment"));
+
+        assert!(allowed_filter("cam", "modules/cam/inputs/#"));
+        assert!(allowed_filter("cam", "modules/cam/inputs/+/x"));
+        assert!(!allowed_filter("cam", "modules/+/inputs/#"));
+        assert!(!allowed_filter("cam", "modules/#"));
+        assert!(!allowed_filter("cam", "#"));
+        assert!(!allowed_filter("cam", "modules/cam/outputs/#"));
+        assert!(!allowed_filter("cam", "modules/infer/inputs/#"));
+        assert!(!allowed_filter("cam", "modules/cam/inputs/"));
+    }
+}

@@ -1,0 +1,116 @@
+//! The route table: which targets a module's output topic goes to. Built from the deployment's
+//! `routes` and swapped whole when a deployment is accepted, so a route change applies without
+//! restarting any module.
+
+use crate::manifest::Route;
+
+/// Priority of a route to `$upstream` that does not name one (0 most important, 9 least).
+pub const DEFAULT_PRIORITY: u8 = 5;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Into the outbox, for `{prefix}/{device}/telemetry/{stream}`.
+    Upstream { stream: String, priority: u8 },
+    /// To the subscribers of this topic (another module's input).
+    Module { topic: String },
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteTable {
+    routes: Vec<(String, Target)>,
+}
+
+impl RouteTable {
+    /// Routes were validated at intake (shape, topic filters, modules that exist).
+    pub fn new(routes: &[Route]) -> RouteTable {
+        let routes = routes
+            .iter()
+            .map(|r| {
+                let target = match r.to.strip_prefix("$upstream/") {
+                    Some(stream) => Target::Upstream {
+                        stream: stream.to_string(),
+                        priority: r.priority.unwrap_or(DEFAULT_PRIORITY),
+                    },
+                    None => Target::Module {
+                        topic: r.to.clone(),
+                    },
+                };
+                (r.from.clone(), target)
+            })
+            .collect();
+        RouteTable { routes }
+    }
+
+    /// Every target `topic` goes to, once each, in the order the routes are listed.
+    pub fn targets(&self, topic: &str) -> Vec<&Target> {
+        let mut out: Vec<&Target> = Vec::new();
+        for (filter, target) in &self.routes {
+            if rumqttc::matches(topic, filter) && !out.contains(&target) {
+                out.push(target);
+            }
+        }
+        out
+    }
+
+    /// The distinct source filters (what a client of an external bus subscribes to).
+    pub fn sources(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.routes.iter().map(|(f, _)| f.clone()).collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(from: &str, to: &str, priority: Option<u8>) -> Route {
+        Route {
+            from: from.into(),
+            to: to.into(),
+            priority,
+        }
+    }
+
+    #[test]
+    fn topics_reach_each_matching_target_once() {
+        let table = RouteTable::new(&[
+            route("modules/cam/outputs/#", "$upstream/frames", Some(7)),
+            route("modules/cam/outputs/+/alerts", "$upstream/alerts", None),
+            route("modules/+/outputs/#", "$upstream/frames", Some(7)),
+            route(
+                "modules/cam/outputs/left/#",
+                "modules/infer/inputs/images",
+                None,
+            ),
+        ]);
+        let t = table.targets("modules/cam/outputs/left/alerts");
+        assert_eq!(
+            t,
+            [
+                &Target::Upstream {
+                    stream: "frames".into(),
+                    priority: 7
+                },
+                &Target::Upstream {
+                    stream: "alerts".into(),
+                    priority: DEFAULT_PRIORITY
+                },
+                &Target::Module {
+                    topic: "modules/infer/inputs/images".into()
+                },
+            ]
+        );
+        assert_eq!(
+            table.targets("modules/infer/inputs/images"),
+            Vec::<&Target>::new()
+        );
+        assert_eq!(table.targets("modules/other/outputs/x").len(), 1);
+        assert_eq!(table.sources().len(), 4);
+    }
+}

@@ -1,0 +1,362 @@
+//! The drain: a hub connection of its own (client id `{device}-telemetry`) that sends the
+//! outbox's records to `{prefix}/{device}/telemetry/{stream}` in batches at QoS 1 and deletes
+//! them once the hub acknowledged the batch (PUBACK).
+//!
+//! Why a connection of its own: PUBACKs name packet ids, and only on a connection that carries
+//! nothing but batches does the order of rumqttc's `Outgoing::Publish(pkid)` events say which
+//! batch got which id. The event loop is also dropped and made anew after every failure, so
+//! rumqttc never replays a batch by itself: after a reconnect the drain starts again from the
+//! oldest unacknowledged record of each stream. A batch whose PUBACK was lost is therefore sent
+//! again — at-least-once — and the hub drops duplicates by record id.
+//!
+//! Streams take turns by weight: a stream of priority `p` (0 most important) is charged `p + 1`
+//! per batch and the least charged goes next, so a week of backlog on one stream neither
+//! blocks the others nor starves itself, and order within a stream is kept.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use rumqttc::{Event, Outgoing, Packet, QoS};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::outbox::{Outbox, Record};
+use crate::hub::link::{self, Backoff, Settings};
+use crate::hub::topics::Topics;
+
+/// Records per batch (one MQTT message).
+pub const BATCH_RECORDS: usize = 500;
+/// About this many bytes of records per batch.
+pub const BATCH_BYTES: usize = 128 * 1024;
+/// Batches sent and not yet acknowledged.
+pub const WINDOW: usize = 16;
+
+/// The drain's state, for metrics.
+#[derive(Debug, Default)]
+pub struct LinkCounters {
+    pub connected: AtomicBool,
+    /// Connections made after the first one.
+    pub reconnects: AtomicU64,
+}
+
+pub struct Context {
+    /// The hub settings with this connection's client id.
+    pub settings: Settings,
+    pub topics: Topics,
+    pub outbox: Outbox,
+    /// The main hub link's session number: when it comes back, retry at once instead of
+    /// waiting out the backoff.
+    pub link_session: watch::Receiver<u64>,
+    pub counters: Arc<LinkCounters>,
+}
+
+#[derive(Debug, Clone)]
+struct Batch {
+    stream: String,
+    first: u64,
+    last: u64,
+}
+
+/// One connection's bookkeeping; dropped with the connection.
+#[derive(Default)]
+struct Flight {
+    /// Next sequence to read, per stream.
+    cursors: HashMap<String, u64>,
+    /// Weighted turns, per stream.
+    charge: HashMap<String, u64>,
+    /// Requested, no packet id yet (in request order).
+    queued: VecDeque<Batch>,
+    /// Sent, waiting for PUBACK.
+    sent: HashMap<u16, Batch>,
+}
+
+impl Flight {
+    fn in_flight(&self) -> usize {
+        self.queued.len() + self.sent.len()
+    }
+}
+
+/// Runs until `stop` is cancelled, reconnecting with capped, jittered backoff.
+pub async fn run(mut ctx: Context, stop: CancellationToken) {
+    let mut backoff = Backoff::new(ctx.settings.reconnect_min, ctx.settings.reconnect_max);
+    let mut added = ctx.outbox.added();
+    let mut ever = false;
+    loop {
+        let (client, mut eventloop) = match link::client(&ctx.settings, None) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "telemetry link cannot be set up");
+                return;
+            }
+        };
+        let mut flight = Flight::default();
+        let mut connected = false;
+        let error = loop {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    ctx.counters.connected.store(false, Ordering::Relaxed);
+                    let _ = client.try_disconnect();
+                    let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+                    return;
+                }
+                event = eventloop.poll() => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        connected = true;
+                        backoff.reset();
+                        ctx.counters.connected.store(true, Ordering::Relaxed);
+                        if ever {
+                            ctx.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                        }
+                        ever = true;
+                        let queued = ctx.outbox.stats().records;
+                        tracing::info!(queued, "telemetry link connected; draining");
+                        fill(&ctx, &client, &mut flight);
+                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if let Some(batch) = flight.queued.pop_front() {
+                            flight.sent.insert(pkid, batch);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if let Some(b) = flight.sent.remove(&ack.pkid) {
+                            ctx.outbox.ack(&b.stream, b.first, b.last).await;
+                        }
+                        fill(&ctx, &client, &mut flight);
+                    }
+                    Ok(_) => {}
+                    Err(e) => break e,
+                },
+                changed = added.changed(), if connected => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    fill(&ctx, &client, &mut flight);
+                }
+            }
+        };
+        ctx.counters.connected.store(false, Ordering::Relaxed);
+        let delay = backoff.next_delay();
+        let err = ctx.settings.explain(&error);
+        if connected {
+            tracing::warn!(error = %err, unacknowledged = flight.in_flight(), "telemetry link lost; records stay queued");
+        } else {
+            tracing::debug!(error = %err, retry_in_ms = delay.as_millis() as u64, "telemetry link connection failed");
+        }
+        drop(eventloop);
+        ctx.link_session.borrow_and_update();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+            _ = wait_connected(&mut ctx.link_session) => {}
+        }
+    }
+}
+
+/// Resolves when the main link connects (again).
+async fn wait_connected(session: &mut watch::Receiver<u64>) {
+    loop {
+        if session.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        if *session.borrow_and_update() != 0 {
+            return;
+        }
+    }
+}
+
+/// Requests batches until the window is full or nothing is left to send.
+fn fill(ctx: &Context, client: &rumqttc::AsyncClient, flight: &mut Flight) {
+    while flight.in_flight() < WINDOW {
+        let streams = ctx.outbox.streams();
+        let next = streams
+            .iter()
+            .filter(|(name, info)| {
+                info.records > 0 && info.tail >= flight.cursors.get(*name).copied().unwrap_or(0)
+            })
+            .min_by_key(|(name, info)| {
+                (
+                    flight.charge.get(*name).copied().unwrap_or(0),
+                    info.priority,
+                    info.head,
+                )
+            })
+            .map(|(name, info)| (name.clone(), info.priority));
+        let Some((stream, priority)) = next else {
+            return;
+        };
+        let from = flight.cursors.get(&stream).copied().unwrap_or(0);
+        let records = match ctx.outbox.read(&stream, from, BATCH_RECORDS, BATCH_BYTES) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, stream, "cannot read the outbox");
+                return;
+            }
+        };
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            // Dropped (expired or evicted) since the stream was counted.
+            flight.cursors.insert(
+                stream.clone(),
+                streams.get(&stream).map_or(0, |i| i.tail) + 1,
+            );
+            continue;
+        };
+        let batch = Batch {
+            stream: stream.clone(),
+            first: first.id,
+            last: last.id,
+        };
+        let payload = encode_batch(&stream, &records);
+        if let Err(e) = client.try_publish(
+            ctx.topics.telemetry(&stream),
+            QoS::AtLeastOnce,
+            false,
+            payload,
+        ) {
+            tracing::debug!(error = %e, "telemetry request queue full");
+            return;
+        }
+        flight.cursors.insert(stream.clone(), batch.last + 1);
+        let min_charge = flight.charge.values().copied().min().unwrap_or(0);
+        let charge = flight.charge.entry(stream).or_insert(min_charge);
+        *charge += u64::from(priority) + 1;
+        flight.queued.push_back(batch);
+    }
+}
+
+/// `{"stream": S, "records": [{"id", "ts", "topic", "body" | "bodyBase64"}]}`: a payload that
+/// is JSON is embedded as is, anything else as base64.
+pub fn encode_batch(stream: &str, records: &[Record]) -> Vec<u8> {
+    use base64::Engine as _;
+    let size: usize = records
+        .iter()
+        .map(|r| r.payload.len() + r.topic.len() + 64)
+        .sum();
+    let mut out = Vec::with_capacity(size + 64);
+    out.extend_from_slice(b"{\"stream\":");
+    // Strings serialize infallibly into a Vec.
+    let _ = serde_json::to_writer(&mut out, stream);
+    out.extend_from_slice(b",\"records\":[");
+    for (i, r) in records.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(
+            format!("{{\"id\":{},\"ts\":{},\"topic\":", r.id, r.ts_ms).as_bytes(),
+        );
+        let _ = serde_json::to_writer(&mut out, &r.topic);
+        if !r.payload.is_empty()
+            && serde_json::from_slice::<serde::de::IgnoredAny>(&r.payload).is_ok()
+        {
+            out.extend_from_slice(b",\"body\":");
+            out.extend_from_slice(&r.payload);
+        } else {
+            out.extend_from_slice(b",\"bodyBase64\":\"");
+            out.extend_from_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(&r.payload)
+                    .as_bytes(),
+            );
+            out.push(b'"');
+        }
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// A batch as the hub reads it (for the operator's side and tests).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ReceivedBatch {
+    pub stream: String,
+    pub records: Vec<ReceivedRecord>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ReceivedRecord {
+    pub id: u64,
+    pub ts: u64,
+    pub topic: String,
+    #[serde(default)]
+    pub body: Option<serde_json::Value>,
+    #[serde(default, rename = "bodyBase64")]
+    pub body_base64: Option<String>,
+}
+
+/// Per stream, the records with ids already seen removed: what a hub-side consumer does
+/// after a redelivery.
+pub fn dedup(
+    batches: impl IntoIterator<Item = ReceivedBatch>,
+) -> BTreeMap<String, Vec<ReceivedRecord>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out: BTreeMap<String, Vec<ReceivedRecord>> = BTreeMap::new();
+    for b in batches {
+        for r in b.records {
+            if seen.insert(r.id) {
+                out.entry(b.stream.clone()).or_default().push(r);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_embed_json_and_encode_the_rest() {
+        let records = vec![
+            Record {
+                id: 1,
+                ts_ms: 5,
+                topic: "modules/a/outputs/x".into(),
+                payload: br#"{"t": 21.5}"#.to_vec(),
+            },
+            Record {
+                id: 2,
+                ts_ms: 6,
+                topic: "modules/a/outputs/\"q\"".into(),
+                payload: vec![0xff, 0x00],
+            },
+            Record {
+                id: 3,
+                ts_ms: 7,
+                topic: "t".into(),
+                payload: b"{not json".to_vec(),
+            },
+        ];
+        let bytes = encode_batch("s\"1", &records);
+        let batch: ReceivedBatch = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(batch.stream, "s\"1");
+        assert_eq!(batch.records.len(), 3);
+        assert_eq!(batch.records[0].body, Some(serde_json::json!({"t": 21.5})));
+        assert_eq!(batch.records[1].topic, "modules/a/outputs/\"q\"");
+        assert_eq!(batch.records[1].body_base64.as_deref(), Some("/wA="));
+        assert_eq!(
+            batch.records[2].body_base64.as_deref(),
+            Some("e25vdCBqc29u")
+        );
+    }
+
+    #[test]
+    fn dedup_keeps_first_delivery_in_order() {
+        let mk = |ids: &[u64]| ReceivedBatch {
+            stream: "s".into(),
+            records: ids
+                .iter()
+                .map(|&id| ReceivedRecord {
+                    id,
+                    ts: 0,
+                    topic: String::new(),
+                    body: None,
+                    body_base64: None,
+                })
+                .collect(),
+        };
+        let out = dedup([mk(&[1, 2, 3]), mk(&[2, 3]), mk(&[4])]);
+        let ids: Vec<u64> = out["s"].iter().map(|r| r.id).collect();
+        assert_eq!(ids, [1, 2, 3, 4]);
+    }
+}
