@@ -29,3 +29,4 @@ pub mod runtime;
 pub mod signing;
 pub mod state;
 pub mod store;
+pub mod telemetry;

@@ -1,0 +1,3 @@
+//! Telemetry: what the device, its modules and the agent report about themselves.
+
+pub mod metrics;
