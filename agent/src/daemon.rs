@@ -37,6 +37,12 @@ pub enum DaemonError {
     Api(#[from] crate::api::ApiError),
     #[error(transparent)]
     Bus(#[from] crate::bus::BusError),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Outbox(#[from] crate::telemetry::outbox::OutboxError),
 }
@@ -84,6 +90,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let parts = Reconciler::build(settings, runtime.clone(), store)?;
     info!(device = %config.device_id, version = env!("CARGO_PKG_VERSION"), "outpost agent starting");
 
+    let (prometheus_tx, prometheus_rx) = watch::channel(None);
+    if let Some(addr) = config.telemetry.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Metrics { addr, source })?;
+        info!(%addr, "metrics served at http://{addr}/metrics");
+        tasks.spawn(crate::telemetry::metrics::serve_prometheus(
+            listener,
+            prometheus_rx,
+            shutdown.clone(),
+        ));
+    }
+    tasks.spawn(crate::telemetry::collector::run(
+        crate::telemetry::collector::Context {
+            device_id: config.device_id.clone(),
+            interval: config.telemetry.interval,
+            sampler: crate::telemetry::metrics::DeviceSampler::new(&config.state_dir),
+            runtime: runtime.clone(),
+            state: parts.handle.state.clone(),
+            outbox: outbox.clone(),
+            upstream: config.hub.is_some(),
+            counters: counters.clone(),
+            prometheus: prometheus_tx,
+        },
+        shutdown.clone(),
+    ));
     tasks.spawn(parts.reconciler.run(parts.requests, shutdown.clone()));
     let (api_tx, mut api_rx) = tokio::sync::oneshot::channel();
     {

@@ -7,21 +7,22 @@ use bollard::Docker;
 use bollard::auth::DockerCredentials;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
-    ContainerCreateBody, ContainerStateStatusEnum, DeviceMapping, HealthStatusEnum, HostConfig,
-    HostConfigLogConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerStateStatusEnum, ContainerStatsResponse, DeviceMapping,
+    HealthStatusEnum, HostConfig, HostConfigLogConfig, PortBinding, RestartPolicy,
+    RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
     ListContainersOptionsBuilder, ListImagesOptionsBuilder, LogsOptionsBuilder,
     RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, StartContainerOptions,
-    StopContainerOptionsBuilder,
+    StatsOptionsBuilder, StopContainerOptionsBuilder,
 };
 use futures_util::{Stream, StreamExt as _};
 use tokio::sync::mpsc;
 
 use super::{
-    ContainerSpec, ContainerState, Health, ImageInfo, LogOptions, Observed, PullProgress, Runtime,
-    RuntimeError, RuntimeEvent, labels,
+    ContainerSpec, ContainerState, ContainerUsage, Health, ImageInfo, LogOptions, Observed,
+    PullProgress, Runtime, RuntimeError, RuntimeEvent, labels,
 };
 use crate::manifest::{ImageRef, RegistryCredentials};
 
@@ -77,6 +78,30 @@ impl DockerRuntime {
             .config?
             .into_iter()
             .find_map(|c| gateway_of(c.gateway.as_deref(), c.subnet.as_deref()))
+    }
+
+    /// A container's CPU and memory use now, for telemetry. Takes about a second: the engine
+    /// waits for a second CPU reading to measure the time between the two.
+    ///
+    /// Fails with [`RuntimeError::NotFound`] when there is no such container, and with
+    /// [`RuntimeError::Engine`] when the engine fails or sends no sample. A container that is
+    /// not running gives a sample with nothing in it (every field `None`).
+    pub async fn usage(&self, container_id: &str) -> Result<ContainerUsage, RuntimeError> {
+        // Not one-shot: one-shot answers at once but leaves the previous CPU reading empty.
+        let options = StatsOptionsBuilder::default()
+            .stream(false)
+            .one_shot(false)
+            .build();
+        let mut stats = std::pin::pin!(self.docker.stats(container_id, Some(options)));
+        match stats.next().await {
+            Some(Ok(sample)) => Ok(usage_of(&sample)),
+            Some(Err(e)) => Err(engine("stats", container_id, e)),
+            None => Err(RuntimeError::Engine {
+                op: "stats",
+                target: container_id.to_string(),
+                message: "the engine sent no sample".into(),
+            }),
+        }
     }
 
     async fn observe(&self, id: &str) -> Result<Option<Observed>, RuntimeError> {
@@ -156,6 +181,57 @@ fn engine(op: &'static str, target: &str, e: BollardError) -> RuntimeError {
         target: target.to_string(),
         message: message_of(&e),
     }
+}
+
+/// CPU and memory use from one stats sample, computed as `docker stats` does.
+///
+/// CPU: the container's CPU time over the host's between the sample's two readings, times the
+/// CPUs online, in percent (so up to 100 per CPU); `None` without a previous reading or when no
+/// host time passed. Memory: usage minus the inactive page cache the kernel can reclaim
+/// (`inactive_file` on cgroup v2, `total_inactive_file` or else `cache` on v1).
+fn usage_of(stats: &ContainerStatsResponse) -> ContainerUsage {
+    let memory = stats.memory_stats.as_ref();
+    let memory_bytes = memory.and_then(|m| {
+        let usage = m.usage?;
+        let cache = m.stats.as_ref().and_then(|s| {
+            ["total_inactive_file", "inactive_file", "cache"]
+                .iter()
+                .find_map(|key| s.get(*key).copied())
+        });
+        // As `docker stats`: a cache figure larger than the usage is not subtracted.
+        Some(match cache {
+            Some(cache) if cache < usage => usage - cache,
+            _ => usage,
+        })
+    });
+    ContainerUsage {
+        cpu_percent: cpu_percent_of(stats),
+        memory_bytes,
+        memory_limit_bytes: memory.and_then(|m| m.limit).filter(|l| *l > 0),
+    }
+}
+
+/// See [`usage_of`].
+fn cpu_percent_of(stats: &ContainerStatsResponse) -> Option<f64> {
+    let now = stats.cpu_stats.as_ref()?;
+    let prev = stats.precpu_stats.as_ref()?;
+    let cpu_now = now.cpu_usage.as_ref()?.total_usage?;
+    let cpu_prev = prev.cpu_usage.as_ref()?.total_usage?;
+    let system_now = now.system_cpu_usage?;
+    // 0 or missing: there was no previous reading (one-shot, or a container just started).
+    let system_prev = prev.system_cpu_usage.filter(|t| *t > 0)?;
+    let cpu_delta = cpu_now.checked_sub(cpu_prev)?;
+    let system_delta = system_now.checked_sub(system_prev).filter(|d| *d > 0)?;
+    let cpus = now
+        .online_cpus
+        .filter(|n| *n > 0)
+        .map(u64::from)
+        .or_else(|| {
+            let per_cpu = now.cpu_usage.as_ref()?.percpu_usage.as_ref()?.len();
+            u64::try_from(per_cpu).ok().filter(|n| *n > 0)
+        })
+        .unwrap_or(1);
+    Some(cpu_delta as f64 / system_delta as f64 * cpus as f64 * 100.0)
 }
 
 fn outpost_filter(device: &str) -> HashMap<String, Vec<String>> {
@@ -523,6 +599,113 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use bollard::models::{ContainerCpuStats, ContainerCpuUsage, ContainerMemoryStats};
+
+    fn cpu(total: u64, system: u64, online: Option<u32>) -> ContainerCpuStats {
+        ContainerCpuStats {
+            cpu_usage: Some(ContainerCpuUsage {
+                total_usage: Some(total),
+                percpu_usage: Some(vec![total / 2, total / 2]),
+                ..Default::default()
+            }),
+            system_cpu_usage: Some(system),
+            online_cpus: online,
+            ..Default::default()
+        }
+    }
+
+    fn memory(usage: u64, stats: &[(&str, u64)]) -> ContainerMemoryStats {
+        ContainerMemoryStats {
+            usage: Some(usage),
+            limit: Some(1 << 30),
+            stats: Some(stats.iter().map(|(k, v)| (k.to_string(), *v)).collect()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn usage_from_stats() {
+        // cgroup v2, four CPUs: 0.5 s of container CPU in 4 s of host CPU time.
+        let stats = ContainerStatsResponse {
+            cpu_stats: Some(cpu(2_500_000_000, 104_000_000_000, Some(4))),
+            precpu_stats: Some(cpu(2_000_000_000, 100_000_000_000, Some(4))),
+            memory_stats: Some(memory(
+                100 << 20,
+                &[("anon", 60 << 20), ("inactive_file", 30 << 20)],
+            )),
+            ..Default::default()
+        };
+        assert_eq!(
+            usage_of(&stats),
+            ContainerUsage {
+                cpu_percent: Some(50.0),
+                memory_bytes: Some(70 << 20),
+                memory_limit_bytes: Some(1 << 30),
+            }
+        );
+    }
+
+    #[test]
+    fn usage_from_cgroup_v1_stats() {
+        // No online_cpus (old engines): the per-CPU list counts them.
+        let stats = ContainerStatsResponse {
+            cpu_stats: Some(cpu(1_100, 2_000, None)),
+            precpu_stats: Some(cpu(1_000, 1_000, None)),
+            memory_stats: Some(memory(
+                100,
+                &[
+                    ("inactive_file", 5),
+                    ("total_inactive_file", 40),
+                    ("cache", 60),
+                ],
+            )),
+            ..Default::default()
+        };
+        let usage = usage_of(&stats);
+        assert_eq!(usage.cpu_percent, Some(20.0));
+        assert_eq!(usage.memory_bytes, Some(60));
+
+        let only_cache = ContainerStatsResponse {
+            memory_stats: Some(memory(100, &[("cache", 60)])),
+            ..Default::default()
+        };
+        assert_eq!(usage_of(&only_cache).memory_bytes, Some(40));
+        let cache_too_large = ContainerStatsResponse {
+            memory_stats: Some(memory(100, &[("inactive_file", 160)])),
+            ..Default::default()
+        };
+        assert_eq!(usage_of(&cache_too_large).memory_bytes, Some(100));
+    }
+
+    #[test]
+    fn usage_without_readings() {
+        // A stopped container: the engine sends an empty sample.
+        assert_eq!(
+            usage_of(&ContainerStatsResponse::default()),
+            ContainerUsage::default()
+        );
+        // One-shot: no previous reading, so no CPU figure rather than the average since boot.
+        let one_shot = ContainerStatsResponse {
+            cpu_stats: Some(cpu(5_000, 9_000, Some(2))),
+            precpu_stats: Some(ContainerCpuStats::default()),
+            ..Default::default()
+        };
+        assert_eq!(usage_of(&one_shot).cpu_percent, None);
+        // Counters that went backwards, and no host time passing.
+        let backwards = ContainerStatsResponse {
+            cpu_stats: Some(cpu(1_000, 9_000, Some(2))),
+            precpu_stats: Some(cpu(5_000, 8_000, Some(2))),
+            ..Default::default()
+        };
+        assert_eq!(usage_of(&backwards).cpu_percent, None);
+        let still = ContainerStatsResponse {
+            cpu_stats: Some(cpu(5_000, 8_000, Some(2))),
+            precpu_stats: Some(cpu(5_000, 8_000, Some(2))),
+            ..Default::default()
+        };
+        assert_eq!(usage_of(&still).cpu_percent, None);
+    }
 
     #[test]
     fn bridge_gateway_from_ipam() {

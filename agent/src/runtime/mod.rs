@@ -123,6 +123,18 @@ pub struct RuntimeEvent {
     pub action: String,
 }
 
+/// A container's resource use at one moment, for telemetry.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerUsage {
+    /// CPU use in percent of one CPU (a container busy on two CPUs shows 200); `None` when the
+    /// engine had no earlier reading to compare with.
+    pub cpu_percent: Option<f64>,
+    /// Memory in use, reclaimable page cache excluded.
+    pub memory_bytes: Option<u64>,
+    /// The container's memory limit, or the host's memory when it has none.
+    pub memory_limit_bytes: Option<u64>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct LogOptions {
     pub tail: Option<usize>,

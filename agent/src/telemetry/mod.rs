@@ -3,6 +3,12 @@
 //!
 //! - [`outbox`]: the durable queue (redb, group commit, limits, drops counted).
 //! - [`upstream`]: the hub connection that drains the outbox in batches.
+//! - [`metrics`]: sampling the device, rendering metrics as JSON (for the hub) and as
+//!   Prometheus text, and serving that text on loopback.
+//! - [`collector`]: every `interval`, one snapshot: queued to the outbox (stream `metrics`) and
+//!   handed to the Prometheus endpoint.
 
+pub mod collector;
+pub mod metrics;
 pub mod outbox;
 pub mod upstream;
