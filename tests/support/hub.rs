@@ -180,6 +180,17 @@ fn free_port() -> Result<u16> {
 impl Broker {
     /// Starts a broker; `None` when Mosquitto is missing (and not on CI).
     pub fn start(auth: Auth) -> Result<Option<Broker>> {
+        Broker::start_with(auth, false)
+    }
+
+    /// A broker that keeps sessions and queued messages across [`Broker::stop_gracefully`]
+    /// and [`Broker::restart`] (Mosquitto's persistence file), so a hub-side consumer with a
+    /// persistent session misses nothing sent while it was reconnecting.
+    pub fn start_persistent(auth: Auth) -> Result<Option<Broker>> {
+        Broker::start_with(auth, true)
+    }
+
+    fn start_with(auth: Auth, persistent: bool) -> Result<Option<Broker>> {
         let Some(_) = mosquitto() else {
             return Ok(None);
         };
@@ -188,8 +199,17 @@ impl Broker {
         set_mode(dir.path(), 0o755)?;
         let pki = Pki::generate(dir.path(), "device")?;
         let port = free_port()?;
+        let persistence = if persistent {
+            // Root keeps root (no drop to `mosquitto`) so it can write its file in the test dir.
+            format!(
+                "persistence true\npersistence_location {}/\nmax_queued_messages 0\nuser root\n",
+                dir.path().display()
+            )
+        } else {
+            "persistence false\n".to_string()
+        };
         let mut conf = format!(
-            "per_listener_settings false\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
+            "per_listener_settings false\n{persistence}log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
              set_tcp_nodelay true\nlistener {port} 127.0.0.1\n"
         );
         if auth != Auth::Plain {
@@ -246,6 +266,17 @@ impl Broker {
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the broker with SIGTERM: it saves its persistence file (sessions, queued
+    /// messages) first. Clients see their connection drop.
+    pub fn stop_gracefully(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
             let _ = child.wait();
         }
     }
