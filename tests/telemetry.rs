@@ -186,6 +186,19 @@ fn records_survive_a_hub_outage_and_kill_9_and_metrics_reach_the_hub() {
     assert_complete_in_order(&burst, 5000, "after kill -9");
     // Nothing from the first phase came back as a new record.
     assert_eq!(stream(&consumer, "readings").len(), 10000);
+    // The modules' own figures, from the engine, reach the hub; the agent counts the
+    // deployments it applied.
+    wait_for("module metrics on the hub", Duration::from_secs(30), || {
+        stream(&consumer, "metrics").iter().rev().find_map(|r| {
+            let b = r.body.as_ref()?;
+            let burst = &b["modules"]["burst"];
+            (burst["status"] == "running"
+                && burst["memoryBytes"].as_u64()? > 0
+                && burst["restarts"].as_u64().is_some()
+                && b["agent"]["deploymentsTotal"].as_u64().is_some())
+            .then_some(())
+        })
+    });
 }
 
 #[test]
@@ -395,5 +408,117 @@ fn modules_are_confined_to_their_topics_and_routes_change_without_restarts() {
             .iter()
             .any(|l| l.contains("modules/sink/inputs/readings")),
         "the agent logs the refused publish: {refused:?}"
+    );
+}
+
+#[test]
+fn routes_work_on_an_external_device_broker() {
+    // The device's own Mosquitto as the local bus (anonymous, loopback), another as the hub.
+    let Some(hub) = Broker::start_persistent(Auth::MutualTls).unwrap() else {
+        return;
+    };
+    let Some(bus) = Broker::start(Auth::Plain).unwrap() else {
+        return;
+    };
+    let registry = Registry::start();
+    let image = test_image(&registry, "testmod-external", "1");
+    let device = format!("e2e-ext-{}", std::process::id());
+    let consumer = HubConsumer::start(&hub, &format!("outpost/{device}/telemetry/#"));
+    let agent = Agent::start(
+        &device,
+        &format!(
+            "{}[bus]\nexternal_url = \"mqtt://127.0.0.1:{}\"\n",
+            hub_section(&hub),
+            bus.port
+        ),
+    );
+    let manifest = json!({
+        "schemaVersion": "1.0", "id": "external", "version": 1,
+        "modules": { "sensor": { "image": image }, "sink": { "image": image } },
+        "routes": [
+            { "from": "modules/sensor/outputs/data", "to": "$upstream/ext" },
+            { "from": "modules/sensor/outputs/#", "to": "modules/sink/inputs/copy" }
+        ],
+        "registries": registries(&registry)
+    });
+    let (code, out) = agent.deploy(&manifest, 90);
+    assert_eq!(code, 0, "{out}\n{}", agent.log());
+    // Modules are told where the device's broker is (its own rules hold their credentials).
+    assert_eq!(
+        module_env(&device, "sensor")["OUTPOST_BUS_URL"],
+        format!("mqtt://127.0.0.1:{}", bus.port)
+    );
+
+    // The test plays the modules on the device's broker.
+    let mut o = rumqttc::MqttOptions::new("modules-probe", "127.0.0.1", bus.port);
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut conn) = rumqttc::Client::new(o, 200);
+    let copies = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    {
+        let (copies, client) = (copies.clone(), client.clone());
+        std::thread::spawn(move || {
+            for event in conn.iter() {
+                match event {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        let _ = client
+                            .try_subscribe("modules/sink/inputs/#", rumqttc::QoS::AtLeastOnce);
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => copies
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&p.payload).into_owned()),
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+    // Once a probe comes back through the route, the agent is subscribed.
+    wait_for(
+        "the agent to route on the external bus",
+        Duration::from_secs(30),
+        || {
+            let _ = client.try_publish(
+                "modules/sensor/outputs/probe",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                "probe",
+            );
+            copies
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|c| c == "probe")
+                .then_some(())
+        },
+    );
+    for n in 0..500u64 {
+        client
+            .publish(
+                "modules/sensor/outputs/data",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                json!({ "n": n }).to_string(),
+            )
+            .unwrap();
+    }
+    let ext = wait_for("500 records at the hub", Duration::from_secs(60), || {
+        let r = stream(&consumer, "ext");
+        (r.len() >= 500).then_some(r)
+    });
+    assert_complete_in_order(&ext, 500, "routed from the external bus");
+    wait_for(
+        "500 copies at the sink's input",
+        Duration::from_secs(30),
+        || {
+            (copies
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| c.starts_with("{\"n\""))
+                .count()
+                >= 500)
+                .then_some(())
+        },
     );
 }

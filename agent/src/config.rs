@@ -119,6 +119,8 @@ struct RawBus {
     enabled: Option<bool>,
     listen: Option<String>,
     external_url: Option<String>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -201,6 +203,8 @@ pub struct BusConfig {
     pub listen: Option<SocketAddr>,
     /// An external broker (e.g. the device's Mosquitto) instead of the embedded one.
     pub external_url: Option<url::Url>,
+    /// The agent's user name and password file on the external broker.
+    pub external_credentials: Option<(String, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -469,10 +473,29 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
                 None
             }
         });
+    let external_credentials = match (raw.bus.username, raw.bus.password_file) {
+        (Some(u), Some(p)) => Some((u, issues.file("bus.password_file", &p, base))),
+        (None, None) => None,
+        (Some(_), None) => {
+            issues.push("bus.password_file", "is required with bus.username (the password is kept in a file, never in the config)");
+            None
+        }
+        (None, Some(_)) => {
+            issues.push("bus.username", "is required with bus.password_file");
+            None
+        }
+    };
+    if external_credentials.is_some() && external_url.is_none() {
+        issues.push(
+            "bus.username",
+            "credentials are for an external broker: set bus.external_url too",
+        );
+    }
     let bus = BusConfig {
         enabled: raw.bus.enabled.unwrap_or(true),
         listen,
         external_url,
+        external_credentials,
     };
 
     let t = raw.telemetry;

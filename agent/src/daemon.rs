@@ -224,8 +224,26 @@ async fn start_bus(
     }
     if let Some(url) = &config.bus.external_url {
         // Modules are told where the device's broker is; its own configuration holds their
-        // credentials and topic rules.
-        warn!(%url, "external local bus: routes are not applied by the agent in this version");
+        // credentials and topic rules. The agent routes as a client of it.
+        let credentials = match &config.bus.external_credentials {
+            Some((user, file)) => Some((
+                user.clone(),
+                crate::hub::link::Password::read(file)
+                    .map_err(|e| BusError::Password(e.to_string()))?,
+            )),
+            None => None,
+        };
+        tasks.spawn(crate::bus::router::run(
+            crate::bus::router::Context {
+                url: url.clone(),
+                credentials,
+                client_id: format!("{}-router", config.device_id),
+                routes,
+                outbox: outbox.clone(),
+                counters: counters.bus.clone(),
+            },
+            shutdown.clone(),
+        ));
         return Ok(ModuleEnv::external(url.to_string()));
     }
     let addr = match config.bus.listen {

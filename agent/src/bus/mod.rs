@@ -7,6 +7,7 @@
 //!   restarts without being stored per module) and the environment each module gets.
 //! - [`broker`]: the embedded MQTT 3.1.1 broker, with per-module topic rules.
 //! - [`routes`]: the route table, swapped whole when a deployment is accepted.
+//! - [`router`]: routes on an external broker (`bus.external_url`), the agent being a client.
 //!
 //! Why an embedded broker of our own rather than rumqttd: a module's QoS 1 message routed to
 //! `$upstream` is acknowledged only once it is durable in the outbox, and a module may publish
@@ -15,6 +16,7 @@
 //! broker reuses rumqttc's packet codec, which the hub link already compiles.
 
 pub mod broker;
+pub mod router;
 pub mod routes;
 
 use std::collections::BTreeMap;
@@ -37,6 +39,8 @@ pub enum BusError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read bus.password_file: {0}")]
+    Password(String),
     #[error("cannot listen on {addr} for the local bus: {source}")]
     Listen {
         addr: std::net::SocketAddr,

@@ -46,6 +46,11 @@ impl std::fmt::Debug for Password {
 }
 
 impl Password {
+    /// The password itself, for the MQTT CONNECT only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
     /// Reads the password file; one trailing newline is not part of the password.
     ///
     /// Fails when the file cannot be read or is empty.

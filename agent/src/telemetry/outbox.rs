@@ -101,14 +101,14 @@ pub struct Record {
 /// What is queued for one stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamInfo {
-    id: u32,
+    pub(crate) id: u32,
     pub priority: u8,
     pub records: u64,
     pub bytes: u64,
     /// The oldest and newest sequence queued (meaningful when `records > 0`).
     pub head: u64,
     pub tail: u64,
-    head_ts: u64,
+    pub(crate) head_ts: u64,
 }
 
 /// Counters for metrics.

@@ -22,7 +22,7 @@ use rumqttc::{Event, Outgoing, Packet, QoS};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::outbox::{Outbox, Record};
+use super::outbox::{Outbox, Record, StreamInfo};
 use crate::hub::link::{self, Backoff, Settings};
 use crate::hub::topics::Topics;
 
@@ -170,20 +170,8 @@ async fn wait_connected(session: &mut watch::Receiver<u64>) {
 fn fill(ctx: &Context, client: &rumqttc::AsyncClient, flight: &mut Flight) {
     while flight.in_flight() < WINDOW {
         let streams = ctx.outbox.streams();
-        let next = streams
-            .iter()
-            .filter(|(name, info)| {
-                info.records > 0 && info.tail >= flight.cursors.get(*name).copied().unwrap_or(0)
-            })
-            .min_by_key(|(name, info)| {
-                (
-                    flight.charge.get(*name).copied().unwrap_or(0),
-                    info.priority,
-                    info.head,
-                )
-            })
-            .map(|(name, info)| (name.clone(), info.priority));
-        let Some((stream, priority)) = next else {
+        let Some((stream, priority)) = next_stream(&streams, &flight.cursors, &flight.charge)
+        else {
             return;
         };
         let from = flight.cursors.get(&stream).copied().unwrap_or(0);
@@ -218,11 +206,39 @@ fn fill(ctx: &Context, client: &rumqttc::AsyncClient, flight: &mut Flight) {
             return;
         }
         flight.cursors.insert(stream.clone(), batch.last + 1);
-        let min_charge = flight.charge.values().copied().min().unwrap_or(0);
-        let charge = flight.charge.entry(stream).or_insert(min_charge);
-        *charge += u64::from(priority) + 1;
+        charge(&mut flight.charge, stream, priority);
         flight.queued.push_back(batch);
     }
+}
+
+/// The stream to send from next: one with records beyond its cursor, the least charged first
+/// (then the more important, then the one with the oldest record).
+fn next_stream(
+    streams: &BTreeMap<String, StreamInfo>,
+    cursors: &HashMap<String, u64>,
+    charge: &HashMap<String, u64>,
+) -> Option<(String, u8)> {
+    streams
+        .iter()
+        .filter(|(name, info)| {
+            info.records > 0 && info.tail >= cursors.get(*name).copied().unwrap_or(0)
+        })
+        .min_by_key(|(name, info)| {
+            (
+                charge.get(*name).copied().unwrap_or(0),
+                info.priority,
+                info.head,
+            )
+        })
+        .map(|(name, info)| (name.clone(), info.priority))
+}
+
+/// Charges a stream for one batch: `priority + 1`, so a stream of priority 0 gets ten turns for
+/// one of priority 9. A stream new to this connection starts level with the least charged, not
+/// at zero, so it cannot take every turn until it has caught up.
+fn charge(charges: &mut HashMap<String, u64>, stream: String, priority: u8) {
+    let floor = charges.values().copied().min().unwrap_or(0);
+    *charges.entry(stream).or_insert(floor) += u64::from(priority) + 1;
 }
 
 /// `{"stream": S, "records": [{"id", "ts", "topic", "body" | "bodyBase64"}]}`: a payload that
@@ -337,6 +353,47 @@ mod tests {
         assert_eq!(
             batch.records[2].body_base64.as_deref(),
             Some("e25vdCBqc29u")
+        );
+    }
+
+    fn info(id: u32, priority: u8, head: u64, tail: u64) -> StreamInfo {
+        StreamInfo {
+            id,
+            priority,
+            records: tail - head + 1,
+            bytes: 0,
+            head,
+            tail,
+            head_ts: 0,
+        }
+    }
+
+    #[test]
+    fn streams_take_turns_by_priority_and_none_starves() {
+        // A big backlog of bulk data (least important) and live alerts (most important).
+        let streams: BTreeMap<String, StreamInfo> = [
+            ("bulk".to_string(), info(1, 9, 1, 100_000)),
+            ("alerts".to_string(), info(2, 0, 100_001, 100_010)),
+        ]
+        .into();
+        let (cursors, mut charges) = (HashMap::new(), HashMap::new());
+        let mut turns = Vec::new();
+        for _ in 0..22 {
+            let (stream, priority) = next_stream(&streams, &cursors, &charges).unwrap();
+            charge(&mut charges, stream.clone(), priority);
+            turns.push(stream);
+        }
+        assert_eq!(turns[0], "alerts", "the important stream goes first");
+        let bulk = turns.iter().filter(|s| *s == "bulk").count();
+        assert!(
+            (1..=3).contains(&bulk),
+            "bulk gets about one turn in eleven, not none and not half: {turns:?}"
+        );
+        // A stream whose records were all sent on this connection is not picked again.
+        let sent: HashMap<String, u64> = [("alerts".to_string(), 100_011)].into();
+        assert_eq!(
+            next_stream(&streams, &sent, &HashMap::new()).map(|s| s.0),
+            Some("bulk".to_string())
         );
     }
 
