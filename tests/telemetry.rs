@@ -319,6 +319,7 @@ fn modules_are_confined_to_their_topics_and_routes_change_without_restarts() {
         rumqttc::Client::new(o, 10)
     };
     /// The next event that is not an outgoing packet or a ping.
+    #[allow(clippy::result_large_err)] // rumqttc's error type, in a test
     fn next(c: &mut rumqttc::Connection) -> Result<rumqttc::Packet, rumqttc::ConnectionError> {
         loop {
             match c.recv_timeout(Duration::from_secs(10)) {

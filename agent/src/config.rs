@@ -522,10 +522,24 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
                 None
             }
         });
+    let outbox_max_bytes = t.outbox_max_bytes.unwrap_or(64 * 1024 * 1024);
+    if outbox_max_bytes < 64 * 1024 {
+        issues.push(
+            "telemetry.outbox_max_bytes",
+            format!("{outbox_max_bytes} is below the minimum of 65536 (64 KiB)"),
+        );
+    }
+    let outbox_max_age_secs = t.outbox_max_age_secs.unwrap_or(7 * 24 * 3600);
+    if outbox_max_age_secs < 60 {
+        issues.push(
+            "telemetry.outbox_max_age_secs",
+            format!("{outbox_max_age_secs} is below the minimum of 60"),
+        );
+    }
     let telemetry = TelemetryConfig {
         interval: Duration::from_secs(interval_secs),
-        outbox_max_bytes: t.outbox_max_bytes.unwrap_or(64 * 1024 * 1024),
-        outbox_max_age: Duration::from_secs(t.outbox_max_age_secs.unwrap_or(7 * 24 * 3600)),
+        outbox_max_bytes,
+        outbox_max_age: Duration::from_secs(outbox_max_age_secs),
         metrics_listen,
     };
 

@@ -145,7 +145,11 @@ fn deployment() -> impl Strategy<Value = Deployment> {
                     .collect::<BTreeMap<_, _>>(),
                 routes: routes
                     .into_iter()
-                    .map(|(from, to)| Route { from, to })
+                    .map(|(from, to)| Route {
+                        from,
+                        to,
+                        priority: None,
+                    })
                     .collect(),
                 rollback: rollback.map(|(on_failure, healthy_within_secs)| Rollback {
                     on_failure,

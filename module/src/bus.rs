@@ -45,7 +45,7 @@ pub struct BusConfig {
 
 impl BusConfig {
     /// Parses `mqtt://[user:pass@]host[:port]` (also `tcp://`). Credentials given separately
-    /// (the agent's `OUTPOST_BUS_USERNAME` / `OUTPOST_BUS_PASSWORD`) win over the URL's.
+    /// (the agent's `OUTPOST_BUS_USER` / `OUTPOST_BUS_PASSWORD`) win over the URL's.
     ///
     /// Fails on other schemes: the local bus is plain MQTT on loopback or the bridge network,
     /// and this build carries no TLS stack.

@@ -102,8 +102,13 @@ struct ServeArgs {
     /// Local bus (MQTT) URL, e.g. mqtt://172.17.0.1:1883; enables bus mode.
     #[arg(long, env = "OUTPOST_BUS_URL")]
     bus: Option<String>,
-    #[arg(long, env = "OUTPOST_BUS_USERNAME")]
+    /// The agent sets it (with the password) for each module on its embedded bus.
+    #[arg(long, env = "OUTPOST_BUS_USER")]
     bus_username: Option<String>,
+    /// The module's name on the bus (its topics are `modules/{name}/...`); the agent sets it.
+    /// Without it, the model's name is used.
+    #[arg(long, env = "OUTPOST_MODULE_NAME")]
+    module_name: Option<String>,
     #[arg(long, env = "OUTPOST_BUS_PASSWORD", hide_env_values = true)]
     bus_password: Option<String>,
     /// Inferences running at once (default: the number of CPUs).
@@ -211,7 +216,8 @@ fn serve_config(a: &ServeArgs) -> Result<ServeConfig, ConfigError> {
     let bus = match &a.bus {
         None => None,
         Some(url) => {
-            let mut b = BusConfig::from_url(url, &name)
+            let module = a.module_name.as_deref().unwrap_or(&name);
+            let mut b = BusConfig::from_url(url, module)
                 .map_err(|e| ConfigError(format!("--bus / OUTPOST_BUS_URL: {e}")))?;
             if a.bus_username.is_some() {
                 b.username = a.bus_username.clone();

@@ -17,9 +17,12 @@ use outpost_agent::telemetry::upstream::ReceivedBatch;
 
 use crate::hub::Broker;
 
+/// Messages as received: (topic, payload).
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// Collects the batches published under a filter on the hub broker.
 pub struct HubConsumer {
-    received: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    received: Received,
     subscribed: Arc<Mutex<bool>>,
     _client: rumqttc::Client,
 }

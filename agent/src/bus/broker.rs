@@ -10,7 +10,7 @@
 //! - **When a message is safe:** a QoS 1 publish routed to `$upstream` is acknowledged only after
 //!   the outbox made it durable, and PUBACKs go out in the order the publishes came in.
 //!
-//! What it leaves out, on purpose (documented in `docs/bus.md`): QoS 2 (the connection is
+//! What it leaves out, on purpose (documented in `docs/telemetry.md`): QoS 2 (the connection is
 //! closed), retained messages (the flag is ignored), persistent sessions and redelivery to
 //! subscribers (a module's inputs reach it while it is connected; when its queue is full, or it
 //! is not connected, messages are dropped and counted), wills, and TLS — the bus listens only on
@@ -82,8 +82,10 @@ impl Shared {
         self.clients.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Delivers to every subscriber whose filter matches `topic`.
+    /// Delivers to every subscriber whose filter matches `topic`; with none, the message is
+    /// dropped and counted (the bus keeps nothing for modules that are not connected).
     fn deliver(&self, topic: &str, payload: &bytes::Bytes, qos: QoS) {
+        let mut delivered = false;
         for client in self.clients().values() {
             let Some(granted) = client
                 .filters
@@ -103,7 +105,13 @@ impl Shared {
             if client.tx.try_send(publish).is_err() {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(module = %client.module, topic, "subscriber queue full; message dropped");
+            } else {
+                delivered = true;
             }
+        }
+        if !delivered {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(topic, "no module subscribed; message dropped");
         }
     }
 }

@@ -117,7 +117,7 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
                     resubscribe(&client, &mut subscribed, sources);
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if let Some(wait) = route(&ctx, &client, p, &mut outgoing).await {
+                    if let Some(wait) = route(&ctx, p, &mut outgoing).await {
                         securing.push(wait);
                     }
                 }
@@ -160,12 +160,7 @@ fn resubscribe(client: &AsyncClient, subscribed: &mut Vec<String>, sources: Vec<
 
 /// Carries `p` to its targets; returns what to wait for before acknowledging it, or
 /// acknowledges it at once when nothing needs securing.
-async fn route(
-    ctx: &Context,
-    client: &AsyncClient,
-    p: Publish,
-    outgoing: &mut VecDeque<Out>,
-) -> Option<Secured> {
+async fn route(ctx: &Context, p: Publish, outgoing: &mut VecDeque<Out>) -> Option<Secured> {
     ctx.counters.received.fetch_add(1, Ordering::Relaxed);
     let table = ctx.routes.borrow().clone();
     let mut waits = Vec::new();

@@ -41,11 +41,17 @@ impl RouteTable {
         RouteTable { routes }
     }
 
-    /// Every target `topic` goes to, once each, in the order the routes are listed.
+    /// Every target `topic` goes to, once each, in the order the routes are listed. An
+    /// upstream stream counts once whatever the priorities (the first matching route's wins):
+    /// a record is queued once per stream.
     pub fn targets(&self, topic: &str) -> Vec<&Target> {
         let mut out: Vec<&Target> = Vec::new();
         for (filter, target) in &self.routes {
-            if rumqttc::matches(topic, filter) && !out.contains(&target) {
+            let seen = out.iter().any(|t| match (t, target) {
+                (Target::Upstream { stream: a, .. }, Target::Upstream { stream: b, .. }) => a == b,
+                (a, b) => *a == b,
+            });
+            if !seen && rumqttc::matches(topic, filter) {
                 out.push(target);
             }
         }
@@ -83,6 +89,7 @@ mod tests {
             route("modules/cam/outputs/#", "$upstream/frames", Some(7)),
             route("modules/cam/outputs/+/alerts", "$upstream/alerts", None),
             route("modules/+/outputs/#", "$upstream/frames", Some(7)),
+            route("modules/cam/outputs/#", "$upstream/frames", Some(1)),
             route(
                 "modules/cam/outputs/left/#",
                 "modules/infer/inputs/images",
@@ -111,6 +118,6 @@ mod tests {
             Vec::<&Target>::new()
         );
         assert_eq!(table.targets("modules/other/outputs/x").len(), 1);
-        assert_eq!(table.sources().len(), 4);
+        assert_eq!(table.sources().len(), 4, "distinct filters");
     }
 }

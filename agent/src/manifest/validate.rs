@@ -368,7 +368,7 @@ impl Validator {
 
     fn route_from(&mut self, at: &str, from: &str, d: &Deployment) {
         let levels: Vec<&str> = from.split('/').collect();
-        let shape_ok = levels.len() >= 3 && levels[0] == "modules" && levels[2] == "outputs";
+        let shape_ok = levels.len() >= 4 && levels[0] == "modules" && levels[2] == "outputs";
         if !shape_ok {
             self.push(
                 at,

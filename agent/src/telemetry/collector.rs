@@ -68,7 +68,8 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
         let record = NewRecord {
             stream: STREAM.into(),
             priority: PRIORITY,
-            topic: format!("outpost/{}/metrics", ctx.device_id),
+            // Not a bus topic: the agent's own.
+            topic: "$agent/metrics".into(),
             payload,
         };
         if let Err(e) = ctx.outbox.enqueue(record).await {
@@ -135,6 +136,8 @@ async fn snapshot(ctx: &mut Context) -> Snapshot {
         hub_reconnects_total: c.upstream.reconnects.load(Relaxed),
         bus_clients: c.bus.clients.load(Relaxed),
         bus_refused_total: c.bus.refused.load(Relaxed),
+        bus_received_total: c.bus.received.load(Relaxed),
+        bus_dropped_total: c.bus.dropped.load(Relaxed),
         deployments_total: applied,
         last_deployment_secs: (applied > 0)
             .then(|| c.deployments.last_ms.load(Relaxed) as f64 / 1000.0),

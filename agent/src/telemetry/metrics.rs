@@ -295,18 +295,22 @@ pub struct AgentMetrics {
     pub outbox_bytes: u64,
     /// The outbox's size limit.
     pub outbox_max_bytes: u64,
-    /// Records put in the outbox since the agent started.
+    /// Records put in the outbox since it was created (kept in the outbox file).
     pub enqueued_total: u64,
-    /// Records the hub acknowledged since the agent started.
+    /// Records the hub acknowledged since the outbox was created.
     pub delivered_total: u64,
-    /// Records dropped since the agent started, by reason (see [`DROP_REASONS`]).
+    /// Records dropped since the outbox was created, by reason (see [`DROP_REASONS`]).
     pub dropped_total: BTreeMap<String, u64>,
     pub hub_connected: bool,
     pub hub_reconnects_total: u64,
     /// Clients connected to the local bus now.
     pub bus_clients: u64,
-    /// Connections the local bus refused since the agent started.
+    /// Connections, publishes and subscriptions the local bus refused since the agent started.
     pub bus_refused_total: u64,
+    /// Messages modules published on the bus since the agent started.
+    pub bus_received_total: u64,
+    /// Messages routed to a module input that was not connected or could not keep up.
+    pub bus_dropped_total: u64,
     /// Deployments applied since the agent started: the count of `deployment_secs_sum`.
     pub deployments_total: u64,
     /// How long the last deployment took.
@@ -481,12 +485,12 @@ pub fn render_prometheus(s: &Snapshot) -> String {
     );
     e.gauge(
         "outpost_hub_connected",
-        "1 while the hub link is up, else 0.",
+        "1 while the telemetry link to the hub is up, else 0.",
         Some(Value::Int(u64::from(a.hub_connected))),
     );
     e.counter(
         "outpost_hub_reconnects_total",
-        "Reconnections of the hub link.",
+        "Reconnections of the telemetry link to the hub.",
         a.hub_reconnects_total,
     );
     e.gauge(
@@ -496,8 +500,18 @@ pub fn render_prometheus(s: &Snapshot) -> String {
     );
     e.counter(
         "outpost_bus_refused_total",
-        "Connections the local bus refused.",
+        "Connections, publishes and subscriptions the local bus refused.",
         a.bus_refused_total,
+    );
+    e.counter(
+        "outpost_bus_received_total",
+        "Messages modules published on the local bus.",
+        a.bus_received_total,
+    );
+    e.counter(
+        "outpost_bus_dropped_total",
+        "Messages routed to a module input that was not connected or could not keep up.",
+        a.bus_dropped_total,
     );
     e.gauge(
         "outpost_deployment_last_seconds",
@@ -1070,6 +1084,8 @@ mod tests {
                 hub_reconnects_total: 1,
                 bus_clients: 2,
                 bus_refused_total: 0,
+                bus_received_total: 0,
+                bus_dropped_total: 0,
                 deployments_total: 2,
                 last_deployment_secs: Some(4.5),
                 deployment_secs_sum: 12.25,

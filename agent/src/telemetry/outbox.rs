@@ -122,8 +122,11 @@ pub struct OutboxStats {
     pub dropped_total: BTreeMap<String, u64>,
 }
 
+/// Where an enqueue's outcome goes.
+type Reply = oneshot::Sender<Result<u64, OutboxError>>;
+
 enum Op {
-    Enqueue(NewRecord, oneshot::Sender<Result<u64, OutboxError>>),
+    Enqueue(NewRecord, Reply),
     /// The hub acknowledged `first..=last` of `stream`.
     Ack {
         stream: String,
@@ -425,10 +428,7 @@ struct Batch {
     enqueued: u64,
     delivered: u64,
     dropped: [u64; 3],
-    replies: Vec<(
-        oneshot::Sender<Result<u64, OutboxError>>,
-        Result<u64, OutboxError>,
-    )>,
+    replies: Vec<(Reply, Result<u64, OutboxError>)>,
     added: bool,
 }
 
@@ -510,7 +510,10 @@ impl Writer {
         let seq = meta
             .get(NEXT_SEQ)
             .map_err(io("read"))?
-            .map_or(1, |v| v.value());
+            // A new outbox starts its ids at the clock (microseconds), so that ids keep
+            // growing even if the outbox file was lost or deleted: hub consumers de-duplicate
+            // by id.
+            .map_or_else(|| now_ms().saturating_mul(1000).max(1), |v| v.value());
         let stream = meta
             .get(NEXT_STREAM)
             .map_err(io("read"))?
@@ -627,13 +630,15 @@ impl Writer {
                             let id = info.id;
                             let mut removed = 0u64;
                             let mut freed = 0u64;
-                            for seq in first..=last {
-                                if let Some(v) =
-                                    records.remove(key(id, seq)).map_err(io("delete"))?
-                                {
-                                    removed += 1;
-                                    freed += record_size(v.value().len());
-                                }
+                            // One range of this stream's keys: sequences are shared by all
+                            // streams, so `first..=last` may span many ids of others.
+                            for entry in records
+                                .extract_from_if(key(id, first)..=key(id, last), |_, _| true)
+                                .map_err(io("delete"))?
+                            {
+                                let (_, v) = entry.map_err(io("delete"))?;
+                                removed += 1;
+                                freed += record_size(v.value().len());
                             }
                             info.records -= removed.min(info.records);
                             info.bytes -= freed.min(info.bytes);

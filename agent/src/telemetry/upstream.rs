@@ -141,6 +141,10 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
         let err = ctx.settings.explain(&error);
         if connected {
             tracing::warn!(error = %err, unacknowledged = flight.in_flight(), "telemetry link lost; records stay queued");
+        } else if err.is_configuration() {
+            // Refused (certificate, credentials, the broker's rules for this client id): not
+            // something a retry fixes, so say it where it is seen.
+            tracing::warn!(error = %err, client_id = %ctx.settings.client_id, retry_in_ms = delay.as_millis() as u64, "telemetry link refused by the hub");
         } else {
             tracing::debug!(error = %err, retry_in_ms = delay.as_millis() as u64, "telemetry link connection failed");
         }
