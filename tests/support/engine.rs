@@ -309,6 +309,14 @@ impl Agent {
     pub fn start_with(device: &str, runtime: &str, extra: &str) -> Agent {
         require_docker();
         let dir = tempfile::tempdir().expect("agent dir");
+        // Agents of parallel tests share the engine: each gets its own bus port on the bridge
+        // (the default, port 1884, is one per host).
+        let bus = if extra.contains("[bus]") {
+            String::new()
+        } else {
+            format!("[bus]\nlisten = \"{}\"\n", crate::telemetry::bus_listen())
+        };
+        let extra = format!("{extra}\n{bus}");
         let config = dir.path().join("config.toml");
         std::fs::write(
             &config,
