@@ -8,16 +8,6 @@ use std::process::Command;
 use outpost_e2e::*;
 use serde_json::{Value, json};
 
-fn hub_section(broker: &Broker) -> String {
-    format!(
-        "[hub]\nurl = \"{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nreconnect_max_secs = 1\n",
-        broker.url(),
-        broker.pki.ca.display(),
-        broker.pki.client_cert.display(),
-        broker.pki.client_key.display()
-    )
-}
-
 #[test]
 fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
     let Some(broker) = Broker::start(Auth::MutualTls).unwrap() else {
@@ -37,7 +27,7 @@ fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
         &device,
         &format!(
             "{}[policy]\ntrusted_keys = [\"{public}\"]\n",
-            hub_section(&broker)
+            broker.device_hub_section()
         ),
     );
 

@@ -10,16 +10,6 @@ use outpost_agent::telemetry::upstream::{ReceivedRecord, dedup};
 use outpost_e2e::*;
 use serde_json::{Value, json};
 
-fn hub_section(broker: &Broker) -> String {
-    format!(
-        "[hub]\nurl = \"{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nreconnect_max_secs = 1\n",
-        broker.url(),
-        broker.pki.ca.display(),
-        broker.pki.client_cert.display(),
-        broker.pki.client_key.display()
-    )
-}
-
 fn registries(registry: &Registry) -> Value {
     json!({ registry.addr.clone(): { "username": registry.username, "password": registry.password } })
 }
@@ -81,7 +71,7 @@ fn records_survive_a_hub_outage_and_kill_9_and_metrics_reach_the_hub() {
         &device,
         &format!(
             "{}[bus]\nlisten = \"{}\"\n[telemetry]\ninterval_secs = 1\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n",
-            hub_section(&broker),
+            broker.device_hub_section(),
             bus_listen()
         ),
     );
@@ -186,8 +176,7 @@ fn records_survive_a_hub_outage_and_kill_9_and_metrics_reach_the_hub() {
     assert_complete_in_order(&burst, 5000, "after kill -9");
     // Nothing from the first phase came back as a new record.
     assert_eq!(stream(&consumer, "readings").len(), 10000);
-    // The modules' own figures, from the engine, reach the hub; the agent counts the
-    // deployments it applied.
+    // The modules' own figures, from the engine, reach the hub.
     wait_for("module metrics on the hub", Duration::from_secs(30), || {
         stream(&consumer, "metrics").iter().rev().find_map(|r| {
             let b = r.body.as_ref()?;
@@ -199,6 +188,34 @@ fn records_survive_a_hub_outage_and_kill_9_and_metrics_reach_the_hub() {
             .then_some(())
         })
     });
+    // The operator's view: `outpost hub telemetry` prints the next snapshot as a line.
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["hub".to_string()];
+    args.extend(broker.cli_flags(dir.path()).unwrap());
+    let out = std::process::Command::new(outpost_bin())
+        .args(&args)
+        .args([
+            "telemetry",
+            "--device",
+            &device,
+            "--stream",
+            "metrics",
+            "--count",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.starts_with(&format!("{device} metrics: ")) && text.contains("modules: burst running"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -216,7 +233,7 @@ fn a_full_outbox_drops_the_oldest_and_reports_it() {
         &device,
         &format!(
             "{}[bus]\nlisten = \"{}\"\n[telemetry]\ninterval_secs = 1\noutbox_max_bytes = {LIMIT}\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n",
-            hub_section(&broker),
+            broker.device_hub_section(),
             bus_listen()
         ),
     );
@@ -429,7 +446,7 @@ fn routes_work_on_an_external_device_broker() {
         &device,
         &format!(
             "{}[bus]\nexternal_url = \"mqtt://127.0.0.1:{}\"\n",
-            hub_section(&hub),
+            hub.device_hub_section(),
             bus.port
         ),
     );

@@ -320,6 +320,18 @@ impl Broker {
         }
     }
 
+    /// The `[hub]` section of a device's configuration for this broker: mutual TLS with the
+    /// test PKI's client certificate, reconnecting within a second.
+    pub fn device_hub_section(&self) -> String {
+        format!(
+            "[hub]\nurl = \"{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nreconnect_max_secs = 1\n",
+            self.url(),
+            self.pki.ca.display(),
+            self.pki.client_cert.display(),
+            self.pki.client_key.display()
+        )
+    }
+
     /// The broker's log so far, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

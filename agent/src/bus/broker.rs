@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 
 use super::BusSecret;
 use super::routes::{RouteTable, Target};
-use crate::telemetry::outbox::{NewRecord, Outbox, OutboxError};
+use crate::telemetry::outbox::{Outbox, OutboxError};
 
 /// Largest packet either way.
 pub const MAX_PACKET: usize = 512 * 1024;
@@ -416,12 +416,9 @@ impl Conn<'_> {
         for target in table.targets(&p.topic) {
             match target {
                 Target::Module { topic } => self.shared.deliver(topic, &p.payload, p.qos),
-                Target::Upstream { stream, priority } => {
-                    let record = NewRecord {
-                        stream: stream.clone(),
-                        priority: *priority,
-                        topic: p.topic.clone(),
-                        payload: p.payload.to_vec(),
+                Target::Upstream { .. } => {
+                    let Some(record) = target.record(&p.topic, &p.payload) else {
+                        continue;
                     };
                     let rx = self
                         .shared

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::broker::{BusCounters, MAX_PACKET};
 use super::routes::{RouteTable, Target};
 use crate::hub::link::Password;
-use crate::telemetry::outbox::{NewRecord, Outbox, OutboxError};
+use crate::telemetry::outbox::{Outbox, OutboxError};
 
 pub struct Context {
     pub url: url::Url,
@@ -183,12 +183,9 @@ async fn route(ctx: &Context, p: Publish, outgoing: &mut VecDeque<Out>) -> Optio
                     )));
                 }
             }
-            Target::Upstream { stream, priority } => {
-                let record = NewRecord {
-                    stream: stream.clone(),
-                    priority: *priority,
-                    topic: p.topic.clone(),
-                    payload: p.payload.to_vec(),
+            Target::Upstream { .. } => {
+                let Some(record) = target.record(&p.topic, &p.payload) else {
+                    continue;
                 };
                 match ctx.outbox.submit(record).await {
                     Ok(rx) => waits.push(rx),

@@ -3,6 +3,7 @@
 //! restarting any module.
 
 use crate::manifest::Route;
+use crate::telemetry::outbox::NewRecord;
 
 /// Priority of a route to `$upstream` that does not name one (0 most important, 9 least).
 pub const DEFAULT_PRIORITY: u8 = 5;
@@ -13,6 +14,22 @@ pub enum Target {
     Upstream { stream: String, priority: u8 },
     /// To the subscribers of this topic (another module's input).
     Module { topic: String },
+}
+
+impl Target {
+    /// The outbox record for a message on `topic` routed to this upstream target; `None` for
+    /// a module target.
+    pub fn record(&self, topic: &str, payload: &[u8]) -> Option<NewRecord> {
+        match self {
+            Target::Upstream { stream, priority } => Some(NewRecord {
+                stream: stream.clone(),
+                priority: *priority,
+                topic: topic.to_string(),
+                payload: payload.to_vec(),
+            }),
+            Target::Module { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
