@@ -399,6 +399,35 @@ fn modules_are_confined_to_their_topics_and_routes_change_without_restarts() {
     );
     drop(client);
 
+    // A module cannot take over another's connection by reusing its client id (the test
+    // module's is `{name}-{pid}`, pid 1 in its container).
+    let sink_logs = || module_logs(&device, "sink");
+    let (errors_before, received_before) = {
+        let l = sink_logs();
+        (
+            l.matches("bus error").count(),
+            l.matches("received ").count(),
+        )
+    };
+    let mut o = rumqttc::MqttOptions::new("sink-1", host, port.parse().unwrap());
+    o.set_credentials("sensor", &password);
+    o.set_keep_alive(Duration::from_secs(5));
+    let (_thief, mut thief_conn) = rumqttc::Client::new(o, 10);
+    assert!(matches!(
+        next(&mut thief_conn),
+        Ok(rumqttc::Packet::ConnAck(_))
+    ));
+    wait_for(
+        "the sink to keep receiving",
+        Duration::from_secs(20),
+        || (sink_logs().matches("received ").count() > received_before + 5).then_some(()),
+    );
+    assert_eq!(
+        sink_logs().matches("bus error").count(),
+        errors_before,
+        "another module's connection with the same client id did not disconnect the sink"
+    );
+
     // A route change applies with the deployment, without restarting any module.
     let ids = (module_id(&device, "sink"), module_id(&device, "sensor"));
     let (code, out) = agent.deploy(&manifest(2, "changed"), 90);

@@ -464,6 +464,13 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
         .bus
         .external_url
         .and_then(|u| match url::Url::parse(&u) {
+            Ok(url) if !url.username().is_empty() || url.password().is_some() => {
+                issues.push(
+                    "bus.external_url",
+                    "must not hold credentials: put them in bus.username and bus.password_file",
+                );
+                None
+            }
             Ok(url) if matches!(url.scheme(), "mqtt" | "mqtts") => Some(url),
             _ => {
                 issues.push(
@@ -754,6 +761,33 @@ mod tests {
     fn unknown_keys_are_named() {
         let err = load("device_id = \"a\"\n[hub]\nurll = \"x\"\n", &[]).unwrap_err();
         assert!(err.to_string().contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn bus_and_outbox_settings_are_checked() {
+        let found = issues(load(
+            "device_id = \"d\"\n[bus]\nexternal_url = \"mqtt://agent:secret@127.0.0.1:1883\"\n\
+             [telemetry]\noutbox_max_bytes = 1000\noutbox_max_age_secs = 5\n",
+            &[],
+        ));
+        assert_eq!(
+            found,
+            [
+                "bus.external_url: must not hold credentials: put them in bus.username and bus.password_file",
+                "telemetry.outbox_max_bytes: 1000 is below the minimum of 65536 (64 KiB)",
+                "telemetry.outbox_max_age_secs: 5 is below the minimum of 60",
+            ]
+        );
+        let found = issues(load(
+            "device_id = \"d\"\n[bus]\nusername = \"agent\"\n",
+            &[],
+        ));
+        assert_eq!(
+            found,
+            [
+                "bus.password_file: is required with bus.username (the password is kept in a file, never in the config)",
+            ]
+        );
     }
 
     #[test]

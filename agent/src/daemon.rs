@@ -71,7 +71,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let tasks = TaskTracker::new();
     tasks.spawn(outbox_writer.run(shutdown.clone()));
     let counters = Counters::default();
-    let (routes_tx, routes_rx) = watch::channel(Arc::new(RouteTable::default()));
+    // The stored deployment's routes from the first moment the bus accepts a message: an
+    // empty table would acknowledge what arrives before the reconciler starts, and route it
+    // nowhere.
+    let stored_routes = store
+        .desired()?
+        .map(|d| RouteTable::new(&d.deployment.routes))
+        .unwrap_or_default();
+    let (routes_tx, routes_rx) = watch::channel(Arc::new(stored_routes));
     let module_env = start_bus(
         &config, &runtime, routes_rx, &outbox, &counters, &tasks, &shutdown,
     )
@@ -248,7 +255,7 @@ async fn start_bus(
     }
     let addr = match config.bus.listen {
         Some(addr) => addr,
-        None => match runtime.bridge_gateway().await {
+        None => match runtime.bridge_gateway().await? {
             Some(ip) => std::net::SocketAddr::new(ip, BusConfig::DEFAULT_PORT),
             None => {
                 warn!(

@@ -20,7 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -41,6 +41,16 @@ use crate::telemetry::outbox::{Outbox, OutboxError};
 pub const MAX_PACKET: usize = 512 * 1024;
 /// Messages waiting to be written to one subscriber.
 const SUBSCRIBER_QUEUE: usize = 1024;
+/// Bytes waiting to be written to one subscriber: beyond it, messages to it are dropped.
+const SUBSCRIBER_BYTES: usize = 8 << 20;
+/// Largest CONNECT packet (credentials and a will are small).
+const MAX_CONNECT: usize = 64 * 1024;
+/// Connections at once, authenticated or not.
+const MAX_CONNECTIONS: usize = 128;
+/// Subscriptions per connection.
+const MAX_FILTERS: usize = 64;
+/// A write to a module that does not read in this long closes its connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Publishes waiting for the outbox, per connection: beyond it the broker stops reading from
 /// that module (back-pressure through TCP).
 const MAX_PENDING_ACKS: usize = 1024;
@@ -64,20 +74,28 @@ struct Client {
     module: String,
     filters: Vec<(String, QoS)>,
     tx: mpsc::Sender<Publish>,
+    /// Bytes in `tx` not written yet.
+    queued: Arc<AtomicUsize>,
     kick: CancellationToken,
 }
+
+/// Clients by (module, client id): a client id is scoped to its module, so one module can
+/// never take over another's connection or subscriptions by reusing its client id.
+type ClientKey = (String, String);
 
 struct Shared {
     secret: BusSecret,
     routes: watch::Receiver<Arc<RouteTable>>,
     outbox: Outbox,
-    clients: std::sync::Mutex<HashMap<String, Client>>,
+    clients: std::sync::Mutex<HashMap<ClientKey, Client>>,
     counters: Arc<BusCounters>,
     next_conn: AtomicU64,
+    /// Connection tasks alive, authenticated or not.
+    connections: AtomicUsize,
 }
 
 impl Shared {
-    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<String, Client>> {
+    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<ClientKey, Client>> {
         // Entries are inserted and removed whole; a poisoned lock holds nothing half-done.
         self.clients.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -102,7 +120,18 @@ impl Shared {
                 qos
             };
             let publish = Publish::from_bytes(topic, qos, payload.clone());
+            // The target topic may be longer than the source: what cannot be written to the
+            // subscriber would close its connection, so it is not sent at all.
+            let size = publish.size();
+            if size > MAX_PACKET || client.queued.load(Ordering::Relaxed) + size > SUBSCRIBER_BYTES
+            {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(module = %client.module, topic, size, "message too large or subscriber too far behind; dropped");
+                continue;
+            }
+            client.queued.fetch_add(size, Ordering::Relaxed);
             if client.tx.try_send(publish).is_err() {
+                client.queued.fetch_sub(size, Ordering::Relaxed);
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(module = %client.module, topic, "subscriber queue full; message dropped");
             } else {
@@ -132,6 +161,7 @@ pub async fn serve(
         clients: std::sync::Mutex::new(HashMap::new()),
         counters,
         next_conn: AtomicU64::new(1),
+        connections: AtomicUsize::new(0),
     });
     let tracker = TaskTracker::new();
     if let Ok(addr) = listener.local_addr() {
@@ -144,12 +174,19 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
+                if shared.connections.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                    shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, max = MAX_CONNECTIONS, "bus connection refused: too many connections");
+                    continue;
+                }
                 let _ = stream.set_nodelay(true);
                 let (shared, stop) = (shared.clone(), stop.clone());
+                shared.connections.fetch_add(1, Ordering::Relaxed);
                 tracker.spawn(async move {
                     if let Err(reason) = connection(stream, &shared, stop).await {
                         tracing::debug!(%peer, reason, "bus connection closed");
                     }
+                    shared.connections.fetch_sub(1, Ordering::Relaxed);
                 });
             }
             Err(e) => {
@@ -167,7 +204,10 @@ type AckWait = Pin<Box<dyn Future<Output = Result<(), OutboxError>> + Send>>;
 struct Conn<'a> {
     shared: &'a Shared,
     module: String,
-    client_id: String,
+    key: ClientKey,
+    conn_id: u64,
+    /// Bytes queued for this connection by [`Shared::deliver`].
+    queued: Arc<AtomicUsize>,
     stream: TcpStream,
     input: BytesMut,
     output: BytesMut,
@@ -182,9 +222,12 @@ async fn connection(
     stop: CancellationToken,
 ) -> Result<(), String> {
     let mut input = BytesMut::with_capacity(4096);
-    let first = tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut stream, &mut input))
-        .await
-        .map_err(|_| "no CONNECT in time".to_string())??;
+    let first = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        read_packet(&mut stream, &mut input, MAX_CONNECT),
+    )
+    .await
+    .map_err(|_| "no CONNECT in time".to_string())??;
     let Packet::Connect(connect) = first else {
         return Err("first packet is not CONNECT".into());
     };
@@ -218,25 +261,35 @@ async fn connection(
         .await?;
         return Err("bad credentials".into());
     }
+    let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let client_id = if connect.client_id.is_empty() {
-        format!("{module}-{}", shared.next_conn.load(Ordering::Relaxed))
+        format!("{module}-{conn_id}")
     } else {
         connect.client_id.clone()
     };
-    let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    // Acknowledge before registering: a failed write leaves nothing behind.
+    write(
+        &mut stream,
+        &mut output,
+        Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
+    )
+    .await?;
     let (tx, mut rx) = mpsc::channel(SUBSCRIBER_QUEUE);
     let kick = stop.child_token();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let key: ClientKey = (module.clone(), client_id.clone());
     if let Some(old) = shared.clients().insert(
-        client_id.clone(),
+        key.clone(),
         Client {
             conn: conn_id,
             module: module.clone(),
             filters: Vec::new(),
             tx,
+            queued: queued.clone(),
             kick: kick.clone(),
         },
     ) {
-        // MQTT: a new connection with the same client id takes over.
+        // MQTT: a new connection with the same client id (of the same module) takes over.
         old.kick.cancel();
     }
     shared.counters.clients.fetch_add(1, Ordering::Relaxed);
@@ -244,29 +297,23 @@ async fn connection(
     let mut conn = Conn {
         shared,
         module,
-        client_id,
+        key,
+        conn_id,
+        queued,
         stream,
         input,
         output,
         acks: VecDeque::new(),
         next_pkid: 0,
     };
-    conn.send(Packet::ConnAck(ConnAck::new(
-        ConnectReturnCode::Success,
-        false,
-    )))
-    .await?;
     // Keep-alive: 1.5 times what the client asked for (0 means none).
     let keep_alive = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
     let result = conn.run(&mut rx, keep_alive, kick).await;
     {
         let mut clients = shared.clients();
-        if clients
-            .get(&conn.client_id)
-            .is_some_and(|c| c.conn == conn_id)
-        {
-            clients.remove(&conn.client_id);
+        if clients.get(&conn.key).is_some_and(|c| c.conn == conn_id) {
+            clients.remove(&conn.key);
         }
     }
     shared.counters.clients.fetch_sub(1, Ordering::Relaxed);
@@ -274,9 +321,13 @@ async fn connection(
     result
 }
 
-async fn read_packet(stream: &mut TcpStream, input: &mut BytesMut) -> Result<Packet, String> {
+async fn read_packet(
+    stream: &mut TcpStream,
+    input: &mut BytesMut,
+    max: usize,
+) -> Result<Packet, String> {
     loop {
-        match Packet::read(input, MAX_PACKET) {
+        match Packet::read(input, max) {
             Ok(p) => return Ok(p),
             Err(rumqttc::Error::InsufficientBytes(_)) => {}
             Err(e) => return Err(format!("bad packet: {e}")),
@@ -290,7 +341,10 @@ async fn read_packet(stream: &mut TcpStream, input: &mut BytesMut) -> Result<Pac
 async fn write(stream: &mut TcpStream, output: &mut BytesMut, p: Packet) -> Result<(), String> {
     output.clear();
     p.write(output, MAX_PACKET).map_err(|e| e.to_string())?;
-    stream.write_all(output).await.map_err(|e| e.to_string())
+    tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(output))
+        .await
+        .map_err(|_| "the module stopped reading".to_string())?
+        .map_err(|e| e.to_string())
 }
 
 async fn front(acks: &mut VecDeque<(u16, AckWait)>) -> (u16, Result<(), OutboxError>) {
@@ -331,6 +385,7 @@ impl Conn<'_> {
                     }
                 }
                 Some(mut publish) = rx.recv() => {
+                    self.queued.fetch_sub(publish.size(), Ordering::Relaxed);
                     if publish.qos != QoS::AtMostOnce {
                         self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
                         publish.pkid = self.next_pkid;
@@ -361,8 +416,16 @@ impl Conn<'_> {
             Packet::Subscribe(s) => {
                 let mut codes = Vec::with_capacity(s.filters.len());
                 let mut granted = Vec::new();
+                let held = self
+                    .shared
+                    .clients()
+                    .get(&self.key)
+                    .map_or(0, |c| c.filters.len());
                 for f in s.filters {
-                    if allowed_filter(&self.module, &f.path) {
+                    if held + granted.len() >= MAX_FILTERS {
+                        tracing::warn!(module = %self.module, max = MAX_FILTERS, "too many subscriptions; refused");
+                        codes.push(SubscribeReasonCode::Failure);
+                    } else if allowed_filter(&self.module, &f.path) {
                         let qos = if f.qos == QoS::AtMostOnce {
                             QoS::AtMostOnce
                         } else {
@@ -376,7 +439,12 @@ impl Conn<'_> {
                         codes.push(SubscribeReasonCode::Failure);
                     }
                 }
-                if let Some(c) = self.shared.clients().get_mut(&self.client_id) {
+                if let Some(c) = self
+                    .shared
+                    .clients()
+                    .get_mut(&self.key)
+                    .filter(|c| c.conn == self.conn_id)
+                {
                     for (filter, qos) in granted {
                         c.filters.retain(|(f, _)| *f != filter);
                         c.filters.push((filter, qos));
@@ -385,7 +453,12 @@ impl Conn<'_> {
                 self.send(Packet::SubAck(SubAck::new(s.pkid, codes))).await
             }
             Packet::Unsubscribe(u) => {
-                if let Some(c) = self.shared.clients().get_mut(&self.client_id) {
+                if let Some(c) = self
+                    .shared
+                    .clients()
+                    .get_mut(&self.key)
+                    .filter(|c| c.conn == self.conn_id)
+                {
                     c.filters.retain(|(f, _)| !u.topics.contains(f));
                 }
                 self.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await

@@ -39,10 +39,11 @@ const MAX_OUTGOING: usize = 4096;
 
 enum Out {
     Publish(Publish),
-    Ack(Publish),
+    /// An acknowledgement, with the connection generation its message came on.
+    Ack(u64, Publish),
 }
 
-type Secured = Pin<Box<dyn Future<Output = (Publish, Result<(), OutboxError>)> + Send>>;
+type Secured = Pin<Box<dyn Future<Output = (u64, Publish, Result<(), OutboxError>)> + Send>>;
 
 /// Connection options for the external broker.
 ///
@@ -86,6 +87,25 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
         }
     };
     let (client, mut eventloop) = AsyncClient::new(options, 256);
+    // `EventLoop::poll` is not cancel-safe (an acknowledgement may be taken from the queue and
+    // never written): it runs in a task of its own, never interrupted; it keeps polling after
+    // errors, which is how rumqttc reconnects.
+    let (events_tx, mut events) = tokio::sync::mpsc::channel(64);
+    let poller = tokio::spawn(async move {
+        loop {
+            let event = eventloop.poll().await;
+            let failed = event.is_err();
+            if events_tx.send(event).await.is_err() {
+                return;
+            }
+            if failed {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
+    // Bumped on every CONNACK: an acknowledgement is written only on the connection that
+    // received its message (a packet id on a new session may name another message).
+    let mut generation = 0u64;
     let mut subscribed: Vec<String> = Vec::new();
     let mut securing: FuturesUnordered<Secured> = FuturesUnordered::new();
     // Republishes and acknowledgements waiting for room in the client's request queue, in
@@ -98,7 +118,8 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
                 Out::Publish(p) => client
                     .try_publish(p.topic.as_str(), p.qos, false, p.payload.clone())
                     .is_ok(),
-                Out::Ack(p) => client.try_ack(p).is_ok(),
+                Out::Ack(of, _) if *of != generation => true, // stale: dropped
+                Out::Ack(_, p) => client.try_ack(p).is_ok(),
             };
             if !sent {
                 outgoing.push_front(out);
@@ -107,8 +128,9 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
         }
         tokio::select! {
             _ = stop.cancelled() => break,
-            event = eventloop.poll() => match event {
+            event = events.recv() => match event.unwrap_or(Err(rumqttc::ConnectionError::RequestsDone)) {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    generation += 1;
                     tracing::info!(url = %ctx.url, session_present = ack.session_present, "routing on the external bus");
                     let sources = ctx.routes.borrow().sources();
                     if !ack.session_present {
@@ -117,21 +139,17 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
                     resubscribe(&client, &mut subscribed, sources);
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if let Some(wait) = route(&ctx, p, &mut outgoing).await {
+                    if let Some(wait) = route(&ctx, p, generation, &mut outgoing).await {
                         securing.push(wait);
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(url = %ctx.url, error = %e, "external bus connection failed; retrying in 1 s");
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
                 }
             },
-            Some((p, result)) = securing.next() => match result {
-                Ok(()) | Err(OutboxError::TooLarge { .. }) => outgoing.push_back(Out::Ack(p)),
+            Some((of, p, result)) = securing.next() => match result {
+                Ok(()) | Err(OutboxError::TooLarge { .. }) => outgoing.push_back(Out::Ack(of, p)),
                 // Not acknowledged: the broker redelivers it on the next session.
                 Err(e) => tracing::warn!(error = %e, topic = %p.topic, "not routed upstream"),
             },
@@ -145,6 +163,15 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
         }
     }
     let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Some(e) = events.recv().await {
+            if e.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    poller.abort();
 }
 
 /// Subscribes to new sources and unsubscribes from dropped ones.
@@ -160,7 +187,12 @@ fn resubscribe(client: &AsyncClient, subscribed: &mut Vec<String>, sources: Vec<
 
 /// Carries `p` to its targets; returns what to wait for before acknowledging it, or
 /// acknowledges it at once when nothing needs securing.
-async fn route(ctx: &Context, p: Publish, outgoing: &mut VecDeque<Out>) -> Option<Secured> {
+async fn route(
+    ctx: &Context,
+    p: Publish,
+    generation: u64,
+    outgoing: &mut VecDeque<Out>,
+) -> Option<Secured> {
     ctx.counters.received.fetch_add(1, Ordering::Relaxed);
     let table = ctx.routes.borrow().clone();
     let mut waits = Vec::new();
@@ -198,17 +230,17 @@ async fn route(ctx: &Context, p: Publish, outgoing: &mut VecDeque<Out>) -> Optio
         }
     }
     if waits.is_empty() {
-        outgoing.push_back(Out::Ack(p));
+        outgoing.push_back(Out::Ack(generation, p));
         return None;
     }
     Some(Box::pin(async move {
         for rx in waits {
             match rx.await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return (p, Err(e)),
-                Err(_) => return (p, Err(OutboxError::Closed)),
+                Ok(Err(e)) => return (generation, p, Err(e)),
+                Err(_) => return (generation, p, Err(OutboxError::Closed)),
             }
         }
-        (p, Ok(()))
+        (generation, p, Ok(()))
     }))
 }

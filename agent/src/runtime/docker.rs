@@ -71,13 +71,21 @@ impl DockerRuntime {
 
     /// The gateway address of Docker's default `bridge` network: the host as containers on it
     /// see it, where the local bus listens by default. `None` when there is no such network.
-    pub async fn bridge_gateway(&self) -> Option<std::net::IpAddr> {
-        let network = self.docker.inspect_network("bridge", None).await.ok()?;
-        network
-            .ipam?
-            .config?
+    ///
+    /// Fails when the engine does not answer: falling back to another address then would
+    /// change every module's bus address (and so recreate them) over a passing error.
+    pub async fn bridge_gateway(&self) -> Result<Option<std::net::IpAddr>, RuntimeError> {
+        let network = match self.docker.inspect_network("bridge", None).await {
+            Ok(n) => n,
+            Err(e) if status_of(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(engine("inspect network", "bridge", e)),
+        };
+        Ok(network
+            .ipam
+            .and_then(|i| i.config)
+            .unwrap_or_default()
             .into_iter()
-            .find_map(|c| gateway_of(c.gateway.as_deref(), c.subnet.as_deref()))
+            .find_map(|c| gateway_of(c.gateway.as_deref(), c.subnet.as_deref())))
     }
 
     /// A container's CPU and memory use now, for telemetry. Takes about a second: the engine

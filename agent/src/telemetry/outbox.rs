@@ -45,6 +45,10 @@ const RECORD_OVERHEAD: u64 = 16;
 const GROUP_MAX: usize = 8192;
 /// How many operations may wait for the writer.
 const QUEUE: usize = 16384;
+/// Payload bytes (in KiB) that may wait for the writer: beyond it, producers wait.
+const QUEUED_KIB: u32 = 64 * 1024;
+/// Payload bytes one commit takes at most.
+const GROUP_BYTES: usize = 16 << 20;
 /// How often expired records are looked for.
 const EXPIRY_EVERY: Duration = Duration::from_secs(5);
 /// Largest single record.
@@ -126,7 +130,8 @@ pub struct OutboxStats {
 type Reply = oneshot::Sender<Result<u64, OutboxError>>;
 
 enum Op {
-    Enqueue(NewRecord, Reply),
+    /// The permit holds the record's bytes against [`QUEUED_KIB`] until it is committed.
+    Enqueue(NewRecord, Reply, tokio::sync::OwnedSemaphorePermit),
     /// The hub acknowledged `first..=last` of `stream`.
     Ack {
         stream: String,
@@ -152,6 +157,7 @@ struct Shared {
 pub struct Outbox {
     db: Arc<Database>,
     ops: mpsc::Sender<Op>,
+    budget: Arc<tokio::sync::Semaphore>,
     shared: Arc<Shared>,
 }
 
@@ -286,6 +292,7 @@ impl Outbox {
             Outbox {
                 db: db.clone(),
                 ops: tx.clone(),
+                budget: Arc::new(tokio::sync::Semaphore::new(QUEUED_KIB as usize)),
                 shared: shared.clone(),
             },
             Writer {
@@ -317,8 +324,15 @@ impl Outbox {
         record: NewRecord,
     ) -> Result<oneshot::Receiver<Result<u64, OutboxError>>, OutboxError> {
         let (tx, rx) = oneshot::channel();
+        let kib = (record.payload.len() / 1024 + 1).min(QUEUED_KIB as usize) as u32;
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .map_err(|_| OutboxError::Closed)?;
         self.ops
-            .send(Op::Enqueue(record, tx))
+            .send(Op::Enqueue(record, tx, permit))
             .await
             .map_err(|_| OutboxError::Closed)?;
         Ok(rx)
@@ -467,10 +481,18 @@ impl Writer {
             }
         };
         while let Some(first) = self.ops.blocking_recv() {
+            let size = |op: &Op| match op {
+                Op::Enqueue(r, _, _) => r.payload.len(),
+                _ => 0,
+            };
+            let mut bytes = size(&first);
             let mut ops = vec![first];
-            while ops.len() < GROUP_MAX {
+            while ops.len() < GROUP_MAX && bytes < GROUP_BYTES {
                 match self.ops.try_recv() {
-                    Ok(op) => ops.push(op),
+                    Ok(op) => {
+                        bytes += size(&op);
+                        ops.push(op);
+                    }
                     Err(_) => break,
                 }
             }
@@ -498,7 +520,7 @@ impl Writer {
         // Answer whatever is still waiting: not accepted.
         self.ops.close();
         while let Ok(op) = self.ops.try_recv() {
-            if let Op::Enqueue(_, reply) = op {
+            if let Op::Enqueue(_, reply, _) = op {
                 let _ = reply.send(Err(OutboxError::Closed));
             }
         }
@@ -566,7 +588,7 @@ impl Writer {
                 let now = now_ms();
                 for op in ops {
                     match op {
-                        Op::Enqueue(record, reply) => {
+                        Op::Enqueue(record, reply, _permit) => {
                             let value = encode(now, &record);
                             let size = record_size(value.len());
                             if record.payload.len() > MAX_RECORD_BYTES || size > s.limits.max_bytes

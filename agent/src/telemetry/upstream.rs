@@ -84,13 +84,17 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
     let mut added = ctx.outbox.added();
     let mut ever = false;
     loop {
-        let (client, mut eventloop) = match link::client(&ctx.settings, None) {
+        let (client, eventloop) = match link::client(&ctx.settings, None) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "telemetry link cannot be set up");
                 return;
             }
         };
+        // `EventLoop::poll` is not cancel-safe (a publish may be counted as sent and never
+        // written), so it runs in a task of its own that is never interrupted, and events come
+        // through a channel.
+        let (mut events, mut poller) = spawn_poller(eventloop);
         let mut flight = Flight::default();
         let mut connected = false;
         let error = loop {
@@ -98,10 +102,11 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
                 _ = stop.cancelled() => {
                     ctx.counters.connected.store(false, Ordering::Relaxed);
                     let _ = client.try_disconnect();
-                    let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+                    let _ = tokio::time::timeout(Duration::from_millis(500), &mut poller).await;
+                    poller.abort();
                     return;
                 }
-                event = eventloop.poll() => match event {
+                event = events.recv() => match event.unwrap_or(Err(rumqttc::ConnectionError::RequestsDone)) {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         connected = true;
                         backoff.reset();
@@ -148,7 +153,7 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
         } else {
             tracing::debug!(error = %err, retry_in_ms = delay.as_millis() as u64, "telemetry link connection failed");
         }
-        drop(eventloop);
+        poller.abort();
         ctx.link_session.borrow_and_update();
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -156,6 +161,27 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
             _ = wait_connected(&mut ctx.link_session) => {}
         }
     }
+}
+
+/// Polls `eventloop` in a task of its own until it fails (the error is the last event) or the
+/// receiver is dropped.
+pub(crate) fn spawn_poller(
+    mut eventloop: rumqttc::EventLoop,
+) -> (
+    tokio::sync::mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        loop {
+            let event = eventloop.poll().await;
+            let failed = event.is_err();
+            if tx.send(event).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    (rx, task)
 }
 
 /// Resolves when the main link connects (again).
@@ -266,7 +292,10 @@ pub fn encode_batch(stream: &str, records: &[Record]) -> Vec<u8> {
             format!("{{\"id\":{},\"ts\":{},\"topic\":", r.id, r.ts_ms).as_bytes(),
         );
         let _ = serde_json::to_writer(&mut out, &r.topic);
+        // Valid UTF-8 first: serde_json skips strings without checking it, and a batch with
+        // invalid UTF-8 would be acknowledged by the hub yet unreadable there.
         if !r.payload.is_empty()
+            && std::str::from_utf8(&r.payload).is_ok()
             && serde_json::from_slice::<serde::de::IgnoredAny>(&r.payload).is_ok()
         {
             out.extend_from_slice(b",\"body\":");
@@ -346,11 +375,25 @@ mod tests {
                 topic: "t".into(),
                 payload: b"{not json".to_vec(),
             },
+            Record {
+                id: 4,
+                ts_ms: 8,
+                topic: "t".into(),
+                payload: b"{\"a\":\"\xff\"}".to_vec(),
+            },
         ];
         let bytes = encode_batch("s\"1", &records);
         let batch: ReceivedBatch = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(batch.stream, "s\"1");
-        assert_eq!(batch.records.len(), 3);
+        assert_eq!(batch.records.len(), 4);
+        assert!(
+            std::str::from_utf8(&bytes).is_ok(),
+            "a batch is always UTF-8"
+        );
+        assert!(
+            batch.records[3].body_base64.is_some(),
+            "JSON with invalid UTF-8 goes as base64"
+        );
         assert_eq!(batch.records[0].body, Some(serde_json::json!({"t": 21.5})));
         assert_eq!(batch.records[1].topic, "modules/a/outputs/\"q\"");
         assert_eq!(batch.records[1].body_base64.as_deref(), Some("/wA="));
