@@ -563,7 +563,7 @@ fn routes_work_on_an_external_device_broker() {
     });
     // At-least-once here: should the router's connection to the device's broker drop, the
     // broker redelivers what the router had not acknowledged, and it is routed again as new
-    // records. (Seen once in about twenty runs; the log then says why.) The first arrival of
+    // records. (Seen once in about thirty runs; the log then says why.) The first arrival of
     // each record is complete and in order.
     if ext.len() != 500 {
         eprintln!(
