@@ -280,6 +280,36 @@ impl Issues {
         });
     }
 
+    /// `SECTION.username` with `SECTION.password_file`: both or neither.
+    fn credentials(
+        &mut self,
+        section: &str,
+        username: Option<String>,
+        password_file: Option<PathBuf>,
+        base: &Path,
+    ) -> Option<(String, PathBuf)> {
+        match (username, password_file) {
+            (Some(u), Some(p)) => {
+                Some((u, self.file(&format!("{section}.password_file"), &p, base)))
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                self.push(
+                    &format!("{section}.password_file"),
+                    format!("is required with {section}.username (the password is kept in a file, never in the config)"),
+                );
+                None
+            }
+            (None, Some(_)) => {
+                self.push(
+                    &format!("{section}.username"),
+                    format!("is required with {section}.password_file"),
+                );
+                None
+            }
+        }
+    }
+
     /// A file the agent will need: relative paths are taken from the config file's folder.
     fn file(&mut self, key: &str, path: &Path, base: &Path) -> PathBuf {
         let path = if path.is_relative() {
@@ -480,18 +510,8 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
                 None
             }
         });
-    let external_credentials = match (raw.bus.username, raw.bus.password_file) {
-        (Some(u), Some(p)) => Some((u, issues.file("bus.password_file", &p, base))),
-        (None, None) => None,
-        (Some(_), None) => {
-            issues.push("bus.password_file", "is required with bus.username (the password is kept in a file, never in the config)");
-            None
-        }
-        (None, Some(_)) => {
-            issues.push("bus.username", "is required with bus.password_file");
-            None
-        }
-    };
+    let external_credentials =
+        issues.credentials("bus", raw.bus.username, raw.bus.password_file, base);
     if external_credentials.is_some() && external_url.is_none() {
         issues.push(
             "bus.username",
@@ -632,18 +652,7 @@ fn hub(h: RawHub, base: &Path, issues: &mut Issues) -> Option<HubConfig> {
             "a client certificate needs an `mqtts://` URL",
         );
     }
-    let credentials = match (h.username, h.password_file) {
-        (Some(u), Some(p)) => Some((u, issues.file("hub.password_file", &p, base))),
-        (None, None) => None,
-        (Some(_), None) => {
-            issues.push("hub.password_file", "is required with hub.username (the password is kept in a file, never in the config)");
-            None
-        }
-        (None, Some(_)) => {
-            issues.push("hub.username", "is required with hub.password_file");
-            None
-        }
-    };
+    let credentials = issues.credentials("hub", h.username, h.password_file, base);
     let topic_prefix = h.topic_prefix.unwrap_or_else(|| "outpost".into());
     if topic_prefix.is_empty()
         || topic_prefix.contains(['+', '#'])
