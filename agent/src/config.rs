@@ -62,6 +62,8 @@ struct RawConfig {
     bus: RawBus,
     #[serde(default)]
     telemetry: RawTelemetry,
+    #[serde(default)]
+    disk: RawDisk,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,7 +91,16 @@ struct RawRuntime {
     docker_socket: Option<PathBuf>,
     stop_grace_secs: Option<u64>,
     max_concurrent_pulls: Option<usize>,
+    max_parallel_actions: Option<usize>,
     image_gc_after_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDisk {
+    high_watermark_percent: Option<u8>,
+    pull_reserve_mb: Option<u64>,
+    store_reserve_kb: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -152,6 +163,7 @@ pub struct Config {
     pub api_socket: PathBuf,
     pub bus: BusConfig,
     pub telemetry: TelemetryConfig,
+    pub disk: DiskConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -178,8 +190,34 @@ pub struct RuntimeConfig {
     pub docker_socket: PathBuf,
     pub stop_grace: Duration,
     pub max_concurrent_pulls: usize,
+    /// Container operations (stop, remove, create, start) carried out at once when a
+    /// deployment switches: ten modules that ignore SIGTERM then cost one stop grace, not ten.
+    pub max_parallel_actions: usize,
     /// Images no deployment uses are removed after this long.
     pub image_gc_after: Duration,
+}
+
+/// What the agent does as disks fill up.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    /// Above this share of a filesystem in use, the outbox sheds its least important streams
+    /// first (state directory's filesystem) and image pulls are refused (the engine's).
+    pub high_watermark_percent: u8,
+    /// Free space a pull must leave on the engine's filesystem, beyond the image's size.
+    pub pull_reserve_bytes: u64,
+    /// An emergency reserve kept as a file in the state directory and given back when the disk
+    /// is full, so the store can still commit the deployment that fixes the device.
+    pub store_reserve_bytes: u64,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        DiskConfig {
+            high_watermark_percent: 90,
+            pull_reserve_bytes: 256 << 20,
+            store_reserve_bytes: 2 << 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -405,7 +443,15 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
             format!("{stop_grace_secs} is over 600 seconds"),
         );
     }
+    let max_parallel_actions = r.max_parallel_actions.unwrap_or(16);
+    if !(1..=64).contains(&max_parallel_actions) {
+        issues.push(
+            "runtime.max_parallel_actions",
+            format!("{max_parallel_actions} is outside 1..=64"),
+        );
+    }
     let runtime = RuntimeConfig {
+        max_parallel_actions,
         docker_socket: r
             .docker_socket
             .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
@@ -570,6 +616,36 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
         metrics_listen,
     };
 
+    let defaults = DiskConfig::default();
+    let high_watermark_percent = raw
+        .disk
+        .high_watermark_percent
+        .unwrap_or(defaults.high_watermark_percent);
+    if !(50..=99).contains(&high_watermark_percent) {
+        issues.push(
+            "disk.high_watermark_percent",
+            format!("{high_watermark_percent} is outside 50..=99"),
+        );
+    }
+    let store_reserve_kb = raw
+        .disk
+        .store_reserve_kb
+        .unwrap_or(defaults.store_reserve_bytes >> 10);
+    if store_reserve_kb > 1 << 20 {
+        issues.push(
+            "disk.store_reserve_kb",
+            format!("{store_reserve_kb} is over 1048576 (1 GiB)"),
+        );
+    }
+    let disk = DiskConfig {
+        high_watermark_percent,
+        pull_reserve_bytes: raw
+            .disk
+            .pull_reserve_mb
+            .map_or(defaults.pull_reserve_bytes, |mb| mb.saturating_mul(1 << 20)),
+        store_reserve_bytes: store_reserve_kb << 10,
+    };
+
     if !issues.0.is_empty() {
         return Err(issues.0);
     }
@@ -585,6 +661,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
         api_socket,
         bus,
         telemetry,
+        disk,
     })
 }
 

@@ -16,9 +16,11 @@
 pub mod api;
 pub mod bus;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod disk;
 pub mod hub;
 pub mod intake;
 pub mod logging;

@@ -193,7 +193,7 @@ impl<R: Runtime> Reconciler<R> {
             event_tx,
             shutdown.clone(),
         ));
-        self.runtime_version = self.runtime.version().await.ok();
+        self.runtime_version = self.runtime.info().await.ok().map(|i| i.version);
         let mut resync = tokio::time::interval(RESYNC_EVERY);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut passes_in_a_row = 0;

@@ -136,6 +136,30 @@ pub enum RestartPolicy {
     Never,
 }
 
+impl RestartPolicy {
+    /// The manifest's name for the policy (also written as a container label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::OnUnhealthy => "on-unhealthy",
+            RestartPolicy::Never => "never",
+        }
+    }
+
+    /// The policy a label names; `None` for anything else.
+    pub fn from_label(label: &str) -> Option<RestartPolicy> {
+        [
+            RestartPolicy::Always,
+            RestartPolicy::OnFailure,
+            RestartPolicy::OnUnhealthy,
+            RestartPolicy::Never,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == label)
+    }
+}
+
 /// Docker create options Outpost passes through. Anything else is refused, so that a manifest
 /// cannot reach engine features the device's policy has not been written for.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

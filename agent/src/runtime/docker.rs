@@ -21,8 +21,8 @@ use futures_util::{Stream, StreamExt as _};
 use tokio::sync::mpsc;
 
 use super::{
-    ContainerSpec, ContainerState, ContainerUsage, Health, ImageInfo, LogOptions, Observed,
-    PullProgress, Runtime, RuntimeError, RuntimeEvent, labels,
+    ContainerSpec, ContainerState, ContainerUsage, EngineInfo, Health, ImageInfo, LogOptions,
+    Observed, PullProgress, Runtime, RuntimeError, RuntimeEvent, labels,
 };
 use crate::manifest::{ImageRef, RegistryCredentials};
 
@@ -253,17 +253,27 @@ fn outpost_filter(device: &str) -> HashMap<String, Vec<String>> {
 }
 
 impl Runtime for DockerRuntime {
-    async fn version(&self) -> Result<String, RuntimeError> {
+    async fn info(&self) -> Result<EngineInfo, RuntimeError> {
         let v = self
             .docker
             .version()
             .await
             .map_err(|e| engine("version", "engine", e))?;
-        Ok(format!(
-            "docker {} (API {})",
-            v.version.unwrap_or_default(),
-            v.api_version.unwrap_or_default()
-        ))
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(|e| engine("info", "engine", e))?;
+        Ok(EngineInfo {
+            version: format!(
+                "docker {} (API {})",
+                v.version.unwrap_or_default(),
+                v.api_version.unwrap_or_default()
+            ),
+            os: v.os.unwrap_or_else(|| "linux".into()),
+            architecture: v.arch.unwrap_or_default(),
+            root_dir: info.docker_root_dir.map(std::path::PathBuf::from),
+        })
     }
 
     async fn image(&self, image: &str) -> Result<Option<ImageInfo>, RuntimeError> {
@@ -273,6 +283,9 @@ impl Runtime for DockerRuntime {
                 tags: i.repo_tags.unwrap_or_default(),
                 digests: i.repo_digests.unwrap_or_default(),
                 created: i.created.as_deref().and_then(parse_rfc3339).unwrap_or(0) as i64,
+                os: i.os.unwrap_or_default(),
+                architecture: i.architecture.unwrap_or_default(),
+                variant: i.variant.filter(|v| !v.is_empty()),
             })),
             Err(e) if status_of(&e) == Some(404) => Ok(None),
             Err(e) => Err(engine("inspect image", image, e)),
@@ -462,6 +475,16 @@ impl Runtime for DockerRuntime {
         }
     }
 
+    async fn rename(&self, id: &str, name: &str) -> Result<(), RuntimeError> {
+        let options = bollard::query_parameters::RenameContainerOptionsBuilder::default()
+            .name(name)
+            .build();
+        self.docker
+            .rename_container(id, options)
+            .await
+            .map_err(|e| engine("rename", id, e))
+    }
+
     async fn list(&self, device: &str) -> Result<Vec<Observed>, RuntimeError> {
         let options = ListContainersOptionsBuilder::default()
             .all(true)
@@ -542,6 +565,9 @@ impl Runtime for DockerRuntime {
                 tags: i.repo_tags,
                 digests: i.repo_digests,
                 created: i.created,
+                os: String::new(),
+                architecture: String::new(),
+                variant: None,
             })
             .collect())
     }

@@ -3,6 +3,7 @@
 //! so nothing the agent did not create can reach the planner.
 
 pub mod docker;
+pub mod fake;
 pub mod spec;
 
 use std::collections::BTreeMap;
@@ -16,6 +17,18 @@ use crate::manifest::RegistryCredentials;
 
 pub use docker::DockerRuntime;
 
+/// This device's architecture in Go's names, which Docker and registries use (`amd64`,
+/// `arm64`, `arm`).
+pub fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
 /// Labels that mark a container as Outpost's.
 pub mod labels {
     pub const MANAGED: &str = "io.outpost.managed";
@@ -24,6 +37,12 @@ pub mod labels {
     pub const DEPLOYMENT: &str = "io.outpost.deployment";
     pub const VERSION: &str = "io.outpost.version";
     pub const CONFIG_HASH: &str = "io.outpost.config-hash";
+    /// The module's restart policy when the container was created: what the agent follows for
+    /// a container it finds without a deployment to read it from (a lost store).
+    pub const RESTART_POLICY: &str = "io.outpost.restart-policy";
+    /// The module's startup group when the container was created: leaving modules are stopped
+    /// in reverse startup order.
+    pub const STARTUP_ORDER: &str = "io.outpost.startup-order";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +122,23 @@ pub struct ImageInfo {
     pub digests: Vec<String>,
     /// Unix seconds when the image was created.
     pub created: i64,
+    /// The platform the image is built for, in Go's names (`linux`, `amd64`/`arm64`/`arm`);
+    /// empty when the engine does not say (image lists do not).
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+/// What the agent needs to know about the engine itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineInfo {
+    /// For reported state: `docker 20.10.24 (API 1.41)`.
+    pub version: String,
+    /// The engine's platform in Go's names: images for another one are refused before a switch.
+    pub os: String,
+    pub architecture: String,
+    /// Where the engine keeps images (`/var/lib/docker`): the filesystem pulls fill.
+    pub root_dir: Option<std::path::PathBuf>,
 }
 
 /// Progress of an image pull, for `outpost deploy --local` and logs.
@@ -166,8 +202,8 @@ pub enum RuntimeError {
 
 /// A container engine, as the executor uses it.
 pub trait Runtime: Send + Sync + 'static {
-    /// The engine's version, for reported state.
-    fn version(&self) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    /// The engine's version, platform and data folder.
+    fn info(&self) -> impl Future<Output = Result<EngineInfo, RuntimeError>> + Send;
     /// The image if the engine has it.
     fn image(
         &self,
@@ -193,6 +229,9 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Removes a container (forcing, so a running one goes too).
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Renames a container (a staged container takes its module's name after the switch).
+    fn rename(&self, id: &str, name: &str)
+    -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Every container labelled as Outpost's for `device`, running or not.
     fn list(
         &self,

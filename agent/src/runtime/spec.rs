@@ -64,6 +64,11 @@ pub fn container_spec(
         (labels::DEPLOYMENT, deployment_id.to_string()),
         (labels::VERSION, version.to_string()),
         (labels::CONFIG_HASH, config_hash(module, extra_env)),
+        (
+            labels::RESTART_POLICY,
+            module.restart_policy.as_str().to_string(),
+        ),
+        (labels::STARTUP_ORDER, module.startup_order.to_string()),
     ] {
         all_labels.insert(k.to_string(), v);
     }
