@@ -5,13 +5,14 @@
 //!
 //! The file holds registry credentials, so it is created owner-only.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+use crate::clock::BootInstant;
 use crate::intake::Provenance;
 use crate::manifest::Deployment;
 use crate::planner::ModuleHistory;
@@ -27,6 +28,7 @@ const LAST_GOOD: &str = "last_good";
 const VERSIONS: &str = "versions";
 const DIGESTS: &str = "digests";
 const REPORT: &str = "report";
+const WINDOW: &str = "window";
 
 /// A deployment as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,11 +160,18 @@ impl Store {
         self.get(REPORT)
     }
 
-    /// Stores a newly accepted deployment and its version in one transaction.
+    /// When the deployment in force started applying (its rollback window), on the monotonic
+    /// clock of the boot that started it.
+    pub fn window(&self) -> Result<Option<BootInstant>, StoreError> {
+        self.get(WINDOW)
+    }
+
+    /// Stores a newly accepted deployment, its version and its window in one transaction.
     pub fn accept(
         &self,
         d: &StoredDeployment,
         report: &DeploymentReport,
+        window: &BootInstant,
     ) -> Result<(), StoreError> {
         let mut versions = self.versions()?;
         let mut digests = self.digests()?;
@@ -174,6 +183,7 @@ impl Store {
             Self::put(meta, DESIRED, d)?;
             Self::put(meta, VERSIONS, &versions)?;
             Self::put(meta, DIGESTS, &digests)?;
+            Self::put(meta, WINDOW, window)?;
             Self::put(meta, REPORT, report)
         })
     }
@@ -183,9 +193,11 @@ impl Store {
         &self,
         d: &StoredDeployment,
         report: &DeploymentReport,
+        window: &BootInstant,
     ) -> Result<(), StoreError> {
         self.write(|meta, _| {
             Self::put(meta, DESIRED, d)?;
+            Self::put(meta, WINDOW, window)?;
             Self::put(meta, REPORT, report)
         })
     }
@@ -246,35 +258,37 @@ impl Store {
 }
 
 impl Store {
-    /// Images deployments have used, with when they were last used (Unix ms).
-    pub fn images(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+    /// Images deployments have named: the ones image cleanup may remove once unused.
+    pub fn images(&self) -> Result<BTreeSet<String>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| io("begin")(e.into()))?;
         let table = txn
             .open_table(IMAGES)
             .map_err(|e| io("open table")(e.into()))?;
-        let mut out = BTreeMap::new();
+        let mut out = BTreeSet::new();
         for entry in table.iter().map_err(|e| io("read")(e.into()))? {
-            let (k, v) = entry.map_err(|e| io("read")(e.into()))?;
-            out.insert(k.value().to_string(), v.value());
+            let (k, _) = entry.map_err(|e| io("read")(e.into()))?;
+            out.insert(k.value().to_string());
         }
         Ok(out)
     }
 
-    /// Marks images as used now.
-    pub fn touch_images<'a>(
+    /// Records images a deployment names; commits only when one is new (no flash wear).
+    pub fn add_images<'a>(
         &self,
         images: impl IntoIterator<Item = &'a str>,
-        now: u64,
     ) -> Result<(), StoreError> {
+        let known = self.images()?;
+        let new: Vec<&str> = images.into_iter().filter(|i| !known.contains(*i)).collect();
+        if new.is_empty() {
+            return Ok(());
+        }
         let txn = self.db.begin_write().map_err(|e| io("begin")(e.into()))?;
         {
             let mut table = txn
                 .open_table(IMAGES)
                 .map_err(|e| io("open table")(e.into()))?;
-            for image in images {
-                table
-                    .insert(image, now)
-                    .map_err(|e| io("write")(e.into()))?;
+            for image in new {
+                table.insert(image, 0).map_err(|e| io("write")(e.into()))?;
             }
         }
         txn.commit().map_err(|e| io("commit")(e.into()))
@@ -341,7 +355,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
-            store.accept(&stored(3), &report(3)).unwrap();
+            let window = BootInstant {
+                boot_id: "b".into(),
+                mono_ms: 7,
+            };
+            store.accept(&stored(3), &report(3), &window).unwrap();
             store.set_last_good(&stored(2)).unwrap();
             store
                 .set_history(
@@ -357,6 +375,7 @@ mod tests {
         assert_eq!(store.desired().unwrap().unwrap().deployment.version, 3);
         assert_eq!(store.last_good().unwrap().unwrap().deployment.version, 2);
         assert_eq!(store.versions().unwrap()["device"], 3);
+        assert_eq!(store.window().unwrap().unwrap().mono_ms, 7);
         assert_eq!(store.history().unwrap()["a"].restarts, 5);
         store.retain_history(|m| m != "a").unwrap();
         assert!(store.history().unwrap().is_empty());
