@@ -77,6 +77,28 @@ pub struct Settings {
     pub store_recovery: Option<String>,
 }
 
+impl Settings {
+    /// The defaults of a device configuration without a bus (tests, simulations), on `clock`.
+    pub fn new(device: &str, clock: SharedClock) -> Settings {
+        Settings {
+            device: device.to_string(),
+            policy: crate::config::PolicyConfig::default(),
+            facts: DeviceFacts::detect(),
+            stop_grace: Duration::from_secs(10),
+            max_concurrent_pulls: 2,
+            max_parallel_actions: 16,
+            image_gc_after: Duration::from_secs(24 * 3600),
+            disk: crate::config::DiskConfig::default(),
+            module_env: crate::bus::ModuleEnv::default(),
+            routes: None,
+            deployments: Arc::default(),
+            clock,
+            conditions: None,
+            store_recovery: None,
+        }
+    }
+}
+
 /// How long deployments took from acceptance to applied, for metrics.
 #[derive(Debug, Default)]
 pub struct DeploymentCounters {
@@ -1318,6 +1340,9 @@ impl<R: Runtime> Reconciler<R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
 
 /// Why an offer was not taken.
 enum Refusal {

@@ -84,6 +84,12 @@ impl Store {
         let store = Store { db: Arc::new(db) };
         // Create the tables so that readers never meet a missing one.
         store.write(|_, _| Ok(()))?;
+        {
+            let txn = store.db.begin_write().map_err(|e| io("begin")(e.into()))?;
+            txn.open_table(IMAGES)
+                .map_err(|e| io("open table")(e.into()))?;
+            txn.commit().map_err(|e| io("commit")(e.into()))?;
+        }
         Ok(store)
     }
 
