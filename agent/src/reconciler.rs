@@ -159,6 +159,7 @@ impl ActionError {
 struct PendingOffer {
     accepted: Accepted,
     source: Source,
+    handback: bool,
     attempts: u32,
     next_at: u64,
 }
@@ -208,6 +209,9 @@ pub struct Reconciler<R: Runtime> {
     last_observed: Vec<Observed>,
     /// Problems of the agent itself (a store write that failed), shown as conditions.
     agent_problems: BTreeMap<&'static str, String>,
+    /// The latest wall-clock time (Unix ms) the device has known to be true: expiry is never
+    /// judged earlier than this, whatever the clock reads after a reboot.
+    time_floor: u64,
 }
 
 /// What [`Reconciler::build`] hands back: the task to run and the handle to reach it.
@@ -300,6 +304,7 @@ impl<R: Runtime> Reconciler<R> {
             pending: None,
             last_observed: Vec::new(),
             agent_problems: BTreeMap::new(),
+            time_floor: crate::clock::PLAUSIBLE_AFTER_MS,
         };
         Ok(Parts {
             reconciler,
@@ -366,9 +371,10 @@ impl<R: Runtime> Reconciler<R> {
             Request::Offer {
                 accepted,
                 source,
+                handback,
                 reply,
             } => {
-                let outcome = self.offer(*accepted, source);
+                let outcome = self.offer(*accepted, source, handback);
                 let _ = reply.send(outcome);
                 true
             }
@@ -392,7 +398,12 @@ impl<R: Runtime> Reconciler<R> {
         self.clock.wall_ms() / 1000
     }
 
-    fn offer(&mut self, accepted: Accepted, source: Source) -> Result<(), Vec<Issue>> {
+    fn offer(
+        &mut self,
+        accepted: Accepted,
+        source: Source,
+        handback: bool,
+    ) -> Result<(), Vec<Issue>> {
         let d = &accepted.deployment;
         if let Some((current, _)) = &self.desired
             && current.digest == accepted.digest
@@ -417,7 +428,7 @@ impl<R: Runtime> Reconciler<R> {
         {
             return Ok(());
         }
-        match self.try_accept(accepted, source) {
+        match self.try_accept(accepted, source, handback) {
             Ok(()) => Ok(()),
             Err(Refusal::Rules(issues)) => Err(issues),
             Err(Refusal::Store {
@@ -444,6 +455,7 @@ impl<R: Runtime> Reconciler<R> {
                 self.pending = Some(PendingOffer {
                     accepted,
                     source,
+                    handback,
                     attempts: 1,
                     next_at: now + RETRY_BASE_MS,
                 });
@@ -454,10 +466,17 @@ impl<R: Runtime> Reconciler<R> {
         }
     }
 
-    /// The version rule, the policy and the device's requirements, then the store. Refused by
-    /// the rules: nothing changes. Refused by the store: handed back to be retried.
-    fn try_accept(&mut self, accepted: Accepted, source: Source) -> Result<(), Refusal> {
+    /// The binding (target, expiry), the version floor, the policy and the device's
+    /// requirements, then the store. Refused by the rules: nothing changes. Refused by the
+    /// store: handed back to be retried.
+    fn try_accept(
+        &mut self,
+        accepted: Accepted,
+        source: Source,
+        handback: bool,
+    ) -> Result<(), Refusal> {
         let d = &accepted.deployment;
+        let keys = !self.settings.policy.trusted_keys.is_empty();
         let store_failed = |accepted: Accepted, source: Source, e: StoreError| Refusal::Store {
             accepted,
             source,
@@ -479,17 +498,30 @@ impl<R: Runtime> Reconciler<R> {
         } else {
             false
         };
-        let mut issues = Vec::new();
+        // Going back to what an overridden source had accepted needs the override to have
+        // been withdrawn by someone trusted: on a device with keys, a signed withdrawal.
+        let handed_back = handed_back && (handback || !keys);
+        let mut issues = crate::binding::check(
+            d,
+            &source,
+            &crate::binding::Rules {
+                device: &self.settings.device,
+                require: keys,
+                now_ms: crate::binding::trusted_now(self.clock.wall_ms(), self.time_floor),
+            },
+        );
         match self.store.versions() {
             Ok(versions) => {
-                if let Some(last) = versions.get(&source_key(&source))
-                    && d.version <= *last
+                // One floor for the device, whatever the source: no source can take it below
+                // the highest version it has accepted (a rollback is a newer version).
+                if let Some((from, floor)) = versions.iter().max_by_key(|(_, v)| **v)
+                    && d.version <= *floor
                     && !handed_back
                 {
                     issues.push(Issue::new(
                         "/version",
                         format!(
-                            "version {} is not newer than {last}, the last accepted from this source; publish a higher version",
+                            "version {} is not newer than {floor}, the highest this device has accepted (from {from}); publish a higher version",
                             d.version
                         ),
                     ));
@@ -535,6 +567,9 @@ impl<R: Runtime> Reconciler<R> {
         }
         info!(id = %d.id, version = d.version, modules = d.modules.len(), "deployment accepted");
         self.pending = None;
+        if self.clock.wall_is_plausible() {
+            self.time_floor = self.time_floor.max(self.clock.wall_ms());
+        }
         // Every image a deployment names is the agent's to clean up once unused.
         let images: Vec<String> = d.modules.values().map(|m| m.image.clone()).collect();
         match self.store.add_images(images.iter().map(String::as_str)) {
@@ -713,8 +748,8 @@ impl<R: Runtime> Reconciler<R> {
         let Some(p) = self.pending.take_if(|p| p.next_at <= now) else {
             return;
         };
-        let attempts = p.attempts;
-        match self.try_accept(p.accepted, p.source) {
+        let (attempts, p_handback) = (p.attempts, p.handback);
+        match self.try_accept(p.accepted, p.source, p.handback) {
             Ok(()) => info!("stored the deployment that was waiting"),
             Err(Refusal::Rules(_)) => {}
             Err(Refusal::Store {
@@ -736,6 +771,7 @@ impl<R: Runtime> Reconciler<R> {
                 self.pending = Some(PendingOffer {
                     accepted,
                     source,
+                    handback: p_handback,
                     attempts: attempts + 1,
                     next_at,
                 });

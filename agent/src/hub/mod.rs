@@ -156,6 +156,7 @@ pub async fn run_with(
             handle: handle.clone(),
             trusted: config.policy.trusted_keys.clone(),
             groups: hub.groups.clone(),
+            device: config.device_id.clone(),
             rejected: rejected_tx,
         },
         stop.clone(),
