@@ -90,10 +90,13 @@ async fn deploy_over_mutual_tls_until_applied_and_commands_answer() {
     assert_eq!(d.source, Source::Device);
     assert_eq!(state.modules.len(), 1);
 
-    // Status, and commands with their answers.
+    // Status, and commands with their answers. The device trusts a key: commands are signed.
     let run = |extra: &[&str]| {
         let mut a = args.clone();
         a.extend(extra.iter().map(|s| s.to_string()));
+        if extra.first() == Some(&"cmd") {
+            a.extend(["--sign-key".to_string(), private.display().to_string()]);
+        }
         outpost(a)
     };
     assert_eq!(run(&["status"]).await, 0);
@@ -145,10 +148,25 @@ async fn deploy_over_mutual_tls_until_applied_and_commands_answer() {
     op.subscribe(&["outpost/cam-1/responses/+".to_string()])
         .await
         .unwrap();
+    let signed = |command: &str, id: &str, args: serde_json::Value| {
+        let c = outpost_agent::hub::commands::SignedCommand {
+            command: command.into(),
+            device: "cam-1".into(),
+            id: id.into(),
+            expires_at: outpost_agent::clock::format_rfc3339(outpost_agent::hub::unix_now() + 300),
+            args,
+        };
+        serde_json::to_vec(&signing::sign_as(
+            signing::COMMAND_TYPE,
+            &serde_json::to_vec(&c).unwrap(),
+            &_key,
+        ))
+        .unwrap()
+    };
     op.publish(
         "outpost/cam-1/commands/self-destruct",
         false,
-        br#"{"id":"r-1","args":{}}"#.to_vec(),
+        signed("self-destruct", "r-1", serde_json::json!({})),
     )
     .await
     .unwrap();
@@ -167,14 +185,32 @@ async fn deploy_over_mutual_tls_until_applied_and_commands_answer() {
     for i in 1..=1000 {
         device.agent.engine.print("app", &format!("app line {i}"));
     }
+    // An unsigned command (anyone who can publish on the broker) is refused, and says why.
+    op.publish(
+        "outpost/cam-1/commands/logs",
+        false,
+        br#"{"id":"r-unsigned","args":{"module":"app","tail":3}}"#.to_vec(),
+    )
+    .await
+    .unwrap();
+    let refused = wait_for_message(&mut op, "outpost/cam-1/responses/r-unsigned", WAIT, |b| {
+        serde_json::from_slice::<serde_json::Value>(b).ok()
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused["ok"], false);
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("unsigned command refused"),
+        "{refused}"
+    );
+    let logs_command = signed("logs", "r-2", serde_json::json!({"module":"app","tail":3}));
     let logs = {
-        op.publish(
-            "outpost/cam-1/commands/logs",
-            false,
-            br#"{"id":"r-2","args":{"module":"app","tail":3}}"#.to_vec(),
-        )
-        .await
-        .unwrap();
+        op.publish("outpost/cam-1/commands/logs", false, logs_command.clone())
+            .await
+            .unwrap();
         wait_for_message(&mut op, "outpost/cam-1/responses/r-2", WAIT, |b| {
             serde_json::from_slice::<serde_json::Value>(b).ok()
         })
@@ -184,6 +220,21 @@ async fn deploy_over_mutual_tls_until_applied_and_commands_answer() {
     assert_eq!(
         logs["result"]["text"],
         "app line 998\napp line 999\napp line 1000\n"
+    );
+    // The same signed command again (a replay): refused.
+    op.publish("outpost/cam-1/commands/logs", false, logs_command)
+        .await
+        .unwrap();
+    let replay = wait_for_message(&mut op, "outpost/cam-1/responses/r-2", WAIT, |b| {
+        serde_json::from_slice::<serde_json::Value>(b)
+            .ok()
+            .filter(|v| v["ok"] == false)
+    })
+    .await
+    .unwrap();
+    assert!(
+        replay["error"].as_str().unwrap().contains("replay"),
+        "{replay}"
     );
 
     // The same deployment delivered again (a redelivery) changes nothing.

@@ -1307,6 +1307,7 @@ impl<R: Runtime> Reconciler<R> {
                 |o| o.id.clone(),
             );
         let runtime = self.runtime.clone();
+        let secrets = self.secrets_of(name);
         ctx.tasks.spawn(async move {
             let stream = runtime.logs(
                 &container,
@@ -1315,8 +1316,43 @@ impl<R: Runtime> Reconciler<R> {
                     ..Default::default()
                 },
             );
-            let _ = reply.send(read_logs(stream, max_bytes).await);
+            let text = read_logs(stream, max_bytes)
+                .await
+                .map(|text| redact(&text, &secrets));
+            let _ = reply.send(text);
         });
+    }
+
+    /// What a module's logs must not carry off the device: its environment's values (a
+    /// module printing its configuration prints its secrets), its bus password, the
+    /// deployment's registry passwords. Values shorter than 4 bytes are left alone (`1`,
+    /// `yes`): redacting them would redact everything.
+    fn secrets_of(&self, module: &str) -> Vec<String> {
+        let mut secrets: Vec<String> = self
+            .settings
+            .module_env
+            .for_module(module)
+            .into_iter()
+            .filter(|(k, _)| k == crate::bus::env::PASSWORD)
+            .map(|(_, v)| v)
+            .collect();
+        if let Some((stored, _)) = &self.desired {
+            if let Some(m) = stored.deployment.modules.get(module) {
+                secrets.extend(m.env.values().cloned());
+            }
+            secrets.extend(
+                stored
+                    .deployment
+                    .registries
+                    .values()
+                    .map(|r| r.password.expose().to_string()),
+            );
+        }
+        secrets.retain(|s| s.len() >= 4);
+        // Longest first, so a secret containing another is replaced whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        secrets
     }
 
     /// Image cleanup: images deployments named that neither the desired deployment, the last
@@ -1641,6 +1677,17 @@ pub fn verify_image(
         ));
     }
     Ok(())
+}
+
+/// `text` with every secret replaced by `[redacted]`.
+fn redact(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    for s in secrets {
+        if out.contains(s.as_str()) {
+            out = out.replace(s.as_str(), "[redacted]");
+        }
+    }
+    out
 }
 
 async fn read_logs(

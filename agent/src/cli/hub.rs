@@ -171,6 +171,12 @@ pub enum HubCommand {
         /// Arguments as JSON, e.g. '{"module": "infer", "tail": 50}'.
         #[arg(long)]
         args: Option<String>,
+        /// Sign the command (devices that trust keys carry out only signed commands).
+        #[arg(long)]
+        sign_key: Option<PathBuf>,
+        /// How long the signed command is valid (at most an hour; devices refuse more).
+        #[arg(long, default_value = "5m", value_parser = parse_expiry)]
+        expires_in: Duration,
         /// Seconds to wait for the answer.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
@@ -255,6 +261,8 @@ pub fn run(config_path: &Path, conn: &HubConnection, command: HubCommand) -> Res
                 device,
                 name,
                 args,
+                sign_key,
+                expires_in,
                 timeout,
                 output,
             } => {
@@ -263,6 +271,7 @@ pub fn run(config_path: &Path, conn: &HubConnection, command: HubCommand) -> Res
                     &device,
                     &name,
                     args.as_deref(),
+                    sign_key.as_deref().map(|k| (k, expires_in)),
                     Duration::from_secs(timeout),
                     output.json,
                 )
@@ -996,6 +1005,7 @@ async fn cmd(
     device: &str,
     name: &str,
     args: Option<&str>,
+    sign: Option<(&Path, Duration)>,
     timeout: Duration,
     json_out: bool,
 ) -> Result<u8> {
@@ -1011,7 +1021,22 @@ async fn cmd(
     let reply_topic = topics::device_topic(&prefix, device, &format!("responses/{id}"));
     op.subscribe(std::slice::from_ref(&reply_topic)).await?;
     op.fence(Duration::from_secs(10)).await?;
-    let body = serde_json::to_vec(&json!({"id": id, "args": args}))?;
+    let body = match sign {
+        None => serde_json::to_vec(&json!({"id": id, "args": args}))?,
+        Some((key, expires_in)) => {
+            let signed = crate::hub::commands::SignedCommand {
+                command: name.to_string(),
+                device: device.to_string(),
+                id: id.clone(),
+                expires_at: crate::binding::expiry_after(wall_ms(), expires_in),
+                args,
+            };
+            let key = signing::load_signing_key(key)?;
+            let envelope =
+                signing::sign_as(signing::COMMAND_TYPE, &serde_json::to_vec(&signed)?, &key);
+            serde_json::to_vec(&envelope)?
+        }
+    };
     op.publish(
         &topics::device_topic(&prefix, device, &format!("commands/{name}")),
         false,

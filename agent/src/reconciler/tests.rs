@@ -778,3 +778,22 @@ async fn an_image_for_another_platform_is_refused_before_the_switch() {
     assert_eq!(ids(&fake), before);
     agent.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn logs_leave_the_device_without_the_modules_secrets() {
+    let (dir, clock, fake) = setup();
+    fake.publish_image("r.io/a:1");
+    let agent = Agent::start(dir.path(), &clock, &fake);
+    agent
+        .offer(&manifest(
+            1,
+            r#""a":{"image":"r.io/a:1","env":{"API_TOKEN":"tok-9f8e7d","MODE":"on"}}"#,
+        ))
+        .await
+        .unwrap();
+    agent.until("v1 applied", MINUTE, applied(1)).await;
+    fake.print("a", "starting with token tok-9f8e7d in mode on");
+    let text = agent.handle.logs("a", 10, 1 << 20).await.unwrap().unwrap();
+    assert_eq!(text, "starting with token [redacted] in mode on\n");
+    agent.stop().await;
+}
