@@ -7,7 +7,10 @@
 //!   registry and removed locally;
 //! - [`Agent`]: the real `outpost run` binary as a child process, with its own device id, state
 //!   folder and API socket, killed and cleaned up on drop;
-//! - [`wait_for`]: polls a condition with a timeout (no fixed sleeps in tests).
+//! - [`wait_for`]: polls a condition with a timeout (no fixed sleeps in tests);
+//! - for the benchmarks: [`sigterm_ignoring_image`] (busybox `sleep` as PID 1),
+//!   [`test_image_with_random_layer`], [`Agent::start_configured`] (any `[runtime]`, JSON
+//!   logs), [`device_events`] (the engine's events of one device) and [`rfc3339_unix_nanos`].
 //!
 //! Every part is required: a missing tool or engine fails the test with what to install.
 
@@ -468,4 +471,174 @@ impl Drop for Agent {
         }
         self.cleanup_containers();
     }
+}
+
+// ---- For the benchmarks against docker-compose and of the update gap -------------------------
+
+/// Builds, on the engine only, a FROM-scratch image whose PID 1 is Debian's static busybox
+/// running `sleep 3600`. It has no SIGTERM handler, and as PID 1 the kernel drops signals it
+/// does not handle: a stop waits out the whole grace period and then kills it. That is the
+/// common real-world module the stop grace exists for (the test module exits on SIGTERM at
+/// once, which hides what serial stops cost).
+pub fn sigterm_ignoring_image(reference: &str) {
+    require_docker();
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.is_file(),
+        "/bin/busybox is required: apt-get install busybox-static (scripts/setup installs it)"
+    );
+    let ctx = tempfile::tempdir().expect("build context");
+    std::fs::copy(busybox, ctx.path().join("busybox")).expect("copy busybox");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!(
+            "FROM scratch\nCOPY busybox /busybox\nLABEL io.outpost.test-image=\"{reference}\"\n\
+             ENTRYPOINT [\"/busybox\", \"sleep\", \"3600\"]\n"
+        ),
+    )
+    .expect("write Dockerfile");
+    run(Command::new("docker")
+        .args(["build", "-q", "-t", reference])
+        .arg(ctx.path()));
+}
+
+/// The test module's image with one more layer of `bytes` random (incompressible) bytes,
+/// pushed to `registry` as `REGISTRY/REPO:TAG` and removed from the engine, so that pulling it
+/// takes a while. Returns the reference.
+pub fn test_image_with_random_layer(
+    registry: &Registry,
+    repo: &str,
+    tag: &str,
+    bytes: u64,
+) -> String {
+    require_docker();
+    let reference = format!("{}/{repo}:{tag}", registry.addr);
+    let ctx = tempfile::tempdir().expect("build context");
+    std::fs::copy(testmod_binary(), ctx.path().join("testmod")).expect("copy testmod");
+    {
+        use std::io::Read as _;
+        let mut random = std::fs::File::open("/dev/urandom")
+            .expect("/dev/urandom")
+            .take(bytes);
+        let mut file = std::fs::File::create(ctx.path().join("random.bin")).expect("random.bin");
+        let copied = std::io::copy(&mut random, &mut file).expect("write random.bin");
+        assert_eq!(copied, bytes, "short read from /dev/urandom");
+    }
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!(
+            "FROM scratch\nCOPY testmod /testmod\nCOPY random.bin /random.bin\n\
+             LABEL io.outpost.test-image=\"{reference}\"\nENTRYPOINT [\"/testmod\"]\n"
+        ),
+    )
+    .expect("write Dockerfile");
+    run(Command::new("docker")
+        .args(["build", "-q", "-t", &reference])
+        .arg(ctx.path()));
+    run(Command::new("docker")
+        .env("DOCKER_CONFIG", &registry.docker_config)
+        .args(["push", "-q", &reference]));
+    remove_image(&reference);
+    reference
+}
+
+impl Agent {
+    /// As [`Agent::start_with`], with top-level keys (`log_format = "json"`) and the whole
+    /// `[runtime]` section given, `stop_grace_secs` included (`start_with` fixes it at 2 s;
+    /// benchmarks against a peer need the peer's grace).
+    pub fn start_configured(device: &str, top: &str, runtime: &str, extra: &str) -> Agent {
+        require_docker();
+        let dir = tempfile::tempdir().expect("agent dir");
+        let bus = if extra.contains("[bus]") {
+            String::new()
+        } else {
+            format!("[bus]\nlisten = \"{}\"\n", crate::telemetry::bus_listen())
+        };
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "device_id = \"{device}\"\nstate_dir = \"{root}/state\"\nlog_level = \"info,outpost_agent=debug\"\n{top}\n\
+                 [api]\nsocket = \"{root}/api.sock\"\n[runtime]\n{runtime}\n{extra}\n{bus}\n",
+                root = dir.path().display()
+            ),
+        )
+        .expect("write agent config");
+        let mut agent = Agent {
+            device: device.to_string(),
+            dir,
+            config,
+            child: None,
+        };
+        agent.cleanup_containers();
+        agent.spawn();
+        agent
+    }
+
+    /// The log of an agent started with `log_format = "json"`, one value per line (lines that
+    /// are not JSON are left out).
+    pub fn json_log(&self) -> Vec<Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+/// The engine's events for a device's containers between two moments (`docker events --since
+/// --until --filter label=io.outpost.device=DEVICE`), as JSON values with `timeNano`.
+/// `until` in the future makes this wait until then.
+pub fn device_events(
+    device: &str,
+    since: std::time::SystemTime,
+    until: std::time::SystemTime,
+) -> Vec<Value> {
+    let stamp = |t: std::time::SystemTime| {
+        let d = t.duration_since(std::time::UNIX_EPOCH).expect("after 1970");
+        format!("{}.{:09}", d.as_secs(), d.subsec_nanos())
+    };
+    let out = run(Command::new("docker").args([
+        "events",
+        "--since",
+        &stamp(since),
+        "--until",
+        &stamp(until),
+        "--filter",
+        &format!("label=io.outpost.device={device}"),
+        "--format",
+        "{{json .}}",
+    ]));
+    out.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Unix nanoseconds of an RFC 3339 UTC time as `tracing` writes it
+/// (`2026-11-28T19:47:12.123456Z`); `None` for anything else.
+pub fn rfc3339_unix_nanos(s: &str) -> Option<i128> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
+    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || frac.len() > 9 {
+        return None;
+    }
+    let nanos: i64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<9}").parse().ok()?
+    };
+    // Days from 1970-01-01 to the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3_600 + mm * 60 + ss;
+    Some(i128::from(secs) * 1_000_000_000 + i128::from(nanos))
 }
