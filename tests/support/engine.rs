@@ -613,32 +613,21 @@ pub fn device_events(
         .collect()
 }
 
-/// Unix nanoseconds of an RFC 3339 UTC time as `tracing` writes it
-/// (`2026-11-28T19:47:12.123456Z`); `None` for anything else.
+/// Unix nanoseconds of an RFC 3339 time as `tracing` writes it
+/// (`2026-11-28T19:47:12.123456Z`): the agent's own parser for the seconds, plus the fraction
+/// it leaves out. `None` for anything else.
 pub fn rfc3339_unix_nanos(s: &str) -> Option<i128> {
-    let s = s.strip_suffix('Z')?;
-    let (date, time) = s.split_once('T')?;
-    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
-    let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
-    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || frac.len() > 9 {
-        return None;
-    }
-    let nanos: i64 = if frac.is_empty() {
+    let secs = outpost_agent::runtime::docker::parse_rfc3339(s)?;
+    let fraction = s.split_once('T')?.1.split_once('.').map_or("", |(_, f)| f);
+    let digits: String = fraction
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .take(9)
+        .collect();
+    let nanos: i64 = if digits.is_empty() {
         0
     } else {
-        format!("{frac:0<9}").parse().ok()?
+        format!("{digits:0<9}").parse().ok()?
     };
-    // Days from 1970-01-01 to the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + hh * 3_600 + mm * 60 + ss;
     Some(i128::from(secs) * 1_000_000_000 + i128::from(nanos))
 }
