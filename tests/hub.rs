@@ -911,9 +911,7 @@ async fn signed_deployments_are_bound_to_their_device_time_and_version_floor() {
     assert_eq!(s.deployment.unwrap().version, 1, "b-2 stays on the group's");
 
     // An expired envelope, correctly signed for b-2.
-    let expired = format!(
-        r#"{{"schemaVersion":"1.0","id":"stale","version":20,"target":{{"device":"b-2"}},"expiresAt":"2026-01-01T00:00:00Z","modules":{{"app":{{"image":"127.0.0.1:5000/app:20"}}}}}}"#
-    );
+    let expired = r#"{"schemaVersion":"1.0","id":"stale","version":20,"target":{"device":"b-2"},"expiresAt":"2026-01-01T00:00:00Z","modules":{"app":{"image":"127.0.0.1:5000/app:20"}}}"#;
     let envelope = serde_json::to_vec(&signing::sign(expired.as_bytes(), &key)).unwrap();
     op.publish("outpost/b-2/deployment", true, envelope)
         .await

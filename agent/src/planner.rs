@@ -514,7 +514,7 @@ fn managed(world: &World<'_>, d: &Desired, by_module: &BTreeMap<&str, Vec<&Obser
                 }
             }
         }
-        for (name, _) in modules {
+        for name in modules.keys() {
             plan.modules.entry(name.clone()).or_insert(ModulePlan {
                 status: ModuleStatus::Staged,
                 problem: None,

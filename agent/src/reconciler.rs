@@ -45,6 +45,9 @@ pub const RESYNC_EVERY: Duration = Duration::from_secs(30);
 pub const DEFAULT_HEALTHY_WITHIN: Duration = Duration::from_secs(300);
 /// The longest a container listing may take before the pass gives up and retries.
 const LIST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the registry may take to say how big an image is before the pull goes ahead
+/// without knowing.
+const SIZE_TIMEOUT: Duration = Duration::from_secs(20);
 /// First retry after the engine could not be listed or a stored offer could not be written.
 const RETRY_BASE_MS: u64 = 1_000;
 /// The longest wait between such retries.
@@ -453,7 +456,7 @@ impl<R: Runtime> Reconciler<R> {
                     updated_at: self.wall_secs(),
                 });
                 self.pending = Some(PendingOffer {
-                    accepted,
+                    accepted: *accepted,
                     source,
                     handback,
                     attempts: 1,
@@ -478,7 +481,7 @@ impl<R: Runtime> Reconciler<R> {
         let d = &accepted.deployment;
         let keys = !self.settings.policy.trusted_keys.is_empty();
         let store_failed = |accepted: Accepted, source: Source, e: StoreError| Refusal::Store {
-            accepted,
+            accepted: Box::new(accepted),
             source,
             error: e.to_string(),
         };
@@ -615,7 +618,7 @@ impl<R: Runtime> Reconciler<R> {
         let now = self.clock.mono_ms();
         match done.result {
             Ok(()) => {
-                info!(image = %done.image, "pulled and verified");
+                info!(image = %done.image, verified = true, "pulled");
                 self.pull_failures.remove(&done.image);
                 self.images.insert(done.image.clone());
                 self.pulled.insert(done.image);
@@ -769,7 +772,7 @@ impl<R: Runtime> Reconciler<R> {
                     )];
                 }
                 self.pending = Some(PendingOffer {
-                    accepted,
+                    accepted: *accepted,
                     source,
                     handback: p_handback,
                     attempts: attempts + 1,
@@ -1422,7 +1425,7 @@ enum Refusal {
     Rules(Vec<Issue>),
     /// The rules allow it but the store could not be read or written.
     Store {
-        accepted: Accepted,
+        accepted: Box<Accepted>,
         source: Source,
         error: String,
     },
@@ -1608,7 +1611,10 @@ impl<R: Runtime> PullJob<R> {
     }
 
     /// Refuses a pull when the engine's disk is above its high watermark, or would be left
-    /// with less than the reserve once the image is there.
+    /// with less than the reserve once the image is there. The image's size comes from the
+    /// registry's manifest (compressed); unpacking takes more, so twice that is counted. When
+    /// the registry cannot say, the pull goes ahead on the watermark alone (the pull itself
+    /// then says what is wrong with the registry).
     async fn check_disk(&self) -> Result<(), PullError> {
         let Some(root) = self.engine.as_ref().and_then(|e| e.root_dir.as_deref()) else {
             return Ok(());
@@ -1626,6 +1632,37 @@ impl<R: Runtime> PullJob<R> {
                     root.display(),
                     usage.used_percent(),
                     self.disk.high_watermark_percent
+                ),
+                definitive: true,
+            });
+        }
+        let platform = crate::runtime::registry::Platform::of_this_device();
+        let size = match crate::runtime::registry::image_size(
+            &self.image,
+            self.credentials.as_ref(),
+            &platform,
+            SIZE_TIMEOUT,
+        )
+        .await
+        {
+            Ok(size) => size.compressed_bytes,
+            Err(e) => {
+                debug!(image = %self.image, error = %e, "the registry did not say how big the image is; pulling on the watermark alone");
+                return Ok(());
+            }
+        };
+        let need = size.saturating_mul(2);
+        if usage.available_bytes < need.saturating_add(self.disk.pull_reserve_bytes) {
+            let mb = |b: u64| b.div_ceil(1 << 20);
+            return Err(PullError {
+                message: format!(
+                    "not pulling {}: it needs about {} MB ({} MB compressed, unpacked) and {} MB must stay free (disk.pull_reserve_mb), but {} has {} MB free",
+                    self.image,
+                    mb(need),
+                    mb(size),
+                    mb(self.disk.pull_reserve_bytes),
+                    root.display(),
+                    mb(usage.available_bytes)
                 ),
                 definitive: true,
             });
