@@ -7,12 +7,13 @@ use std::path::Path;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskUsage {
     pub total_bytes: u64,
-    /// Free to an unprivileged writer (`f_bavail`): what is left before `ENOSPC`.
+    /// What is left before `ENOSPC` for this process: the blocks reserved for root count as
+    /// free when it runs as root (as the agent and the engine do), not otherwise.
     pub available_bytes: u64,
 }
 
 impl DiskUsage {
-    /// Percent of the filesystem in use (0–100), counting the root-reserved blocks as used.
+    /// Percent of the filesystem in use (0–100) for this process (see `available_bytes`).
     pub fn used_percent(&self) -> f64 {
         if self.total_bytes == 0 {
             return 0.0;
@@ -26,9 +27,14 @@ impl DiskUsage {
 /// does not exist, or the platform refuses `statvfs`).
 pub fn usage(path: &Path) -> Option<DiskUsage> {
     let fs = rustix::fs::statvfs(path).ok()?;
+    let free = if rustix::process::geteuid().is_root() {
+        fs.f_bfree
+    } else {
+        fs.f_bavail
+    };
     Some(DiskUsage {
         total_bytes: fs.f_blocks.saturating_mul(fs.f_frsize),
-        available_bytes: fs.f_bavail.saturating_mul(fs.f_frsize),
+        available_bytes: free.saturating_mul(fs.f_frsize),
     })
 }
 
