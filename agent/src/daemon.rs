@@ -59,7 +59,11 @@ impl DaemonError {
 /// Fails at start-up when the store cannot be opened or the engine cannot be reached; once
 /// running, failures are retried, not returned.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
-    let store = Store::open(&config.state_dir)?;
+    let (store, recovery) = Store::open(&config.state_dir, config.disk.store_reserve_bytes)?;
+    if let Some(r) = &recovery {
+        warn!(moved_to = %r.moved_to.display(), reason = %r.reason,
+            "the store was damaged and has been replaced by an empty one");
+    }
     let runtime = Arc::new(DockerRuntime::connect(&config.runtime.docker_socket).await?);
     let (outbox, outbox_writer) = Outbox::open(
         &config.state_dir,

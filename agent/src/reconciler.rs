@@ -102,6 +102,8 @@ pub struct Reconciler<R: Runtime> {
     /// The last deployment that became healthy, as stored: kept here so that passes and
     /// reports do not read it back from the store each time.
     last_good: Option<StoredDeployment>,
+    /// When each image a deployment named was last in use (image cleanup's clock).
+    image_used: BTreeMap<String, Instant>,
 }
 
 /// What [`Reconciler::build`] hands back: the task to run and the handle to reach it.
@@ -169,6 +171,7 @@ impl<R: Runtime> Reconciler<R> {
             runtime_version: None,
             last_gc: 0,
             last_good,
+            image_used: BTreeMap::new(),
         };
         Ok(Parts {
             reconciler,
@@ -332,7 +335,8 @@ impl<R: Runtime> Reconciler<R> {
             digest: Some(accepted.digest),
             updated_at: now / 1000,
         };
-        if let Err(e) = self.store.accept(&stored, &report) {
+        let window = crate::clock::BootInstant::now(&crate::clock::SystemClock::new());
+        if let Err(e) = self.store.accept(&stored, &report, &window) {
             warn!(error = %e, "cannot store the deployment; refusing it");
             return Err(vec![Issue::new(
                 "",
@@ -343,7 +347,7 @@ impl<R: Runtime> Reconciler<R> {
         // Every image a deployment names is the agent's to clean up once unused.
         if let Err(e) = self
             .store
-            .touch_images(d.modules.values().map(|m| m.image.as_str()), now)
+            .add_images(d.modules.values().map(|m| m.image.as_str()))
         {
             warn!(error = %e, "cannot record image use");
         }
@@ -427,6 +431,10 @@ impl<R: Runtime> Reconciler<R> {
                 }
             }
         }
+        // Gives the store its emergency reserve back once the disk has room (cheap otherwise).
+        if let Err(e) = self.store.maintain() {
+            warn!(error = %e, "store upkeep failed");
+        }
         let now = now_ms();
         let plan = planner::plan(&World {
             device: &self.settings.device,
@@ -492,19 +500,29 @@ impl<R: Runtime> Reconciler<R> {
         if let Some(good) = &self.last_good {
             in_use.extend(good.deployment.modules.values().map(|m| m.image.clone()));
         }
-        if let Err(e) = self
-            .store
-            .touch_images(in_use.iter().map(String::as_str), now)
-        {
+        // When each image was last in use is kept here (monotonic), not in the store: writing
+        // it every minute wore the flash for nothing.
+        let now_mono = Instant::now();
+        for image in &in_use {
+            self.image_used.insert(image.clone(), now_mono);
+        }
+        if let Err(e) = self.store.add_images(&in_use) {
             warn!(error = %e, "cannot record image use");
             return;
         }
-        let Ok(known) = self.store.images() else {
-            return;
+        let known = match self.store.images() {
+            Ok(known) => known,
+            Err(e) => {
+                warn!(error = %e, "cannot read the images deployments named");
+                return;
+            }
         };
-        let max_age = self.settings.image_gc_after.as_millis() as u64;
-        for (image, last_used) in known {
-            if in_use.contains(&image) || now.saturating_sub(last_used) < max_age {
+        for image in known {
+            // Not seen in use by this agent process: counted from its start (the safe side).
+            let last_used = *self.image_used.entry(image.clone()).or_insert(self.started);
+            if in_use.contains(&image)
+                || now_mono.duration_since(last_used) < self.settings.image_gc_after
+            {
                 continue;
             }
             match self.runtime.remove_image(&image).await {
@@ -512,7 +530,10 @@ impl<R: Runtime> Reconciler<R> {
                     info!(image, "removed unused image");
                     self.images.remove(&image);
                     self.pulled.remove(&image);
-                    let _ = self.store.forget_image(&image);
+                    self.image_used.remove(&image);
+                    if let Err(e) = self.store.forget_image(&image) {
+                        warn!(image, error = %e, "cannot forget a removed image");
+                    }
                 }
                 // In use by a container (409) or otherwise busy: try again next time.
                 Err(e) => debug!(image, error = %e, "image not removed"),
@@ -760,7 +781,8 @@ impl<R: Runtime> Reconciler<R> {
                     accepted_at: now,
                     ..good
                 };
-                if let Err(e) = self.store.set_desired(&restored, report) {
+                let window = crate::clock::BootInstant::now(&crate::clock::SystemClock::new());
+                if let Err(e) = self.store.set_desired(&restored, report, &window) {
                     warn!(error = %e, "cannot store the rollback");
                 }
                 self.set_desired(restored);
