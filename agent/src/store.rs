@@ -47,6 +47,8 @@ pub const RESERVE_FILE: &str = "reserve";
 /// Damaged stores moved aside that are kept; older ones are deleted so that a store that keeps
 /// getting damaged cannot fill the disk with copies.
 const CORRUPT_KEPT: usize = 3;
+/// How long after a failed attempt to write the reserve the next one may be made.
+const RESERVE_RETRY: Duration = Duration::from_secs(60);
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("restart_history");
@@ -135,7 +137,8 @@ impl StoreError {
 }
 
 /// A store that could not be read and was replaced by a fresh one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Recovery {
     /// Where the damaged file now is, kept for diagnosis.
     pub moved_to: PathBuf,
@@ -158,6 +161,10 @@ pub struct StoreHealth {
     /// The error the store's operations are failing with; cleared by the next success.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub io_error: Option<StoreIoError>,
+    /// The damaged store this process moved aside when it started: the device lost its
+    /// stored state (versions, history), which the fleet's operator should know.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<Recovery>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -193,6 +200,9 @@ struct Status {
     /// Why the last reopen failed, while the store stays closed.
     closed_reason: Option<String>,
     limiter: ReopenLimiter,
+    /// No attempt to write the reserve before this, after one failed.
+    reserve_retry_at: Option<Instant>,
+    recovery: Option<Recovery>,
 }
 
 struct Inner {
@@ -272,6 +282,8 @@ impl Store {
                 io_error: None,
                 closed_reason: None,
                 limiter: ReopenLimiter::default(),
+                reserve_retry_at: None,
+                recovery: None,
             }),
             commits: AtomicU64::new(0),
         };
@@ -317,8 +329,18 @@ impl Store {
         let store = Store {
             inner: Arc::new(inner),
         };
-        // Create the tables so that readers never meet a missing one.
-        store.write("create tables", Kind::Critical, |_| Ok(((), true)))?;
+        // Create the tables so that readers never meet a missing one; only when one is missing,
+        // so that a restart on a full disk commits nothing.
+        let missing = store.read("check tables", |txn| {
+            Ok(table_missing(txn.open_table(META))?
+                | table_missing(txn.open_table(HISTORY))?
+                | table_missing(txn.open_table(IMAGES))?)
+        })?;
+        if missing {
+            store.write("create tables", Kind::Critical, |_| Ok(((), true)))?;
+        }
+        // The file's name survives a power cut too (a fresh store, or one just moved aside).
+        crate::fsutil::sync_dir(dir).map_err(|e| open_err(e.to_string()))?;
         // No write can be under way in the folder: the store's file lock keeps a second agent
         // out, and the agent writes nothing else there before the store is open.
         match crate::fsutil::remove_stale_temps(dir) {
@@ -328,6 +350,7 @@ impl Store {
                 warn!(dir = %dir.display(), error = %e, "cannot remove stale temporary files")
             }
         }
+        store.inner.status().recovery = recovery.clone();
         if let Err(e) = store.maintain() {
             warn!(error = %e, "no emergency reserve for the store yet");
         }
@@ -551,6 +574,7 @@ impl Store {
             reserve_held: status.reserve_held,
             reserve_in_use_since_ms: status.reserve_in_use_since,
             io_error: status.io_error.clone(),
+            recovered: status.recovery.clone(),
         }
     }
 
@@ -739,8 +763,14 @@ impl Inner {
     /// Writes the reserve when it is missing and the disk has room for it twice over (so that
     /// making it never fills the disk itself).
     fn make_reserve(&self) -> Result<(), StoreError> {
-        if self.reserve_bytes == 0 || self.status().reserve_held {
-            return Ok(());
+        {
+            let status = self.status();
+            let backing_off = status
+                .reserve_retry_at
+                .is_some_and(|at| Instant::now() < at);
+            if self.reserve_bytes == 0 || status.reserve_held || backing_off {
+                return Ok(());
+            }
         }
         let Some(usage) = crate::disk::usage(&self.dir) else {
             return Ok(());
@@ -765,11 +795,17 @@ impl Inner {
                 Ok(())
             },
         )
-        .map_err(|source| StoreError::Reserve {
-            path: self.reserve.clone(),
-            source,
+        .map_err(|source| {
+            // A filesystem that refuses it (read-only, a race for the last blocks) is not
+            // asked again on every pass.
+            self.status().reserve_retry_at = Some(Instant::now() + RESERVE_RETRY);
+            StoreError::Reserve {
+                path: self.reserve.clone(),
+                source,
+            }
         })?;
         let mut status = self.status();
+        status.reserve_retry_at = None;
         status.reserve_held = true;
         status.reserve_in_use_since = None;
         info!(path = %self.reserve.display(), bytes = self.reserve_bytes, "store reserve in place");
@@ -931,6 +967,15 @@ fn check_entry(key: &str, bytes: &[u8]) -> Result<(), serde_json::Error> {
         REPORT => serde_json::from_slice::<DeploymentReport>(bytes).map(drop),
         WINDOW => serde_json::from_slice::<BootInstant>(bytes).map(drop),
         _ => Ok(()),
+    }
+}
+
+/// Whether opening a table failed only because it does not exist yet.
+fn table_missing<T>(opened: Result<T, redb::TableError>) -> Result<bool, StoreError> {
+    match opened {
+        Ok(_) => Ok(false),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(true),
+        Err(e) => Err(storage("check tables", e)),
     }
 }
 
@@ -1158,6 +1203,7 @@ mod tests {
         }
         let (store, recovery) = open(dir.path());
         assert!(recovery.is_none());
+        assert_eq!(store.commits(), 0, "a restart commits nothing");
         assert_eq!(store.desired().unwrap().unwrap().deployment.version, 3);
         assert_eq!(store.last_good().unwrap().unwrap().deployment.version, 2);
         assert_eq!(store.versions().unwrap()["device"], 3);
@@ -1253,6 +1299,7 @@ mod tests {
             "kept as it was"
         );
         assert!(!recovery.reason.is_empty());
+        assert_eq!(store.health().recovered.as_ref(), Some(&recovery));
         // A fresh store that works and survives.
         assert!(store.desired().unwrap().is_none());
         store.accept(&stored(1), &report(1), &at(1)).unwrap();
@@ -1407,6 +1454,28 @@ mod tests {
             100_000
         );
         assert!(store.health().reserve_held);
+    }
+
+    #[test]
+    fn a_reserve_that_cannot_be_written_is_not_retried_every_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        // Something that is not ours where the reserve goes: it cannot be replaced.
+        fs::create_dir_all(dir.path().join(RESERVE_FILE).join("keep")).unwrap();
+        let (store, _) = Store::open(dir.path(), 100_000).unwrap();
+        let health = store.health();
+        assert!(!health.reserve_held && health.reserve_in_use_since_ms.is_some());
+        // The attempt at open failed; the next passes do not try again for a while.
+        store.maintain().unwrap();
+        store.maintain().unwrap();
+        assert!(dir.path().join(RESERVE_FILE).join("keep").is_dir());
+        assert_eq!(crate::fsutil::remove_stale_temps(dir.path()).unwrap(), 0);
+        assert!(matches!(
+            {
+                store.inner.status().reserve_retry_at = None;
+                store.maintain()
+            },
+            Err(StoreError::Reserve { .. })
+        ));
     }
 
     #[test]

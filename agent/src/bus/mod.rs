@@ -66,7 +66,7 @@ impl std::fmt::Debug for BusSecret {
 
 impl BusSecret {
     /// Reads the secret, creating it on first use. The file is written atomically (a crash
-    /// leaves no file or the whole one), so a file of the wrong size was not written by the
+    /// leaves no file or the whole one), so a file of the wrong size was not written by this
     /// agent: it refuses start-up rather than replace it, which would change every module's
     /// password.
     pub fn load_or_create(state_dir: &Path) -> Result<BusSecret, BusError> {
@@ -81,8 +81,9 @@ impl BusSecret {
             Ok(bytes) => Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
-                    "it holds {} bytes, not {SECRET_LEN}; the agent writes it whole, so it was changed by something else. \
-                     Restore it, or delete it to make a new one (every module is then recreated with new bus credentials)",
+                    "it holds {} bytes, not {SECRET_LEN}: this agent writes it whole, so it was changed by something else \
+                     (or left short by an older agent that crashed while writing it). Restore it, or delete it to make \
+                     a new one (every module is then recreated with new bus credentials)",
                     bytes.len()
                 ),
             )),
