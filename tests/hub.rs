@@ -1,7 +1,7 @@
 //! The hub link and the operator's CLI against a real Mosquitto with TLS.
 //!
-//! The device side runs `outpost_agent::hub::run` against the STAND-IN agent of
-//! `tests/support` (see `StandInAgent`) until the reconciler is merged.
+//! The device side runs `outpost_agent::hub::run` against the agent of
+//! `tests/support` (see `TestAgent`: the real reconciler over the fake engine).
 
 use std::time::Duration;
 
@@ -78,7 +78,7 @@ async fn deploy_over_mutual_tls_until_applied_and_commands_answer() {
         broker.log()
     );
     eprintln!(
-        "BENCH deploy->applied (CLI, stand-in): {:?}",
+        "BENCH deploy->applied (CLI, real reconciler over the fake engine): {:?}",
         started.elapsed()
     );
 
@@ -164,6 +164,9 @@ async fn deploy_over_mutual_tls_until_applied_and_commands_answer() {
             .unwrap()
             .contains("unknown command `self-destruct`")
     );
+    for i in 1..=1000 {
+        device.agent.engine.print("app", &format!("app line {i}"));
+    }
     let logs = {
         op.publish(
             "outpost/cam-1/commands/logs",
@@ -595,8 +598,9 @@ async fn retained_state_and_presence_hold_no_secrets() {
 }
 
 /// Benchmark (run with `--ignored --nocapture`): time from publishing a deployment to the
-/// device's retained state saying `applied`, over mutual TLS. With the stand-in agent this is
-/// the hub path only (intake, offer, report debounce, MQTT both ways), not pulling or starting.
+/// device's retained state saying `applied`, over mutual TLS. Over the fake engine this is
+/// the hub path and the reconciler (intake, offer, store, report debounce, MQTT both ways),
+/// not Docker pulling or starting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn bench_publish_to_applied() {
@@ -630,7 +634,7 @@ async fn bench_publish_to_applied() {
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     eprintln!(
-        "BENCH publish->applied over mTLS, stand-in agent, n={}: min {:.1} ms, median {:.1} ms, p90 {:.1} ms, max {:.1} ms",
+        "BENCH publish->applied over mTLS, real reconciler over the fake engine, n={}: min {:.1} ms, median {:.1} ms, p90 {:.1} ms, max {:.1} ms",
         times.len(),
         ms(times[0]),
         ms(times[times.len() / 2]),

@@ -41,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
         last_good: None,
         modules,
         agent: AgentFacts::local(0),
+        conditions: vec![],
     });
     let (requests, mut rx) = mpsc::channel(REQUEST_CAPACITY);
     tokio::spawn(async move {

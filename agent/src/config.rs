@@ -220,7 +220,9 @@ impl Default for DiskConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+/// The default trusts no keys (unsigned deployments accepted), allows any registry and no
+/// privileged containers, host network or host paths.
+#[derive(Debug, Clone, Default)]
 pub struct PolicyConfig {
     pub trusted_key_files: Vec<PathBuf>,
     /// Loaded at start-up so a bad key file is a configuration error, not a refused deployment.

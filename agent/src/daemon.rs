@@ -93,10 +93,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         facts: DeviceFacts::detect(),
         stop_grace: config.runtime.stop_grace,
         max_concurrent_pulls: config.runtime.max_concurrent_pulls,
+        max_parallel_actions: config.runtime.max_parallel_actions,
         image_gc_after: config.runtime.image_gc_after,
+        disk: config.disk.clone(),
         module_env,
         routes: config.bus.enabled.then_some(routes_tx),
         deployments: counters.deployments.clone(),
+        clock: Arc::new(crate::clock::SystemClock::new()),
+        conditions: None,
+        store_recovery: recovery.map(|r| {
+            format!(
+                "the store was damaged ({}) and was moved to {}; the device started with an empty store",
+                r.reason,
+                r.moved_to.display()
+            )
+        }),
     };
     let parts = Reconciler::build(settings, runtime.clone(), store)?;
     info!(device = %config.device_id, version = env!("CARGO_PKG_VERSION"), "outpost agent starting");

@@ -1,22 +1,33 @@
 //! The planner: a pure function from what should be (the desired deployment), what is (the
-//! engine's containers, the images present, pulls under way), what happened (restart history)
-//! and the time, to the ordered actions that move the device toward the desired state.
+//! engine's containers, the images present, pulls and actions under way), what happened
+//! (restart history, exits, failures) and the monotonic time, to the next actions.
 //!
-//! It does no I/O, so every rule is tested case by case and by simulation. Rules:
-//! - only containers labelled as Outpost's for this device are considered; others do not exist;
-//! - containers of modules no longer desired are removed; duplicates of a module are removed;
-//! - a container whose config hash differs from its module's is replaced (only that module);
-//! - modules start by `startupOrder` groups: a group starts when every lower group's modules
-//!   are running (or have run and, by their restart policy, stay exited);
-//! - desired `stopped` stops a running container;
-//! - exited containers restart by their policy after the backoff of [`backoff_delay`]; the
-//!   planner never gives up: a crash-looping module keeps being retried at the capped interval;
-//! - missing images are pulled (all at once; the executor bounds concurrency) and a pull never
-//!   holds back a restart of another module.
+//! It does no I/O, so every rule is tested case by case and by simulation. The rules:
+//! - **Ownership.** Only containers labelled as Outpost's for this device exist here.
+//! - **Nothing desired keeps everything.** Without a deployment (a new or lost store) every
+//!   container found is kept and reported `unmanaged`, restarted by the policy in its labels;
+//!   only a deployment removes modules.
+//! - **Stage, verify, switch.** A deployment first *stages*: every image it needs is pulled
+//!   and verified while the old containers keep running; then every module that needs a new
+//!   container gets one *created* (not started). Only when the whole deployment is staged does
+//!   the *switch* begin: modules leaving the deployment are stopped and removed, highest startup
+//!   group first; then, group by group from the lowest, each changed module's old container is
+//!   stopped and the staged one started ([`Action::Replace`], which restores the old one when
+//!   the new one cannot start). A deployment that cannot be staged changes nothing.
+//! - **Startup order.** A group starts (or switches) once every lower group's modules are up
+//!   (or have run and, by their policy, stay exited).
+//! - **Restarts and backoff.** Exited containers restart by their policy after
+//!   [`backoff_delay`], counted from when this agent *saw* the exit on the monotonic clock —
+//!   never from the engine's wall-clock timestamps, which a device booting at 1970 puts decades
+//!   in the future. Containers already exited when the agent started (a reboot) are started
+//!   again in startup order, not counted as restarts. The planner never gives up.
+//! - **Failures back off.** A failed pull, create or start waits [`backoff_delay`] of its
+//!   attempts before the next try, and says why.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::manifest::{Deployment, DesiredStatus, Module, PullPolicy, RestartPolicy};
+use crate::runtime::spec::container_name;
 use crate::runtime::{ContainerState, Health, Observed, labels};
 use crate::state::ModuleStatus;
 
@@ -40,22 +51,43 @@ pub fn backoff_delay(failures: u32) -> u64 {
     }
 }
 
+/// Delay before retrying something that failed `attempts` times, starting at `base`.
+pub fn retry_delay(base: u64, attempts: u32) -> u64 {
+    base.saturating_mul(1u64 << attempts.saturating_sub(1).min(20))
+        .min(BACKOFF_CAP_MS)
+}
+
 /// What the agent remembers of a module between passes (kept in the store).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ModuleHistory {
     /// Consecutive short runs that ended in an exit the policy restarts.
     pub failures: u32,
-    /// Restarts the agent has made, for reporting.
+    /// Restarts the agent has made (and failed start attempts), for reporting.
     pub restarts: u32,
 }
 
-/// A pull that failed, and when to try again.
+/// Something that failed, and when (monotonic ms), for backoff and reporting.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PullFailure {
+pub struct Failure {
     pub attempts: u32,
-    /// Unix milliseconds.
+    /// Monotonic milliseconds of the last failure.
     pub at: u64,
     pub message: String,
+    /// Retrying will not help without a change (a missing tag, a wrong platform, no disk, a
+    /// start the engine refuses): the deployment is reported failed at once.
+    pub definitive: bool,
+}
+
+/// An exit of a container as this agent saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    /// The engine's `FinishedAt` of the exit (Unix seconds): a new value is a new exit.
+    pub finished_at: Option<u64>,
+    /// Monotonic milliseconds when this agent first saw the container exited.
+    pub seen_at: u64,
+    /// It was already exited when this agent process first listed it (a reboot, or the
+    /// agent's own restart): it comes back in startup order, not as a counted restart.
+    pub before_agent: bool,
 }
 
 /// The desired deployment with each module's config hash computed.
@@ -71,23 +103,27 @@ pub struct World<'a> {
     pub device: &'a str,
     pub desired: Option<&'a Desired>,
     pub observed: &'a [Observed],
-    /// Image references present on the engine.
+    /// Image references present on the engine and verified for this device.
     pub images: &'a BTreeSet<String>,
     pub pulling: &'a BTreeSet<String>,
     /// Images pulled by this agent since it started (for the `always` pull policy).
     pub pulled: &'a BTreeSet<String>,
-    pub pull_failures: &'a BTreeMap<String, PullFailure>,
+    /// Failed pulls and verifications, by image.
+    pub pull_failures: &'a BTreeMap<String, Failure>,
+    /// Failed creates and starts, by module.
+    pub start_failures: &'a BTreeMap<String, Failure>,
     pub history: &'a BTreeMap<String, ModuleHistory>,
-    /// Unix milliseconds.
+    /// Exits seen, by container id.
+    pub exits: &'a BTreeMap<String, Exit>,
+    /// Modules with an action under way: nothing more is planned for them until it ends.
+    pub busy: &'a BTreeSet<String>,
+    /// Monotonic milliseconds.
     pub now: u64,
-    /// Unix milliseconds when this agent process started: containers that exited before it
-    /// (a reboot, the agent's own restart) are started again whatever their policy.
-    pub agent_started: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Stop (if running) and remove a container.
+    /// Stop (with the grace period) and remove a container.
     Remove {
         id: String,
         module: String,
@@ -100,9 +136,10 @@ pub enum Action {
         module: String,
         image: String,
     },
-    /// Create the module's container from the desired deployment, and start it.
+    /// Create the module's container from the desired deployment under `name`, not started.
     Create {
         module: String,
+        name: String,
     },
     /// Start an existing container. `restart` counts it against the module's backoff.
     Start {
@@ -115,6 +152,20 @@ pub enum Action {
         id: String,
         module: String,
     },
+    /// The switch of one module: stop `old`, start the staged `new`; if it starts, remove
+    /// `old` and give `new` the module's container name, else start `old` again.
+    Replace {
+        module: String,
+        old: Vec<String>,
+        new: String,
+        name: String,
+    },
+    /// Give a container its module's name (after an interrupted switch).
+    Rename {
+        id: String,
+        module: String,
+        name: String,
+    },
 }
 
 impl Action {
@@ -123,9 +174,11 @@ impl Action {
             Action::Remove { module, .. }
             | Action::Stop { module, .. }
             | Action::Pull { module, .. }
-            | Action::Create { module }
+            | Action::Create { module, .. }
             | Action::Start { module, .. }
-            | Action::Restart { module, .. } => module,
+            | Action::Restart { module, .. }
+            | Action::Replace { module, .. }
+            | Action::Rename { module, .. } => module,
         }
     }
 }
@@ -136,14 +189,18 @@ pub struct ModulePlan {
     pub status: ModuleStatus,
     /// Set when the module cannot be brought up or keeps failing.
     pub problem: Option<String>,
+    /// The problem is one retrying will not fix: the deployment fails now.
+    pub definitive: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     pub actions: Vec<Action>,
-    /// The earliest time (Unix ms) a new pass is due even without events (backoffs).
+    /// The earliest monotonic time a new pass is due even without events (backoffs, retries).
     pub wake_at: Option<u64>,
     pub modules: BTreeMap<String, ModulePlan>,
+    /// Every image the deployment needs is present and every new container created.
+    pub staged: bool,
     /// Every module is in its desired status and nothing is left to do.
     pub converged: bool,
 }
@@ -153,8 +210,24 @@ impl Plan {
         self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
     }
     fn set(&mut self, module: &str, status: ModuleStatus, problem: Option<String>) {
-        self.modules
-            .insert(module.to_string(), ModulePlan { status, problem });
+        self.modules.insert(
+            module.to_string(),
+            ModulePlan {
+                status,
+                problem,
+                definitive: false,
+            },
+        );
+    }
+    fn fail(&mut self, module: &str, problem: String, definitive: bool) {
+        self.modules.insert(
+            module.to_string(),
+            ModulePlan {
+                status: ModuleStatus::Failed,
+                problem: Some(problem),
+                definitive,
+            },
+        );
     }
 }
 
@@ -171,171 +244,511 @@ fn is_up(o: &Observed) -> bool {
     )
 }
 
+fn is_exited(o: &Observed) -> bool {
+    matches!(o.state, ContainerState::Exited | ContainerState::Dead)
+}
+
+/// The container to keep of several: up first, then the latest started, then by id.
+fn best<'a>(cs: impl IntoIterator<Item = &'a Observed>) -> Option<&'a Observed> {
+    cs.into_iter()
+        .max_by_key(|c| (is_up(c), c.started_at, c.id.as_str()))
+}
+
+/// A container's startup group from its label; unknown groups stop first.
+fn group_label(o: &Observed) -> u32 {
+    o.labels
+        .get(labels::STARTUP_ORDER)
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+/// How a module should be kept alive: its restart policy and startup group.
+#[derive(Debug, Clone, Copy)]
+struct Keep {
+    policy: RestartPolicy,
+    group: u32,
+}
+
 /// Computes the next actions. Pure: same world, same plan.
 pub fn plan(world: &World<'_>) -> Plan {
-    let mut plan = Plan::default();
-    let empty = BTreeMap::new();
-    let modules = world.desired.map_or(&empty, |d| &d.deployment.modules);
-
-    // Containers by module, only ours.
     let mut by_module: BTreeMap<&str, Vec<&Observed>> = BTreeMap::new();
     for o in world.observed.iter().filter(|o| is_ours(o, world.device)) {
         by_module.entry(o.module.as_str()).or_default().push(o);
     }
+    match world.desired {
+        None => unmanaged(world, &by_module),
+        Some(d) => managed(world, d, &by_module),
+    }
+}
 
-    // Keep at most one container per desired module: the one matching its hash, running first.
-    let mut kept: BTreeMap<&str, &Observed> = BTreeMap::new();
-    for (module, containers) in &by_module {
-        let hash = world.desired.and_then(|d| d.hashes.get(*module));
-        let keep = hash.and_then(|h| {
-            containers
-                .iter()
-                .filter(|c| &c.config_hash == h)
-                .max_by_key(|c| (is_up(c), c.started_at, c.id.as_str()))
-        });
-        for c in containers {
-            if keep.is_some_and(|k| k.id == c.id) {
+/// No deployment: keep what is there, by the policies in its labels, in startup order.
+fn unmanaged(world: &World<'_>, by_module: &BTreeMap<&str, Vec<&Observed>>) -> Plan {
+    let mut plan = Plan::default();
+    let mut groups: BTreeMap<u32, Vec<(&str, &Observed, Keep)>> = BTreeMap::new();
+    for (module, cs) in by_module {
+        let Some(c) = best(cs.iter().copied()) else {
+            continue;
+        };
+        let keep = Keep {
+            policy: c
+                .labels
+                .get(labels::RESTART_POLICY)
+                .and_then(|p| RestartPolicy::from_label(p))
+                .unwrap_or(RestartPolicy::OnFailure),
+            group: c
+                .labels
+                .get(labels::STARTUP_ORDER)
+                .and_then(|g| g.parse().ok())
+                .unwrap_or(0),
+        };
+        groups
+            .entry(keep.group)
+            .or_default()
+            .push((module, c, keep));
+    }
+    let mut lower_up = true;
+    for members in groups.values() {
+        let mut group_up = true;
+        for (module, c, keep) in members {
+            if world.busy.contains(*module) {
+                plan.set(module, ModuleStatus::Unmanaged, None);
+                group_up = false;
                 continue;
             }
-            plan.actions.push(Action::Remove {
-                id: c.id.clone(),
-                module: module.to_string(),
-            });
+            let up = keep_alive(world, &mut plan, module, c, *keep, lower_up);
+            group_up &= up;
+            let problem = plan.modules.get(*module).and_then(|m| m.problem.clone());
+            plan.set(
+                module,
+                ModuleStatus::Unmanaged,
+                problem.or_else(|| {
+                    Some("no deployment on this device: kept as found until one arrives".into())
+                }),
+            );
         }
-        if let Some(k) = keep {
-            kept.insert(module, k);
+        lower_up &= group_up;
+    }
+    plan
+}
+
+/// What the planner knows of one desired module's containers.
+struct Containers<'a> {
+    /// The container made from the desired config (up first).
+    new: Option<&'a Observed>,
+    /// Every other container of the module: older configs, duplicates.
+    old: Vec<&'a Observed>,
+}
+
+fn managed(world: &World<'_>, d: &Desired, by_module: &BTreeMap<&str, Vec<&Observed>>) -> Plan {
+    let mut plan = Plan::default();
+    let modules = &d.deployment.modules;
+
+    let mut split: BTreeMap<&str, Containers<'_>> = BTreeMap::new();
+    let mut leaving: Vec<&Observed> = Vec::new();
+    for (module, cs) in by_module {
+        match d
+            .hashes
+            .get(*module)
+            .filter(|_| modules.contains_key(*module))
+        {
+            Some(hash) => {
+                let new = best(cs.iter().copied().filter(|c| &c.config_hash == hash));
+                let old = cs
+                    .iter()
+                    .copied()
+                    .filter(|c| new.is_none_or(|n| n.id != c.id))
+                    .collect();
+                split.insert(module, Containers { new, old });
+            }
+            None => leaving.extend(cs.iter().copied()),
         }
     }
+    let taken: BTreeSet<&str> = world.observed.iter().map(|o| o.name.as_str()).collect();
 
-    // Startup groups, lowest first.
+    // Staging: every running module needs its image, verified, and then a created container.
+    let mut images_ready = true;
+    for (name, m) in modules {
+        if m.status != DesiredStatus::Running {
+            continue;
+        }
+        let has_new = split.get(name.as_str()).is_some_and(|c| c.new.is_some());
+        if !has_new && !image_ready(world, &mut plan, name, m) {
+            images_ready = false;
+        }
+    }
+    let mut created = true;
+    if images_ready {
+        for (name, m) in modules {
+            if m.status != DesiredStatus::Running {
+                continue;
+            }
+            let cs = split.get(name.as_str());
+            if cs.is_some_and(|c| c.new.is_some()) {
+                continue;
+            }
+            created = false;
+            if world.busy.contains(name) {
+                continue;
+            }
+            if let Some(wait) = start_backoff(world, &mut plan, name) {
+                plan.wake(wait);
+                continue;
+            }
+            // The module's name may still be held by its old container: stage beside it.
+            let base = container_name(world.device, name);
+            let free = std::iter::once(base.clone())
+                .chain((1..=3).map(|i| format!("{base}.{i}")))
+                .find(|n| !taken.contains(n.as_str()));
+            match free {
+                Some(container) => plan.actions.push(Action::Create {
+                    module: name.clone(),
+                    name: container,
+                }),
+                None => {
+                    // Every staging name is held by debris of earlier attempts: clear it.
+                    for c in cs.map_or(&[][..], |c| &c.old[..]) {
+                        if !is_up(c) && c.name != base {
+                            plan.actions.push(Action::Remove {
+                                id: c.id.clone(),
+                                module: name.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+            if !world.start_failures.contains_key(name) {
+                plan.set(name, ModuleStatus::Staged, None);
+            }
+        }
+    }
+    plan.staged = images_ready && created;
+
+    if !plan.staged {
+        // Until the whole deployment is ready, what runs keeps running as it was (in startup
+        // order after a reboot).
+        let mut groups: BTreeMap<u32, Vec<(&String, &Module)>> = BTreeMap::new();
+        for (name, m) in modules {
+            groups.entry(m.startup_order).or_default().push((name, m));
+        }
+        let mut lower_up = true;
+        for members in groups.values() {
+            let mut group_up = true;
+            for (name, m) in members {
+                let serving = split.get(name.as_str()).and_then(|cs| {
+                    if cs.old.is_empty() {
+                        cs.new
+                    } else {
+                        best(cs.old.iter().copied())
+                    }
+                });
+                if world.busy.contains(*name) {
+                    group_up &= serving.is_none();
+                } else if let Some(c) = serving
+                    && (is_up(c) || is_exited(c))
+                {
+                    let before = plan.modules.get(*name).cloned();
+                    group_up &= keep_alive(
+                        world,
+                        &mut plan,
+                        name,
+                        c,
+                        Keep {
+                            policy: m.restart_policy,
+                            group: m.startup_order,
+                        },
+                        lower_up,
+                    );
+                    // The status says where the update stands, not the old container's state.
+                    if let Some(before) = before {
+                        plan.modules.insert(name.to_string(), before);
+                    }
+                }
+                if !plan.modules.contains_key(*name) {
+                    plan.set(name, ModuleStatus::Staged, None);
+                }
+            }
+            lower_up &= group_up;
+        }
+        for c in &leaving {
+            if !world.busy.contains(&c.module) && (is_up(c) || is_exited(c)) {
+                let keep = Keep {
+                    policy: c
+                        .labels
+                        .get(labels::RESTART_POLICY)
+                        .and_then(|p| RestartPolicy::from_label(p))
+                        .unwrap_or(RestartPolicy::OnFailure),
+                    group: group_label(c),
+                };
+                let mut scratch = Plan::default();
+                keep_alive(world, &mut scratch, &c.module, c, keep, true);
+                plan.actions.extend(scratch.actions);
+                if let Some(w) = scratch.wake_at {
+                    plan.wake(w);
+                }
+            }
+        }
+        for (name, m) in modules {
+            if m.status == DesiredStatus::Stopped {
+                plan.set(name, ModuleStatus::Staged, None);
+            }
+        }
+        return plan;
+    }
+
+    // The switch. First, modules leaving the deployment, highest startup group first.
+    if let Some(top) = leaving.iter().map(|c| group_label(c)).max() {
+        let busy_leaving = leaving.iter().any(|c| world.busy.contains(&c.module));
+        if !busy_leaving {
+            for c in leaving.iter().filter(|c| group_label(c) == top) {
+                if !plan
+                    .actions
+                    .iter()
+                    .any(|a| matches!(a, Action::Remove { module, .. } if module == &c.module))
+                {
+                    for same in leaving.iter().filter(|o| o.module == c.module) {
+                        plan.actions.push(Action::Remove {
+                            id: same.id.clone(),
+                            module: same.module.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        for name in modules.keys() {
+            plan.modules.entry(name.clone()).or_insert(ModulePlan {
+                status: ModuleStatus::Staged,
+                problem: None,
+                definitive: false,
+            });
+        }
+        return plan;
+    }
+
+    // Then the desired modules, group by group from the lowest.
     let mut groups: BTreeMap<u32, Vec<(&String, &Module)>> = BTreeMap::new();
     for (name, m) in modules {
         groups.entry(m.startup_order).or_default().push((name, m));
     }
-    let mut lower_groups_up = true;
+    let mut lower_up = true;
     for members in groups.values() {
         let mut group_up = true;
         for (name, m) in members {
-            let up = module_pass(
-                world,
-                &mut plan,
-                name,
-                m,
-                kept.get(name.as_str()).copied(),
-                lower_groups_up,
-            );
+            let empty = Containers {
+                new: None,
+                old: Vec::new(),
+            };
+            let cs = split.get(name.as_str()).unwrap_or(&empty);
+            if world.busy.contains(*name) {
+                plan.modules.entry(name.to_string()).or_insert(ModulePlan {
+                    status: ModuleStatus::Staged,
+                    problem: None,
+                    definitive: false,
+                });
+                group_up = false;
+                continue;
+            }
+            let up = switch_module(world, &mut plan, name, m, cs, lower_up);
             group_up &= up || m.status == DesiredStatus::Stopped;
         }
-        lower_groups_up &= group_up;
+        lower_up &= group_up;
     }
 
     plan.converged = plan.actions.is_empty()
         && plan.wake_at.is_none()
-        && modules
-            .iter()
-            .all(|(name, m)| match (m.status, kept.get(name.as_str())) {
-                // With a health check, only `healthy` counts: `starting` is not there yet.
-                (DesiredStatus::Running, Some(c)) => {
-                    c.state == ContainerState::Running
-                        && matches!(c.health, Health::None | Health::Healthy)
+        && world.busy.is_empty()
+        && modules.iter().all(|(name, m)| {
+            let cs = split.get(name.as_str());
+            let new = cs.and_then(|c| c.new);
+            let old_gone = cs.is_none_or(|c| c.old.is_empty());
+            old_gone
+                && match (m.status, new) {
+                    // With a health check, only `healthy` counts: `starting` is not there yet.
+                    (DesiredStatus::Running, Some(c)) => {
+                        c.state == ContainerState::Running
+                            && matches!(c.health, Health::None | Health::Healthy)
+                    }
+                    (DesiredStatus::Running, None) => false,
+                    (DesiredStatus::Stopped, c) => c.is_none_or(|c| !is_up(c)),
                 }
-                (DesiredStatus::Running, None) => false,
-                (DesiredStatus::Stopped, c) => c.is_none_or(|c| !is_up(c)),
-            });
+        });
     plan
 }
 
-/// Plans one module; returns whether it is running (what later startup groups wait for).
-fn module_pass(
+/// Whether the module's image is on the device and verified; if not, plans its pull (or
+/// reports why not). Pulls are not gated by startup order: images arrive early.
+fn image_ready(world: &World<'_>, plan: &mut Plan, name: &str, m: &Module) -> bool {
+    // `always` wants a pull by this agent before each new container.
+    let fresh_enough = m.image_pull_policy != PullPolicy::Always || world.pulled.contains(&m.image);
+    if world.images.contains(&m.image) && fresh_enough {
+        return true;
+    }
+    if world.pulling.contains(&m.image) {
+        let problem = world.pull_failures.get(&m.image).map(|f| f.message.clone());
+        plan.set(name, ModuleStatus::Pulling, problem);
+        return false;
+    }
+    if let Some(f) = world.pull_failures.get(&m.image) {
+        let retry_at = f.at + retry_delay(PULL_RETRY_BASE_MS, f.attempts);
+        if retry_at > world.now {
+            plan.wake(retry_at);
+            plan.fail(
+                name,
+                format!(
+                    "{} (attempt {}, retrying in {} s)",
+                    f.message,
+                    f.attempts,
+                    retry_at.saturating_sub(world.now).div_ceil(1000)
+                ),
+                f.definitive,
+            );
+            return false;
+        }
+    }
+    if m.image_pull_policy == PullPolicy::Never {
+        plan.fail(
+            name,
+            format!(
+                "image {} is not on the device and the pull policy is `never`",
+                m.image
+            ),
+            true,
+        );
+        return false;
+    }
+    if !plan
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::Pull { image, .. } if image == &m.image))
+    {
+        plan.actions.push(Action::Pull {
+            module: name.to_string(),
+            image: m.image.clone(),
+        });
+    }
+    plan.set(name, ModuleStatus::Pulling, None);
+    false
+}
+
+/// The wait before the next create or start of a module that failed to start; reports it.
+fn start_backoff(world: &World<'_>, plan: &mut Plan, name: &str) -> Option<u64> {
+    let f = world.start_failures.get(name)?;
+    let due = f.at + backoff_delay(f.attempts);
+    let problem = format!(
+        "{}: {} attempt{} in a row; the engine said: {}",
+        if f.definitive {
+            "start-failing"
+        } else {
+            "failing"
+        },
+        f.attempts,
+        if f.attempts == 1 { "" } else { "s" },
+        f.message
+    );
+    if due > world.now {
+        plan.fail(name, problem, f.definitive);
+        return Some(due);
+    }
+    plan.fail(name, problem, f.definitive);
+    None
+}
+
+/// Plans one desired module at switch time; returns whether it is up (what later startup
+/// groups wait for).
+fn switch_module(
     world: &World<'_>,
     plan: &mut Plan,
     name: &str,
     m: &Module,
-    container: Option<&Observed>,
+    cs: &Containers<'_>,
     may_start: bool,
 ) -> bool {
-    let history = world.history.get(name).cloned().unwrap_or_default();
+    let base = container_name(world.device, name);
     if m.status == DesiredStatus::Stopped {
-        if let Some(c) = container
-            && is_up(c)
-        {
-            plan.actions.push(Action::Stop {
+        for c in &cs.old {
+            plan.actions.push(Action::Remove {
                 id: c.id.clone(),
                 module: name.to_string(),
             });
         }
-        plan.set(name, ModuleStatus::Stopped, None);
-        return false;
-    }
-
-    let Some(c) = container else {
-        // No container: it needs its image, then a create.
-        // `always` wants a pull by this agent before each new container.
-        let fresh_enough =
-            m.image_pull_policy != PullPolicy::Always || world.pulled.contains(&m.image);
-        let present = world.images.contains(&m.image) && fresh_enough;
-        if present {
-            if may_start {
-                plan.actions.push(Action::Create {
+        if let Some(c) = cs.new {
+            if is_up(c) {
+                plan.actions.push(Action::Stop {
+                    id: c.id.clone(),
                     module: name.to_string(),
                 });
             }
-            plan.set(name, ModuleStatus::Created, None);
-            return false;
+            rename_home(world, plan, name, c, &base);
         }
-        if m.image_pull_policy == PullPolicy::Never {
-            plan.set(
-                name,
-                ModuleStatus::Failed,
-                Some(format!(
-                    "image {} is not on the device and the pull policy is `never`",
-                    m.image
-                )),
-            );
-            return false;
-        }
-        if world.pulling.contains(&m.image) {
-            plan.set(name, ModuleStatus::Pulling, None);
-            return false;
-        }
-        if let Some(f) = world.pull_failures.get(&m.image) {
-            let retry_at = f.at
-                + PULL_RETRY_BASE_MS
-                    .saturating_mul(1 << f.attempts.saturating_sub(1).min(20))
-                    .min(BACKOFF_CAP_MS);
-            if retry_at > world.now {
-                plan.wake(retry_at);
-                plan.set(
-                    name,
-                    ModuleStatus::Failed,
-                    Some(format!(
-                        "{} (attempt {}, retrying in {} s)",
-                        f.message,
-                        f.attempts,
-                        (retry_at - world.now).div_ceil(1000)
-                    )),
-                );
-                return false;
-            }
-        }
-        // Pulls are not gated by startup order: images arrive early, starts stay in order.
-        if !plan
-            .actions
-            .iter()
-            .any(|a| matches!(a, Action::Pull { image, .. } if image == &m.image))
-        {
-            plan.actions.push(Action::Pull {
-                module: name.to_string(),
-                image: m.image.clone(),
-            });
-        }
-        plan.set(name, ModuleStatus::Pulling, None);
+        plan.set(name, ModuleStatus::Stopped, None);
+        return false;
+    }
+    let Some(new) = cs.new else {
+        // Staged means every running module has its container; it went away since.
+        plan.set(name, ModuleStatus::Staged, None);
         return false;
     };
+    if !cs.old.is_empty() {
+        if !may_start {
+            plan.set(name, ModuleStatus::Staged, None);
+            return false;
+        }
+        if let Some(wait) = start_backoff(world, plan, name) {
+            plan.wake(wait);
+            return false;
+        }
+        let mut old: Vec<&Observed> = cs.old.clone();
+        // The one that served goes first: it is the one restored if the new one cannot start.
+        old.sort_by_key(|c| std::cmp::Reverse((is_up(c), c.started_at)));
+        plan.actions.push(Action::Replace {
+            module: name.to_string(),
+            old: old.iter().map(|c| c.id.clone()).collect(),
+            new: new.id.clone(),
+            name: base,
+        });
+        plan.set(name, ModuleStatus::Staged, None);
+        return false;
+    }
+    rename_home(world, plan, name, new, &base);
+    keep_alive(
+        world,
+        plan,
+        name,
+        new,
+        Keep {
+            policy: m.restart_policy,
+            group: m.startup_order,
+        },
+        may_start,
+    )
+}
 
+/// Gives a module's only container the module's name when it has another (a staged name
+/// left by an interrupted switch) and the name is free.
+fn rename_home(world: &World<'_>, plan: &mut Plan, name: &str, c: &Observed, base: &str) {
+    if c.name != base && !world.observed.iter().any(|o| o.name == base) {
+        plan.actions.push(Action::Rename {
+            id: c.id.clone(),
+            module: name.to_string(),
+            name: base.to_string(),
+        });
+    }
+}
+
+/// Keeps one container going by its policy: starts it when created (in startup order),
+/// restarts it after its backoff when it exited, restarts it when unhealthy under
+/// `on-unhealthy`. Returns whether it is up (or done by its policy).
+fn keep_alive(
+    world: &World<'_>,
+    plan: &mut Plan,
+    name: &str,
+    c: &Observed,
+    keep: Keep,
+    may_start: bool,
+) -> bool {
+    let history = world.history.get(name).cloned().unwrap_or_default();
     match c.state {
         ContainerState::Running => {
-            if c.health == Health::Unhealthy && m.restart_policy == RestartPolicy::OnUnhealthy {
+            if c.health == Health::Unhealthy && keep.policy == RestartPolicy::OnUnhealthy {
                 restart_after_backoff(world, plan, name, c, &history, true);
                 return false;
             }
@@ -354,41 +767,54 @@ fn module_pass(
             true
         }
         ContainerState::Created => {
-            if may_start {
-                plan.actions.push(Action::Start {
-                    id: c.id.clone(),
-                    module: name.to_string(),
-                    restart: false,
-                });
+            if !may_start {
+                plan.set(name, ModuleStatus::Created, None);
+                return false;
             }
-            plan.set(name, ModuleStatus::Created, None);
+            if let Some(wait) = start_backoff(world, plan, name) {
+                plan.wake(wait);
+                return false;
+            }
+            plan.actions.push(Action::Start {
+                id: c.id.clone(),
+                module: name.to_string(),
+                restart: false,
+            });
+            if !world.start_failures.contains_key(name) {
+                plan.set(name, ModuleStatus::Created, None);
+            }
             false
         }
         ContainerState::Exited | ContainerState::Dead => {
+            let exit = world.exits.get(&c.id);
+            if exit.is_some_and(|e| e.before_agent) {
+                // Stopped by a reboot or while the agent was away: bring it back as it was,
+                // in startup order, without counting a restart.
+                if may_start {
+                    plan.actions.push(Action::Start {
+                        id: c.id.clone(),
+                        module: name.to_string(),
+                        restart: false,
+                    });
+                }
+                plan.set(name, ModuleStatus::Created, None);
+                return false;
+            }
             let failed = c.exit_code.is_some_and(|code| code != 0) || c.oom_killed;
-            let exited_before_agent = c.finished_at.is_none_or(|f| f * 1000 < world.agent_started);
-            let by_policy = match m.restart_policy {
+            let by_policy = match keep.policy {
                 RestartPolicy::Always => true,
                 RestartPolicy::OnFailure | RestartPolicy::OnUnhealthy => failed,
                 RestartPolicy::Never => false,
             };
-            if exited_before_agent && may_start {
-                // Stopped by a reboot or while the agent was away: bring it back as it was.
-                plan.actions.push(Action::Start {
-                    id: c.id.clone(),
-                    module: name.to_string(),
-                    restart: false,
-                });
-                plan.set(name, ModuleStatus::Created, None);
-            } else if by_policy {
+            if by_policy {
                 restart_after_backoff(world, plan, name, c, &history, false);
+                false
             } else {
                 plan.set(name, ModuleStatus::Exited, None);
                 // It ran and, by its policy, is done: later groups must not wait for it
                 // forever (found by the simulation below).
-                return true;
+                true
             }
-            false
         }
         ContainerState::Paused | ContainerState::Removing | ContainerState::Unknown => {
             plan.set(name, ModuleStatus::Unknown, None);
@@ -398,6 +824,8 @@ fn module_pass(
 }
 
 /// Consecutive failures that count for the backoff of a container that just ended a run.
+/// The run's length is the engine's `FinishedAt − StartedAt`: both from one clock, read within
+/// one run, so a wrong clock shifts both.
 pub fn failures_after(history: &ModuleHistory, c: &Observed) -> u32 {
     let ran_ms = match (c.started_at, c.finished_at) {
         (Some(s), Some(f)) if f >= s => (f - s) * 1000,
@@ -419,7 +847,12 @@ fn restart_after_backoff(
     running: bool,
 ) {
     let failures = failures_after(history, c);
-    let since = c.finished_at.map_or(world.now, |f| f * 1000);
+    // From when this agent saw the exit (monotonic), never from the engine's wall clock.
+    let since = if running {
+        world.now
+    } else {
+        world.exits.get(&c.id).map_or(world.now, |e| e.seen_at)
+    };
     let due = since + backoff_delay(failures);
     let problem = (failures >= CRASH_LOOP_AFTER).then(|| {
         format!(
@@ -455,7 +888,10 @@ mod tests {
     use proptest::prelude::*;
 
     const DEV: &str = "dev1";
-    const T0: u64 = 1_800_000_000_000;
+    /// Monotonic "now": an hour after boot.
+    const NOW: u64 = 3_600_000;
+    /// The engine's wall clock in these tests (Unix seconds).
+    const WALL: u64 = 1_800_000_000;
 
     fn desired(json: &str) -> Desired {
         let deployment: Deployment = serde_json::from_str(json).unwrap();
@@ -481,6 +917,13 @@ mod tests {
         labels.insert(labels::MANAGED.to_string(), "true".to_string());
         labels.insert(labels::DEVICE.to_string(), DEV.to_string());
         labels.insert(labels::MODULE.to_string(), module.to_string());
+        if let Some(m) = d.deployment.modules.get(module) {
+            labels.insert(labels::STARTUP_ORDER.into(), m.startup_order.to_string());
+            labels.insert(
+                labels::RESTART_POLICY.into(),
+                m.restart_policy.as_str().into(),
+            );
+        }
         Observed {
             id: format!("id-{module}"),
             name: format!("outpost.{DEV}.{module}"),
@@ -490,7 +933,7 @@ mod tests {
             health: Health::None,
             exit_code: None,
             oom_killed: false,
-            started_at: Some(T0 / 1000 - 100),
+            started_at: Some(WALL - 100),
             finished_at: None,
             image: String::new(),
             image_id: String::new(),
@@ -498,20 +941,22 @@ mod tests {
         }
     }
 
-    fn exited(d: &Desired, module: &str, code: i64, ran_secs: u64, ago_ms: u64) -> Observed {
+    fn exited(d: &Desired, module: &str, code: i64, ran_secs: u64) -> Observed {
         let mut c = container(d, module, ContainerState::Exited);
-        let finished = (T0 - ago_ms) / 1000;
         c.exit_code = Some(code);
-        c.finished_at = Some(finished);
-        c.started_at = Some(finished - ran_secs);
+        c.finished_at = Some(WALL);
+        c.started_at = Some(WALL - ran_secs);
         c
     }
 
     struct Fixture {
         images: BTreeSet<String>,
         none: BTreeSet<String>,
-        failures: BTreeMap<String, PullFailure>,
+        pull_failures: BTreeMap<String, Failure>,
+        start_failures: BTreeMap<String, Failure>,
         history: BTreeMap<String, ModuleHistory>,
+        exits: BTreeMap<String, Exit>,
+        busy: BTreeSet<String>,
     }
 
     impl Fixture {
@@ -524,9 +969,23 @@ mod tests {
                     .map(|m| m.image.clone())
                     .collect(),
                 none: BTreeSet::new(),
-                failures: BTreeMap::new(),
+                pull_failures: BTreeMap::new(),
+                start_failures: BTreeMap::new(),
                 history: BTreeMap::new(),
+                exits: BTreeMap::new(),
+                busy: BTreeSet::new(),
             }
+        }
+        /// The agent saw `id` exit `ago` ms before now.
+        fn exit(&mut self, id: &str, ago: u64) {
+            self.exits.insert(
+                id.into(),
+                Exit {
+                    finished_at: Some(WALL),
+                    seen_at: NOW - ago,
+                    before_agent: false,
+                },
+            );
         }
         fn world<'a>(&'a self, d: Option<&'a Desired>, observed: &'a [Observed]) -> World<'a> {
             World {
@@ -536,92 +995,238 @@ mod tests {
                 images: &self.images,
                 pulling: &self.none,
                 pulled: &self.none,
-                pull_failures: &self.failures,
+                pull_failures: &self.pull_failures,
+                start_failures: &self.start_failures,
                 history: &self.history,
-                now: T0,
-                agent_started: T0 - 3_600_000,
+                exits: &self.exits,
+                busy: &self.busy,
+                now: NOW,
             }
         }
     }
 
+    fn create(module: &str, name: &str) -> Action {
+        Action::Create {
+            module: module.into(),
+            name: name.into(),
+        }
+    }
+
+    fn staged(d: &Desired, module: &str) -> Observed {
+        let mut c = container(d, module, ContainerState::Created);
+        c.id = format!("new-{module}");
+        c.started_at = None;
+        c
+    }
+
     #[test]
-    fn groups_start_in_order() {
+    fn a_new_deployment_is_created_whole_then_started_group_by_group() {
         let d = three();
         let f = Fixture::new(&d);
         let p = plan(&f.world(Some(&d), &[]));
         assert_eq!(
             p.actions,
-            [Action::Create {
-                module: "db".into()
-            }]
+            [
+                create("api", "outpost.dev1.api"),
+                create("db", "outpost.dev1.db"),
+                create("ui", "outpost.dev1.ui")
+            ]
         );
-        let observed = [container(&d, "db", ContainerState::Running)];
-        let p = plan(&f.world(Some(&d), &observed));
+        assert!(!p.staged);
+        let all_created = [
+            container(&d, "db", ContainerState::Created),
+            container(&d, "api", ContainerState::Created),
+            container(&d, "ui", ContainerState::Created),
+        ];
+        let p = plan(&f.world(Some(&d), &all_created));
+        assert!(p.staged);
         assert_eq!(
             p.actions,
-            [Action::Create {
-                module: "api".into()
+            [Action::Start {
+                id: "id-db".into(),
+                module: "db".into(),
+                restart: false
             }]
         );
-        let observed = [
+        let db_up = [
+            container(&d, "db", ContainerState::Running),
+            container(&d, "api", ContainerState::Created),
+            container(&d, "ui", ContainerState::Created),
+        ];
+        let p = plan(&f.world(Some(&d), &db_up));
+        assert_eq!(
+            p.actions,
+            [Action::Start {
+                id: "id-api".into(),
+                module: "api".into(),
+                restart: false
+            }]
+        );
+        let all_up = [
             container(&d, "db", ContainerState::Running),
             container(&d, "api", ContainerState::Running),
             container(&d, "ui", ContainerState::Running),
         ];
-        let p = plan(&f.world(Some(&d), &observed));
+        let p = plan(&f.world(Some(&d), &all_up));
         assert!(p.actions.is_empty() && p.converged);
     }
 
     #[test]
-    fn a_changed_module_is_replaced_and_only_it() {
-        let d = three();
-        let f = Fixture::new(&d);
-        let mut api = container(&d, "api", ContainerState::Running);
-        api.config_hash = "old".into();
-        let observed = [
-            container(&d, "db", ContainerState::Running),
-            api,
-            container(&d, "ui", ContainerState::Running),
+    fn an_update_keeps_the_old_container_until_its_image_is_pulled() {
+        let v1 = three();
+        let v2 = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":2,"modules":{
+            "db":{"image":"r.io/db:1","startupOrder":0},
+            "api":{"image":"r.io/api:2","startupOrder":10},
+            "ui":{"image":"r.io/ui:1","startupOrder":20}}}"#,
+        );
+        let mut f = Fixture::new(&v2);
+        f.images.remove("r.io/api:2");
+        let running = [
+            container(&v2, "db", ContainerState::Running),
+            container(&v1, "api", ContainerState::Running),
+            container(&v2, "ui", ContainerState::Running),
         ];
-        let p = plan(&f.world(Some(&d), &observed));
+        let p = plan(&f.world(Some(&v2), &running));
         assert_eq!(
             p.actions,
-            [
-                Action::Remove {
-                    id: "id-api".into(),
-                    module: "api".into()
-                },
-                Action::Create {
-                    module: "api".into()
-                }
-            ]
+            [Action::Pull {
+                module: "api".into(),
+                image: "r.io/api:2".into()
+            }],
+            "nothing but the pull while the image is missing"
+        );
+        assert_eq!(p.modules["api"].status, ModuleStatus::Pulling);
+        assert!(!p.converged);
+
+        // Pulled: the new container is staged beside the old one, which keeps its name.
+        f.images.insert("r.io/api:2".into());
+        let p = plan(&f.world(Some(&v2), &running));
+        assert_eq!(p.actions, [create("api", "outpost.dev1.api.1")]);
+
+        // Staged: the switch replaces api alone.
+        let mut new_api = staged(&v2, "api");
+        new_api.name = "outpost.dev1.api.1".into();
+        let staged_world = [
+            running[0].clone(),
+            running[1].clone(),
+            running[2].clone(),
+            new_api,
+        ];
+        let p = plan(&f.world(Some(&v2), &staged_world));
+        assert_eq!(
+            p.actions,
+            [Action::Replace {
+                module: "api".into(),
+                old: vec!["id-api".into()],
+                new: "new-api".into(),
+                name: "outpost.dev1.api".into()
+            }]
         );
     }
 
     #[test]
-    fn undesired_modules_are_removed_and_stopped_ones_stopped() {
-        let d = desired(
-            r#"{"schemaVersion":"1.0","id":"d","version":2,"modules":{
-            "db":{"image":"r.io/db:1","status":"stopped"}}}"#,
+    fn a_failed_pull_leaves_the_running_module_alone_and_fails_the_deployment() {
+        let v1 = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"app":{"image":"r.io/app:1"}}}"#,
         );
-        let f = Fixture::new(&d);
-        let observed = [
-            container(&d, "db", ContainerState::Running),
-            container(&three(), "ui", ContainerState::Running),
+        let v2 = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":2,"modules":{"app":{"image":"r.io/app:missing"}}}"#,
+        );
+        let mut f = Fixture::new(&v2);
+        f.images.clear();
+        f.pull_failures.insert(
+            "r.io/app:missing".into(),
+            Failure {
+                attempts: 2,
+                at: NOW - 1_000,
+                message: "pull of r.io/app:missing failed: 404 manifest unknown".into(),
+                definitive: true,
+            },
+        );
+        let running = [container(&v1, "app", ContainerState::Running)];
+        let p = plan(&f.world(Some(&v2), &running));
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
+        assert_eq!(p.wake_at, Some(NOW - 1_000 + 4_000));
+        let app = &p.modules["app"];
+        assert_eq!(app.status, ModuleStatus::Failed);
+        assert!(app.definitive);
+        assert!(app.problem.as_deref().unwrap().contains("404"));
+    }
+
+    #[test]
+    fn nothing_switches_until_every_image_of_the_deployment_is_ready() {
+        let v1 = three();
+        let v2 = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":2,"modules":{
+            "db":{"image":"r.io/db:2","startupOrder":0},
+            "api":{"image":"r.io/api:2","startupOrder":10}}}"#,
+        );
+        let mut f = Fixture::new(&v2);
+        f.images.remove("r.io/api:2");
+        let running = [
+            container(&v1, "db", ContainerState::Running),
+            container(&v1, "api", ContainerState::Running),
+            container(&v1, "ui", ContainerState::Running),
         ];
-        let p = plan(&f.world(Some(&d), &observed));
+        let p = plan(&f.world(Some(&v2), &running));
+        // db's image is there, api's is not: no create, no removal of ui, only the pull.
         assert_eq!(
             p.actions,
-            [
-                Action::Remove {
-                    id: "id-ui".into(),
-                    module: "ui".into()
-                },
-                Action::Stop {
-                    id: "id-db".into(),
-                    module: "db".into()
-                }
-            ]
+            [Action::Pull {
+                module: "api".into(),
+                image: "r.io/api:2".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn leaving_modules_go_first_highest_group_first_then_the_switch() {
+        let v1 = three();
+        let v2 = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":2,"modules":{
+            "db":{"image":"r.io/db:1","startupOrder":0,"status":"stopped"}}}"#,
+        );
+        let f = Fixture::new(&v2);
+        let observed = [
+            container(&v1, "db", ContainerState::Running),
+            container(&v1, "api", ContainerState::Running),
+            container(&v1, "ui", ContainerState::Running),
+        ];
+        let p = plan(&f.world(Some(&v2), &observed));
+        assert_eq!(
+            p.actions,
+            [Action::Remove {
+                id: "id-ui".into(),
+                module: "ui".into()
+            }]
+        );
+        let p = plan(&f.world(Some(&v2), &observed[..2]));
+        assert_eq!(
+            p.actions,
+            [Action::Remove {
+                id: "id-api".into(),
+                module: "api".into()
+            }]
+        );
+        // While a removal is under way, nothing else of the switch starts.
+        let mut busy = Fixture::new(&v2);
+        busy.busy.insert("api".into());
+        assert!(
+            plan(&busy.world(Some(&v2), &observed[..2]))
+                .actions
+                .is_empty()
+        );
+        // db's config is unchanged (only its status): it is stopped, not recreated.
+        let mut db = container(&v1, "db", ContainerState::Running);
+        db.config_hash = v2.hashes["db"].clone();
+        let p = plan(&f.world(Some(&v2), &[db]));
+        assert_eq!(
+            p.actions,
+            [Action::Stop {
+                id: "id-db".into(),
+                module: "db".into()
+            }]
         );
     }
 
@@ -636,8 +1241,38 @@ mod tests {
         let mut unlabelled = container(&d, "x", ContainerState::Running);
         unlabelled.labels.clear();
         let observed = [other, unlabelled];
+        assert!(plan(&f.world(None, &observed)).actions.is_empty());
+        assert!(plan(&f.world(None, &observed)).modules.is_empty());
+    }
+
+    #[test]
+    fn without_a_deployment_everything_found_is_kept_and_unmanaged() {
+        let d = three();
+        let mut f = Fixture::new(&d);
+        let mut crashed = exited(&d, "api", 3, 5);
+        crashed.id = "id-api".into();
+        f.exit("id-api", 0);
+        let observed = [
+            container(&d, "db", ContainerState::Running),
+            crashed,
+            container(&d, "ui", ContainerState::Running),
+        ];
         let p = plan(&f.world(None, &observed));
-        assert!(p.actions.is_empty());
+        assert_eq!(
+            p.actions,
+            [Action::Start {
+                id: "id-api".into(),
+                module: "api".into(),
+                restart: true
+            }],
+            "kept alive by the policy in its labels, never removed"
+        );
+        assert!(
+            p.modules
+                .values()
+                .all(|m| m.status == ModuleStatus::Unmanaged)
+        );
+        assert_eq!(p.modules.len(), 3);
     }
 
     #[test]
@@ -651,6 +1286,9 @@ mod tests {
             ]
         );
         assert_eq!(backoff_delay(u32::MAX), BACKOFF_CAP_MS);
+        assert_eq!(retry_delay(2_000, 1), 2_000);
+        assert_eq!(retry_delay(2_000, 3), 8_000);
+        assert_eq!(retry_delay(2_000, 400), BACKOFF_CAP_MS);
     }
 
     #[test]
@@ -659,8 +1297,8 @@ mod tests {
             r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{"image":"r.io/a:1"}}}"#,
         );
         let mut f = Fixture::new(&d);
-        // First exit: immediate restart.
-        let observed = [exited(&d, "a", 1, 2, 0)];
+        f.exit("id-a", 0);
+        let observed = [exited(&d, "a", 1, 2)];
         let p = plan(&f.world(Some(&d), &observed));
         assert_eq!(
             p.actions,
@@ -670,7 +1308,7 @@ mod tests {
                 restart: true
             }]
         );
-        // After 3 short runs: 4 s backoff from the exit.
+        // After 3 short runs: 4 s backoff from when the agent saw the exit.
         f.history.insert(
             "a".into(),
             ModuleHistory {
@@ -678,10 +1316,10 @@ mod tests {
                 restarts: 3,
             },
         );
-        let observed = [exited(&d, "a", 1, 2, 1_000)];
+        f.exit("id-a", 1_000);
         let p = plan(&f.world(Some(&d), &observed));
         assert!(p.actions.is_empty());
-        assert_eq!(p.wake_at, Some(T0 - 1_000 + 4_000));
+        assert_eq!(p.wake_at, Some(NOW - 1_000 + 4_000));
         assert_eq!(p.modules["a"].status, ModuleStatus::Backoff);
         // Crash-looping for hours: still retried at the cap, and reported.
         f.history.insert(
@@ -691,7 +1329,7 @@ mod tests {
                 restarts: 500,
             },
         );
-        let observed = [exited(&d, "a", 1, 2, BACKOFF_CAP_MS)];
+        f.exit("id-a", BACKOFF_CAP_MS);
         let p = plan(&f.world(Some(&d), &observed));
         assert_eq!(p.actions.len(), 1);
         assert!(
@@ -701,6 +1339,30 @@ mod tests {
                 .unwrap()
                 .contains("crash-looping")
         );
+    }
+
+    #[test]
+    fn backoff_ignores_the_engines_wall_clock() {
+        // The device booted at 1970: the exit the engine recorded before the reboot reads 2026,
+        // decades "in the future". Only when the agent saw the exit counts.
+        let d = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{"image":"r.io/a:1"}}}"#,
+        );
+        let mut f = Fixture::new(&d);
+        f.history.insert(
+            "a".into(),
+            ModuleHistory {
+                failures: 2,
+                restarts: 2,
+            },
+        );
+        let mut c = exited(&d, "a", 1, 2);
+        c.finished_at = Some(u64::MAX / 2_000);
+        c.started_at = c.finished_at.map(|t| t - 2);
+        f.exit("id-a", 2_500);
+        let observed = [c];
+        let p = plan(&f.world(Some(&d), &observed));
+        assert_eq!(p.actions.len(), 1, "2 s backoff passed 0.5 s ago");
     }
 
     #[test]
@@ -716,7 +1378,8 @@ mod tests {
                 restarts: 8,
             },
         );
-        let observed = [exited(&d, "a", 1, 3_600, 0)];
+        f.exit("id-a", 0);
+        let observed = [exited(&d, "a", 1, 3_600)];
         let p = plan(&f.world(Some(&d), &observed));
         assert_eq!(p.actions.len(), 1, "a run of an hour restarts at once");
     }
@@ -735,8 +1398,9 @@ mod tests {
             let d = desired(&format!(
                 r#"{{"schemaVersion":"1.0","id":"d","version":1,"modules":{{"a":{{"image":"r.io/a:1","restartPolicy":"{policy}"}}}}}}"#
             ));
-            let f = Fixture::new(&d);
-            let observed = [exited(&d, "a", code, 2, 0)];
+            let mut f = Fixture::new(&d);
+            f.exit("id-a", 0);
+            let observed = [exited(&d, "a", code, 2)];
             let p = plan(&f.world(Some(&d), &observed));
             assert_eq!(!p.actions.is_empty(), restarts, "{policy} exit {code}");
             if !restarts {
@@ -746,21 +1410,79 @@ mod tests {
     }
 
     #[test]
-    fn containers_stopped_before_the_agent_started_come_back() {
-        let d = desired(
-            r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{"image":"r.io/a:1","restartPolicy":"never"}}}"#,
-        );
-        let f = Fixture::new(&d);
-        // Exited two hours ago, before this agent process (started an hour ago): a reboot.
-        let observed = [exited(&d, "a", 0, 500, 7_200_000)];
+    fn after_a_reboot_containers_come_back_in_startup_order_uncounted() {
+        let d = three();
+        let mut f = Fixture::new(&d);
+        let observed: Vec<Observed> = ["db", "api", "ui"]
+            .iter()
+            .map(|m| exited(&d, m, 0, 500))
+            .collect();
+        for m in ["db", "api", "ui"] {
+            f.exits.insert(
+                format!("id-{m}"),
+                Exit {
+                    finished_at: Some(WALL),
+                    seen_at: NOW,
+                    before_agent: true,
+                },
+            );
+        }
         let p = plan(&f.world(Some(&d), &observed));
         assert_eq!(
             p.actions,
             [Action::Start {
-                id: "id-a".into(),
-                module: "a".into(),
+                id: "id-db".into(),
+                module: "db".into(),
+                restart: false
+            }],
+            "later groups wait; nothing is counted as a restart"
+        );
+        let mut next = observed.clone();
+        next[0] = container(&d, "db", ContainerState::Running);
+        let p = plan(&f.world(Some(&d), &next));
+        assert_eq!(
+            p.actions,
+            [Action::Start {
+                id: "id-api".into(),
+                module: "api".into(),
                 restart: false
             }]
+        );
+    }
+
+    #[test]
+    fn a_start_that_fails_backs_off_and_says_why() {
+        let d = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{"image":"r.io/a:1"}}}"#,
+        );
+        let mut f = Fixture::new(&d);
+        f.start_failures.insert(
+            "a".into(),
+            Failure {
+                attempts: 4,
+                at: NOW - 1_000,
+                message: "500 port is already allocated".into(),
+                definitive: true,
+            },
+        );
+        let observed = [container(&d, "a", ContainerState::Created)];
+        let p = plan(&f.world(Some(&d), &observed));
+        assert!(p.actions.is_empty());
+        assert_eq!(p.wake_at, Some(NOW - 1_000 + 8_000));
+        let a = &p.modules["a"];
+        assert_eq!(a.status, ModuleStatus::Failed);
+        let problem = a.problem.as_deref().unwrap();
+        assert!(
+            problem.contains("start-failing") && problem.contains("port is already allocated"),
+            "{problem}"
+        );
+        f.start_failures.get_mut("a").unwrap().at = NOW - 8_000;
+        let p = plan(&f.world(Some(&d), &observed));
+        assert_eq!(p.actions.len(), 1, "retried once the backoff passed");
+        assert_eq!(
+            p.modules["a"].status,
+            ModuleStatus::Failed,
+            "still reported"
         );
     }
 
@@ -794,7 +1516,8 @@ mod tests {
         );
         let mut f = Fixture::new(&d);
         f.images.remove("r.io/b:2");
-        let observed = [exited(&d, "a", 1, 2, 0)];
+        f.exit("id-a", 0);
+        let observed = [exited(&d, "a", 1, 2)];
         let p = plan(&f.world(Some(&d), &observed));
         assert!(p.actions.contains(&Action::Pull {
             module: "b".into(),
@@ -815,28 +1538,6 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_pull_waits_and_says_why() {
-        let d = desired(
-            r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{"image":"r.io/a:1"}}}"#,
-        );
-        let mut f = Fixture::new(&d);
-        f.images.clear();
-        f.failures.insert(
-            "r.io/a:1".into(),
-            PullFailure {
-                attempts: 2,
-                at: T0 - 1_000,
-                message: "pull of r.io/a:1 failed: 401".into(),
-            },
-        );
-        let p = plan(&f.world(Some(&d), &[]));
-        assert!(p.actions.is_empty());
-        assert_eq!(p.wake_at, Some(T0 - 1_000 + 4_000));
-        assert_eq!(p.modules["a"].status, ModuleStatus::Failed);
-        assert!(p.modules["a"].problem.as_deref().unwrap().contains("401"));
-    }
-
-    #[test]
     fn pull_policy_never_reports_a_missing_image() {
         let d = desired(
             r#"{"schemaVersion":"1.0","id":"d","version":1,"modules":{"a":{"image":"r.io/a:1","imagePullPolicy":"never"}}}"#,
@@ -846,6 +1547,41 @@ mod tests {
         let p = plan(&f.world(Some(&d), &[]));
         assert!(p.actions.is_empty());
         assert_eq!(p.modules["a"].status, ModuleStatus::Failed);
+        assert!(p.modules["a"].definitive);
+    }
+
+    #[test]
+    fn an_interrupted_switch_is_finished() {
+        // The agent died after starting the staged container and before removing the old one
+        // and renaming: the switch completes, and the module gets its name back.
+        let v1 = three();
+        let v2 = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":2,"modules":{"db":{"image":"r.io/db:2"}}}"#,
+        );
+        let f = Fixture::new(&v2);
+        let old = exited(&v1, "db", 0, 100);
+        let mut new = container(&v2, "db", ContainerState::Running);
+        new.id = "new-db".into();
+        new.name = "outpost.dev1.db.1".into();
+        let p = plan(&f.world(Some(&v2), &[old.clone(), new.clone()]));
+        assert_eq!(
+            p.actions,
+            [Action::Replace {
+                module: "db".into(),
+                old: vec!["id-db".into()],
+                new: "new-db".into(),
+                name: "outpost.dev1.db".into()
+            }]
+        );
+        let p = plan(&f.world(Some(&v2), &[new]));
+        assert_eq!(
+            p.actions,
+            [Action::Rename {
+                id: "new-db".into(),
+                module: "db".into(),
+                name: "outpost.dev1.db".into()
+            }]
+        );
     }
 
     // ----- simulation -----
@@ -854,60 +1590,102 @@ mod tests {
     struct Engine {
         containers: Vec<Observed>,
         images: BTreeSet<String>,
+        exits: BTreeMap<String, Exit>,
         next_id: u32,
         touched_foreign: bool,
     }
 
     impl Engine {
+        fn position(&mut self, id: &str) -> usize {
+            let Some(i) = self.containers.iter().position(|c| c.id == id) else {
+                panic!("unknown container {id}")
+            };
+            if self.containers[i]
+                .labels
+                .get(labels::DEVICE)
+                .map(String::as_str)
+                != Some(DEV)
+            {
+                self.touched_foreign = true;
+            }
+            i
+        }
+
+        fn run(&mut self, id: &str, now: u64) {
+            let i = self.position(id);
+            let c = &mut self.containers[i];
+            c.state = ContainerState::Running;
+            c.health = Health::None;
+            c.started_at = Some(WALL + now / 1000);
+            self.exits.remove(id);
+        }
+
+        fn stop(&mut self, id: &str, now: u64) {
+            let i = self.position(id);
+            let c = &mut self.containers[i];
+            if is_up(c) {
+                c.state = ContainerState::Exited;
+                c.exit_code = Some(0);
+                c.finished_at = Some(WALL + now / 1000);
+            }
+        }
+
+        fn name_free(&self, name: &str) -> bool {
+            !self.containers.iter().any(|c| c.name == name)
+        }
+
         fn apply(&mut self, d: &Desired, action: &Action, now: u64) {
-            let foreign =
-                |c: &Observed| c.labels.get(labels::DEVICE).map(String::as_str) != Some(DEV);
-            let find = |cs: &mut Vec<Observed>, id: &str| cs.iter().position(|c| c.id == id);
             match action {
-                Action::Remove { id, .. }
-                | Action::Stop { id, .. }
-                | Action::Start { id, .. }
-                | Action::Restart { id, .. } => {
-                    let Some(i) = find(&mut self.containers, id) else {
-                        panic!("unknown container {id}")
-                    };
-                    if foreign(&self.containers[i]) {
-                        self.touched_foreign = true;
-                    }
-                    match action {
-                        Action::Remove { .. } => {
-                            self.containers.remove(i);
-                        }
-                        Action::Stop { .. } => {
-                            let c = &mut self.containers[i];
-                            c.state = ContainerState::Exited;
-                            c.exit_code = Some(0);
-                            c.finished_at = Some(now / 1000);
-                        }
-                        _ => {
-                            let c = &mut self.containers[i];
-                            c.state = ContainerState::Running;
-                            c.health = Health::None;
-                            c.started_at = Some(now / 1000);
-                        }
-                    }
+                Action::Remove { id, .. } => {
+                    let i = self.position(id);
+                    self.containers.remove(i);
                 }
+                Action::Stop { id, .. } => self.stop(id, now),
+                Action::Start { id, .. } | Action::Restart { id, .. } => self.run(id, now),
                 Action::Pull { image, .. } => {
                     self.images.insert(image.clone());
                 }
-                Action::Create { module } => {
-                    assert!(
-                        !self
-                            .containers
-                            .iter()
-                            .any(|c| c.name == format!("outpost.{DEV}.{module}")),
-                        "name conflict creating {module}"
-                    );
+                Action::Create { module, name } => {
+                    assert!(self.name_free(name), "name conflict creating {name}");
                     self.next_id += 1;
-                    let mut c = container(d, module, ContainerState::Running);
+                    let mut c = container(d, module, ContainerState::Created);
                     c.id = format!("new-{}", self.next_id);
-                    c.started_at = Some(now / 1000);
+                    c.name = name.clone();
+                    c.started_at = None;
                     self.containers.push(c);
+                }
+                Action::Replace { old, new, name, .. } => {
+                    for o in old {
+                        self.stop(o, now);
+                        let i = self.position(o);
+                        self.containers.remove(i);
+                    }
+                    self.run(new, now);
+                    if self.name_free(name) {
+                        let i = self.position(new);
+                        self.containers[i].name = name.clone();
+                    }
+                }
+                Action::Rename { id, name, .. } => {
+                    assert!(self.name_free(name), "rename onto a taken name {name}");
+                    let i = self.position(id);
+                    self.containers[i].name = name.clone();
+                }
+            }
+        }
+
+        /// What the reconciler does before each pass: note exits it has not seen yet.
+        fn see_exits(&mut self, now: u64, first: bool) {
+            for c in &self.containers {
+                if is_exited(c) && !self.exits.contains_key(&c.id) {
+                    self.exits.insert(
+                        c.id.clone(),
+                        Exit {
+                            finished_at: c.finished_at,
+                            seen_at: now,
+                            before_agent: first,
+                        },
+                    );
                 }
             }
         }
@@ -923,7 +1701,7 @@ mod tests {
         ]
     }
 
-    fn arb_world() -> impl Strategy<Value = (Desired, Vec<Observed>, BTreeSet<String>)> {
+    fn arb_world() -> impl Strategy<Value = (Option<Desired>, Vec<Observed>, BTreeSet<String>)> {
         let module = (
             0u32..3,
             prop_oneof![
@@ -939,8 +1717,9 @@ mod tests {
             proptest::collection::btree_map("[a-e]", module, 0..5),
             proptest::collection::vec(("[a-g]", arb_state(), any::<bool>(), any::<bool>(), any::<bool>()), 0..8),
             any::<bool>(),
+            any::<bool>(),
         )
-            .prop_map(|(modules, containers, images_present)| {
+            .prop_map(|(modules, containers, images_present, no_deployment)| {
                 let body: Vec<String> = modules
                     .iter()
                     .map(|(n, (order, policy, status, tag))| {
@@ -956,15 +1735,19 @@ mod tests {
                 let observed = containers
                     .into_iter()
                     .enumerate()
-                    .map(|(i, (module, (state, code, health), stale, foreign, old))| {
+                    .map(|(i, (module, (state, code, health), stale, foreign, canonical))| {
                         let mut c = container(&d, &module, state);
                         c.id = format!("c{i}");
-                        c.name = format!("outpost.{DEV}.{module}.{i}");
+                        if !canonical {
+                            c.name = format!("outpost.{DEV}.{module}.x{i}");
+                        } else {
+                            c.name = format!("outpost.{DEV}.{module}.{i}");
+                        }
                         c.exit_code = code;
                         c.health = health;
                         if code.is_some() {
-                            c.finished_at = Some(if old { T0 / 1000 - 7_200 } else { T0 / 1000 - 1 });
-                            c.started_at = Some(c.finished_at.unwrap() - 1);
+                            c.finished_at = Some(WALL - 7_200);
+                            c.started_at = Some(WALL - 7_201);
                         }
                         if stale {
                             c.config_hash = "stale".into();
@@ -980,33 +1763,36 @@ mod tests {
                 } else {
                     BTreeSet::new()
                 };
-                (d, observed, images)
+                ((!no_deployment).then_some(d), observed, images)
             })
     }
 
     proptest! {
         /// Applying plans to a simulated engine converges to the desired state within a bounded
-        /// number of passes, never touches another device's container, and never creates a
-        /// container whose name is taken.
+        /// number of passes, never touches another device's container, never creates a
+        /// container whose name is taken, and without a deployment removes nothing.
         #[test]
         fn plans_converge_on_a_simulated_engine((d, observed, images) in arb_world()) {
-            let mut engine = Engine { containers: observed, images, next_id: 0, touched_foreign: false };
+            let ours_before = observed.iter().filter(|c| c.labels.get(labels::DEVICE).map(String::as_str) == Some(DEV)).count();
+            let mut engine = Engine { containers: observed, images, exits: BTreeMap::new(), next_id: 0, touched_foreign: false };
             // The simulated containers all started fine: exits under `never`/`on-failure` stay.
             let history = BTreeMap::new();
-            let (none, failures) = (BTreeSet::new(), BTreeMap::new());
-            let mut now = T0;
+            let (none, failures, start_failures, busy) = (BTreeSet::new(), BTreeMap::new(), BTreeMap::new(), BTreeSet::new());
+            let mut now = NOW;
             let mut converged = false;
-            for _ in 0..40 {
+            for pass in 0..60 {
+                engine.see_exits(now, pass == 0);
                 let world = World {
-                    device: DEV, desired: Some(&d), observed: &engine.containers, images: &engine.images,
-                    pulling: &none, pulled: &none, pull_failures: &failures, history: &history,
-                    now, agent_started: T0 - 3_600_000,
+                    device: DEV, desired: d.as_ref(), observed: &engine.containers, images: &engine.images,
+                    pulling: &none, pulled: &none, pull_failures: &failures, start_failures: &start_failures,
+                    history: &history, exits: &engine.exits, busy: &busy, now,
                 };
                 let p = plan(&world);
                 if p.actions.is_empty() && p.wake_at.is_none() {
                     converged = true;
                     break;
                 }
+                let d = d.clone().unwrap_or_else(three);
                 for a in &p.actions {
                     engine.apply(&d, a, now);
                 }
@@ -1014,13 +1800,19 @@ mod tests {
             }
             prop_assert!(converged, "no convergence: {:?}", engine.containers);
             prop_assert!(!engine.touched_foreign);
-            // The end state is the desired one.
             let ours: Vec<&Observed> = engine.containers.iter().filter(|c| c.labels.get(labels::DEVICE).map(String::as_str) == Some(DEV)).collect();
+            let Some(d) = d else {
+                prop_assert_eq!(ours.len(), ours_before, "without a deployment nothing is removed");
+                return Ok(());
+            };
             for (name, m) in &d.deployment.modules {
                 let mine: Vec<_> = ours.iter().filter(|c| &c.module == name).collect();
                 prop_assert!(mine.len() <= 1, "duplicates of {}", name);
                 if let Some(c) = mine.first() {
                     prop_assert_eq!(&c.config_hash, &d.hashes[name]);
+                    let canonical = container_name(DEV, name);
+                    let held_by_foreign = engine.containers.iter().any(|o| o.name == canonical && o.module != *name);
+                    prop_assert!(c.name == canonical || held_by_foreign, "{} is named {}", name, c.name);
                 }
                 if m.status == DesiredStatus::Running && m.restart_policy == RestartPolicy::Always {
                     prop_assert!(mine.first().is_some_and(|c| c.state == ContainerState::Running), "{} is not running", name);

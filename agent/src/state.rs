@@ -58,7 +58,11 @@ pub struct DeploymentReport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ModuleStatus {
+    /// Its image is being pulled; whatever ran before keeps running meanwhile.
     Pulling,
+    /// Its new version is ready (image verified, container created); the old one keeps running
+    /// until the whole deployment is ready and the switch reaches it.
+    Staged,
     Created,
     Running,
     /// Exited and waiting for its restart backoff to pass.
@@ -66,8 +70,11 @@ pub enum ModuleStatus {
     /// Exited and, by its restart policy, staying so.
     Exited,
     Stopped,
-    /// Cannot be brought up (pull or create keeps failing); still retried.
+    /// Cannot be brought up (pull, create or start keeps failing); still retried.
     Failed,
+    /// A container of this device found without a deployment to say what it should be (the
+    /// store was lost or is new): kept running by its own labels until a deployment arrives.
+    Unmanaged,
     Unknown,
 }
 
@@ -116,6 +123,20 @@ pub struct ReportedState {
     pub last_good: Option<DeploymentRef>,
     pub modules: BTreeMap<String, ModuleReport>,
     pub agent: AgentFacts,
+    /// What the operator should know that is not one module's: a store recovered from
+    /// corruption, a disk above its watermark, a degraded outbox, no deployment on the device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A condition of the device as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// A stable name: `store-recovered`, `store-reserve-used`, `disk-high`,
+    /// `outbox-degraded`, `no-deployment`.
+    pub kind: String,
+    pub message: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,9 +5,9 @@
 //!   generated with rcgen.
 //! - [`Broker`]: a real Mosquitto started on a free loopback port with a config written to a
 //!   temporary directory, stopped (and restartable) by the test, killed on drop.
-//! - [`StandInAgent`]: a **stand-in** for the reconciler behind an `AgentHandle`, until the real
-//!   one is merged (then the lead swaps it for the real agent in [`Device::start`]).
-//! - [`Device`]: `outpost_agent::hub::run` with a device configuration file, and the stand-in.
+//! - [`TestAgent`]: the real reconciler and store behind an `AgentHandle`, over the in-memory
+//!   fake engine (the hub tests are about the link; the engine is covered by the e2e tests).
+//! - [`Device`]: `outpost_agent::hub::run` with a device configuration file, and that agent.
 //! - helpers to wait on reported state with a deadline (never fixed sleeps) and to run the
 //!   `outpost` CLI in-process.
 
@@ -22,15 +22,12 @@ use outpost_agent::hub::HubError;
 use outpost_agent::hub::link::Settings;
 use outpost_agent::hub::operator::Operator;
 use outpost_agent::hub::tls::TlsFiles;
-use outpost_agent::manifest::Issue;
-use outpost_agent::state::{
-    AgentFacts, DeploymentReport, DeploymentStatus, ModuleReport, ModuleStatus, ReportedState,
-};
+use outpost_agent::state::ReportedState;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Sets up logging (once) and the crypto provider, as the binary does.
@@ -418,166 +415,80 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
     Ok(())
 }
 
-// ---------------------------------------------------------------- the stand-in agent
+// ---------------------------------------------------------------- the agent behind the link
 
-/// STAND-IN for the reconciler (issue 3) behind an [`AgentHandle`]: it stores each offer and
-/// reports it `received` → `applying` → `applied` with every module `running`, refuses a
-/// version older than or equal to the one in force (as the real one will), restarts "modules"
-/// by counting, and serves fake log lines. After the real reconciler is merged, replace its
-/// use in [`Device::start`] with the real agent.
-pub struct StandInAgent {
+/// The **real reconciler** (and a real store in a temporary folder) behind the hub link, over
+/// the in-memory fake engine (`outpost_agent::runtime::fake`): these are hub-path tests, and
+/// the fake engine pulls any image at once and runs what it is asked to. Every offer that
+/// crosses the control handle is recorded on its way, so tests can count deliveries.
+pub struct TestAgent {
     pub offers: std::sync::Arc<std::sync::Mutex<Vec<(String, u64)>>>,
-    task: tokio::task::JoinHandle<()>,
+    /// The fake engine: tests print module log lines into it, crash containers, etc.
+    pub engine: outpost_agent::runtime::fake::FakeRuntime,
+    shutdown: CancellationToken,
+    _store: tempfile::TempDir,
 }
 
-impl Drop for StandInAgent {
+impl Drop for TestAgent {
     fn drop(&mut self) {
-        self.task.abort();
+        self.shutdown.cancel();
     }
 }
 
-impl StandInAgent {
-    pub fn spawn(device_id: &str) -> (AgentHandle, StandInAgent) {
-        let (requests, mut rx) = mpsc::channel(REQUEST_CAPACITY);
-        let initial = ReportedState {
-            device_id: device_id.to_string(),
-            deployment: None,
-            last_rejected: None,
-            last_good: None,
-            modules: Default::default(),
-            agent: AgentFacts::local(0),
-        };
-        let (state_tx, state) = watch::channel(initial);
+impl TestAgent {
+    pub fn spawn(device_id: &str) -> (AgentHandle, TestAgent) {
+        use outpost_agent::reconciler::{Reconciler, Settings};
+        let clock: outpost_agent::clock::SharedClock =
+            std::sync::Arc::new(outpost_agent::clock::SystemClock::new());
+        let engine = outpost_agent::runtime::fake::FakeRuntime::new(clock.clone());
+        engine.serve_any_image();
+        let dir = tempfile::tempdir().expect("store folder");
+        let (store, _) = outpost_agent::store::Store::open(dir.path(), 0).expect("store opens");
+        let parts = Reconciler::build(
+            Settings::new(device_id, clock),
+            std::sync::Arc::new(engine.clone()),
+            store,
+        )
+        .expect("the reconciler builds");
+        let shutdown = CancellationToken::new();
+        tokio::spawn(parts.reconciler.run(parts.requests, shutdown.clone()));
+        // The relay between the link and the reconciler records offers and forwards all.
+        let (requests, mut rx) = mpsc::channel::<Request>(REQUEST_CAPACITY);
         let offers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = offers.clone();
-        let task = tokio::spawn(async move {
-            while let Some(request) = rx.recv().await {
-                match request {
-                    Request::Offer {
-                        accepted,
-                        source,
-                        reply,
-                    } => {
-                        let d = &accepted.deployment;
-                        if let Ok(mut o) = seen.lock() {
-                            o.push((d.id.clone(), d.version));
-                        }
-                        let current = state_tx.borrow().deployment.as_ref().map(|c| c.version);
-                        let now = now();
-                        if let Some(current) = current
-                            && d.version <= current
-                        {
-                            let reasons = vec![Issue::new(
-                                "/version",
-                                format!(
-                                    "version {} is not newer than {current}, the version in force",
-                                    d.version
-                                ),
-                            )];
-                            state_tx.send_modify(|s| {
-                                s.last_rejected = Some(DeploymentReport {
-                                    id: d.id.clone(),
-                                    version: d.version,
-                                    status: DeploymentStatus::Rejected,
-                                    source: source.clone(),
-                                    reasons: reasons.clone(),
-                                    digest: Some(accepted.digest.clone()),
-                                    updated_at: now,
-                                });
-                            });
-                            let _ = reply.send(Err(reasons));
-                            continue;
-                        }
-                        let report = |status| DeploymentReport {
-                            id: d.id.clone(),
-                            version: d.version,
-                            status,
-                            source: source.clone(),
-                            reasons: vec![],
-                            digest: Some(accepted.digest.clone()),
-                            updated_at: now,
-                        };
-                        state_tx.send_modify(|s| {
-                            s.deployment = Some(report(DeploymentStatus::Received))
-                        });
-                        let _ = reply.send(Ok(()));
-                        state_tx.send_modify(|s| {
-                            s.deployment = Some(report(DeploymentStatus::Applying))
-                        });
-                        state_tx.send_modify(|s| {
-                            s.modules = d
-                                .modules
-                                .iter()
-                                .map(|(name, m)| {
-                                    (
-                                        name.clone(),
-                                        ModuleReport {
-                                            status: ModuleStatus::Running,
-                                            image: m.image.clone(),
-                                            image_digest: None,
-                                            restart_count: 0,
-                                            exit_code: None,
-                                            started_at: Some(now),
-                                            last_error: None,
-                                        },
-                                    )
-                                })
-                                .collect();
-                            s.deployment = Some(report(DeploymentStatus::Applied));
-                            s.last_good = Some(outpost_agent::state::DeploymentRef {
-                                id: d.id.clone(),
-                                version: d.version,
-                            });
-                        });
-                    }
-                    Request::RestartModule { name, reply } => {
-                        let mut found = false;
-                        state_tx.send_modify(|s| {
-                            if let Some(m) = s.modules.get_mut(&name) {
-                                m.restart_count += 1;
-                                found = true;
-                            }
-                        });
-                        let _ = reply.send(if found {
-                            Ok(())
-                        } else {
-                            Err(format!("no module `{name}`"))
-                        });
-                    }
-                    Request::Logs {
-                        name,
-                        tail,
-                        max_bytes,
-                        reply,
-                    } => {
-                        if !state_tx.borrow().modules.contains_key(&name) {
-                            let _ = reply.send(Err(format!("no module `{name}`")));
-                            continue;
-                        }
-                        let mut text: String = (1..=1000)
-                            .skip(1000usize.saturating_sub(tail))
-                            .map(|i| format!("{name} line {i}\n"))
-                            .collect();
-                        if text.len() > max_bytes {
-                            text = text[text.len() - max_bytes..].to_string();
-                        }
-                        let _ = reply.send(Ok(text));
-                    }
+        let (seen, inner, stop) = (
+            offers.clone(),
+            parts.handle.requests.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let request = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = rx.recv() => match r { Some(r) => r, None => return },
+                };
+                if let Request::Offer { accepted, .. } = &request
+                    && let Ok(mut o) = seen.lock()
+                {
+                    o.push((accepted.deployment.id.clone(), accepted.deployment.version));
+                }
+                if inner.send(request).await.is_err() {
+                    return;
                 }
             }
         });
         (
-            AgentHandle { requests, state },
-            StandInAgent { offers, task },
+            AgentHandle {
+                requests,
+                state: parts.handle.state,
+            },
+            TestAgent {
+                offers,
+                engine,
+                shutdown,
+                _store: dir,
+            },
         )
     }
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------- a device
@@ -611,11 +522,11 @@ impl DeviceOptions {
     }
 }
 
-/// The hub link of one device, running against the stand-in agent.
+/// The hub link of one device, running against the real reconciler over the fake engine.
 pub struct Device {
     pub id: String,
     pub handle: AgentHandle,
-    pub agent: StandInAgent,
+    pub agent: TestAgent,
     pub config: outpost_agent::config::Config,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<Result<(), HubError>>>,
@@ -685,10 +596,10 @@ pub fn device_config(
 }
 
 impl Device {
-    /// Starts the hub link of a device with the stand-in agent.
+    /// Starts the hub link of a device with the real reconciler over the fake engine.
     pub fn start(broker: &Broker, dir: &Path, o: &DeviceOptions) -> Result<Device> {
         let config = device_config(broker, dir, o)?;
-        let (handle, agent) = StandInAgent::spawn(&o.id);
+        let (handle, agent) = TestAgent::spawn(&o.id);
         let shutdown = CancellationToken::new();
         let task = {
             let config = config.clone();

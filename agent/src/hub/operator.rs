@@ -477,6 +477,7 @@ mod tests {
             last_good: None,
             modules: Default::default(),
             agent: AgentFacts::local(0),
+            conditions: vec![],
         }
     }
 

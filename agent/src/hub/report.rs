@@ -176,6 +176,7 @@ mod tests {
             last_good: None,
             modules: Default::default(),
             agent: AgentFacts::local(0),
+            conditions: vec![],
         };
         assert_eq!(
             merged(&state, Some(&report(5))).last_rejected,

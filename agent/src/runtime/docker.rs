@@ -450,10 +450,15 @@ impl Runtime for DockerRuntime {
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
-        self.docker
+        match self
+            .docker
             .start_container(id, None::<StartContainerOptions>)
             .await
-            .map_err(|e| engine("start", id, e))
+        {
+            // 304: already running.
+            Err(e) if status_of(&e) == Some(304) => Ok(()),
+            other => other.map_err(|e| engine("start", id, e)),
+        }
     }
 
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {

@@ -55,6 +55,8 @@ struct Inner {
     /// Image → how long a pull of it takes.
     pull_delays: BTreeMap<String, Duration>,
     logs: BTreeMap<String, Vec<String>>,
+    /// Every image can be pulled (tests about something else than images).
+    any_image: bool,
     next_id: u64,
     /// Every call that changed something, in order (`create app`, `stop app`, ...).
     calls: Vec<String>,
@@ -104,6 +106,11 @@ impl FakeRuntime {
     pub fn publish_image(&self, reference: &str) {
         let info = image_info(reference, &self.architecture);
         self.lock().registry.insert(reference.to_string(), info);
+    }
+
+    /// Lets every image be pulled, as if the registry had them all.
+    pub fn serve_any_image(&self) {
+        self.lock().any_image = true;
     }
 
     /// Makes `reference` available to pull, built for another platform.
@@ -300,6 +307,10 @@ impl Runtime for FakeRuntime {
         }
         let mut inner = self.lock();
         inner.calls.push(format!("pull {image}"));
+        if inner.any_image && !inner.registry.contains_key(image) {
+            let info = image_info(image, &self.architecture);
+            inner.registry.insert(image.to_string(), info);
+        }
         match inner.registry.get(image).cloned() {
             Some(info) => {
                 inner.images.insert(image.to_string(), info);
