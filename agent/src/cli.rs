@@ -572,6 +572,19 @@ fn list(socket: &Path, json: bool) -> Result<u8> {
         ),
         None => println!("no deployment"),
     }
+    if let Some(d) = &state.deployment {
+        for r in &d.reasons {
+            let at = if r.path.is_empty() {
+                ""
+            } else {
+                r.path.as_str()
+            };
+            println!("  {at} {}", r.message);
+        }
+    }
+    for c in &state.conditions {
+        println!("! {}: {}", c.kind, c.message);
+    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -584,7 +597,9 @@ fn list(socket: &Path, json: bool) -> Result<u8> {
                 .and_then(|v| v.as_str().map(String::from))
                 .unwrap_or_default();
             let uptime = match (m.status, m.started_at) {
-                (ModuleStatus::Running, Some(t)) => human_duration(now.saturating_sub(t)),
+                (ModuleStatus::Running | ModuleStatus::Unmanaged, Some(t)) => {
+                    human_duration(now.saturating_sub(t))
+                }
                 _ => "-".into(),
             };
             [

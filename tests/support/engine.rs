@@ -301,6 +301,8 @@ pub struct Agent {
     pub device: String,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// Extra environment for the agent process (the clock drills preload libfaketime).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -312,6 +314,15 @@ impl Agent {
     }
 
     pub fn start_with(device: &str, runtime: &str, extra: &str) -> Agent {
+        let mut agent = Agent::configure(device, runtime, extra);
+        agent.spawn();
+        agent
+    }
+
+    /// Writes the config and clears the device's containers, without starting the agent: a
+    /// test prepares the state folder (a tmpfs) or the environment, then calls
+    /// [`Agent::spawn`].
+    pub fn configure(device: &str, runtime: &str, extra: &str) -> Agent {
         require_docker();
         let dir = tempfile::tempdir().expect("agent dir");
         // Agents of parallel tests share the engine: each gets its own bus port on the bridge
@@ -332,18 +343,24 @@ impl Agent {
             ),
         )
         .expect("write agent config");
-        let mut agent = Agent {
+        let agent = Agent {
             device: device.to_string(),
             dir,
             config,
+            env: Vec::new(),
             child: None,
         };
         agent.cleanup_containers();
-        agent.spawn();
         agent
     }
 
-    fn spawn(&mut self) {
+    /// The agent's state folder.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Starts `outpost run` and waits for its API socket.
+    pub fn spawn(&mut self) {
         let socket = self.dir.path().join("api.sock");
         // A killed agent leaves its socket behind; wait for the new one, not the old.
         let _ = std::fs::remove_file(&socket);
@@ -353,6 +370,7 @@ impl Agent {
             .open(self.dir.path().join("agent.log"))
             .expect("agent log");
         let child = Command::new(outpost_bin())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .arg("--config")
             .arg(&self.config)
             .arg("run")
