@@ -418,3 +418,40 @@ fn a_clock_at_1970_then_a_jump_of_56_years_breaks_nothing() {
     });
     agent.kill9();
 }
+
+#[test]
+fn a_pull_that_would_fill_the_disk_is_refused_before_anything_changes() {
+    let registry = Registry::start();
+    let v1 = test_image(&registry, "field-disk", "1");
+    let v2 = test_image(&registry, "field-disk", "2");
+    // v1 is on the engine already; v2 would have to be pulled.
+    run(Command::new("docker")
+        .env("DOCKER_CONFIG", &registry.docker_config)
+        .args(["pull", "-q", &v1]));
+    let device = format!("field-disk-{}", std::process::id());
+    // A reserve no disk here has: every pull must be refused, naming the setting.
+    let agent = Agent::start(&device, "[disk]\npull_reserve_mb = 100000000\n");
+    let (code, out) = agent.deploy(
+        &manifest(&registry, 1, json!({ "app": { "image": v1 } })),
+        60,
+    );
+    assert_eq!(code, 0, "{out}");
+    let old = ids(&device)["app"].clone();
+    let (code, out) = agent.deploy(
+        &manifest(&registry, 2, json!({ "app": { "image": v2 } })),
+        60,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("disk.pull_reserve_mb") && out.contains("MB free"),
+        "{out}"
+    );
+    assert_eq!(ids(&device)["app"], old);
+    assert_eq!(inspect(&old, "{{.State.Status}}"), "running");
+    let present = Command::new("docker")
+        .args(["image", "inspect", &v2])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(!present, "the image was pulled anyway");
+    remove_image(&v1);
+}

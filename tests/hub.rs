@@ -90,10 +90,13 @@ async fn deploy_over_mutual_tls_until_applied_and_commands_answer() {
     assert_eq!(d.source, Source::Device);
     assert_eq!(state.modules.len(), 1);
 
-    // Status, and commands with their answers.
+    // Status, and commands with their answers. The device trusts a key: commands are signed.
     let run = |extra: &[&str]| {
         let mut a = args.clone();
         a.extend(extra.iter().map(|s| s.to_string()));
+        if extra.first() == Some(&"cmd") {
+            a.extend(["--sign-key".to_string(), private.display().to_string()]);
+        }
         outpost(a)
     };
     assert_eq!(run(&["status"]).await, 0);
@@ -145,10 +148,25 @@ async fn deploy_over_mutual_tls_until_applied_and_commands_answer() {
     op.subscribe(&["outpost/cam-1/responses/+".to_string()])
         .await
         .unwrap();
+    let signed = |command: &str, id: &str, args: serde_json::Value| {
+        let c = outpost_agent::hub::commands::SignedCommand {
+            command: command.into(),
+            device: "cam-1".into(),
+            id: id.into(),
+            expires_at: outpost_agent::clock::format_rfc3339(outpost_agent::hub::unix_now() + 300),
+            args,
+        };
+        serde_json::to_vec(&signing::sign_as(
+            signing::COMMAND_TYPE,
+            &serde_json::to_vec(&c).unwrap(),
+            &_key,
+        ))
+        .unwrap()
+    };
     op.publish(
         "outpost/cam-1/commands/self-destruct",
         false,
-        br#"{"id":"r-1","args":{}}"#.to_vec(),
+        signed("self-destruct", "r-1", serde_json::json!({})),
     )
     .await
     .unwrap();
@@ -167,14 +185,32 @@ async fn deploy_over_mutual_tls_until_applied_and_commands_answer() {
     for i in 1..=1000 {
         device.agent.engine.print("app", &format!("app line {i}"));
     }
+    // An unsigned command (anyone who can publish on the broker) is refused, and says why.
+    op.publish(
+        "outpost/cam-1/commands/logs",
+        false,
+        br#"{"id":"r-unsigned","args":{"module":"app","tail":3}}"#.to_vec(),
+    )
+    .await
+    .unwrap();
+    let refused = wait_for_message(&mut op, "outpost/cam-1/responses/r-unsigned", WAIT, |b| {
+        serde_json::from_slice::<serde_json::Value>(b).ok()
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused["ok"], false);
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("unsigned command refused"),
+        "{refused}"
+    );
+    let logs_command = signed("logs", "r-2", serde_json::json!({"module":"app","tail":3}));
     let logs = {
-        op.publish(
-            "outpost/cam-1/commands/logs",
-            false,
-            br#"{"id":"r-2","args":{"module":"app","tail":3}}"#.to_vec(),
-        )
-        .await
-        .unwrap();
+        op.publish("outpost/cam-1/commands/logs", false, logs_command.clone())
+            .await
+            .unwrap();
         wait_for_message(&mut op, "outpost/cam-1/responses/r-2", WAIT, |b| {
             serde_json::from_slice::<serde_json::Value>(b).ok()
         })
@@ -184,6 +220,21 @@ async fn deploy_over_mutual_tls_until_applied_and_commands_answer() {
     assert_eq!(
         logs["result"]["text"],
         "app line 998\napp line 999\napp line 1000\n"
+    );
+    // The same signed command again (a replay): refused.
+    op.publish("outpost/cam-1/commands/logs", false, logs_command)
+        .await
+        .unwrap();
+    let replay = wait_for_message(&mut op, "outpost/cam-1/responses/r-2", WAIT, |b| {
+        serde_json::from_slice::<serde_json::Value>(b)
+            .ok()
+            .filter(|v| v["ok"] == false)
+    })
+    .await
+    .unwrap();
+    assert!(
+        replay["error"].as_str().unwrap().contains("replay"),
+        "{replay}"
     );
 
     // The same deployment delivered again (a redelivery) changes nothing.
@@ -784,4 +835,130 @@ async fn bench_hub_link_idle_memory() {
     eprintln!("BENCH hub link idle (hub_idle example, mTLS, 5 modules in state): {rss:?}");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The signed-deployment attacks of the security review, over the real broker: an envelope
+/// signed for one device replayed on another's topic, an expired envelope, and the old-group
+/// rollback (an old signed group deployment plus an unsigned "withdrawal" of the device's own)
+/// — each refused with its reason; then the legitimate path, a signed withdrawal, hands control
+/// back to the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_deployments_are_bound_to_their_device_time_and_version_floor() {
+    init();
+    let broker = broker!(Auth::MutualTls);
+    let dir = tempfile::tempdir().unwrap();
+    let (key, private, public) = key_files(dir.path());
+    let mut devices = Vec::new();
+    for id in ["b-1", "b-2"] {
+        let mut o = DeviceOptions::new(id);
+        o.groups = vec!["line-9".into()];
+        o.trusted_key = Some(public.clone());
+        devices.push(Device::start(&broker, dir.path(), &o).unwrap());
+    }
+    let mut op = broker.operator(dir.path()).await.unwrap();
+    let mut args: Vec<String> = vec!["hub".into()];
+    args.extend(broker.cli_flags(dir.path()).unwrap());
+    let deploy = |target: &[&str], file: &std::path::Path| {
+        let mut a = args.clone();
+        a.push("deploy".into());
+        a.extend(target.iter().map(|s| s.to_string()));
+        a.extend([
+            file.display().to_string(),
+            "--sign-key".into(),
+            private.display().to_string(),
+            "--timeout".into(),
+            "20".into(),
+        ]);
+        outpost(a)
+    };
+    // The group's deployment v1, then b-1's own v10, both signed by the CLI (which binds them
+    // to their target and an expiry).
+    let group_file = dir.path().join("group.json");
+    std::fs::write(&group_file, manifest("fleet", 1, 0)).unwrap();
+    assert_eq!(deploy(&["--group", "line-9"], &group_file).await, 0);
+    let own_file = dir.path().join("own.json");
+    std::fs::write(&own_file, manifest("own", 10, 0)).unwrap();
+    assert_eq!(deploy(&["--device", "b-1"], &own_file).await, 0);
+    wait_for_state(&mut op, "b-1", WAIT, applied("own", 10))
+        .await
+        .unwrap();
+
+    // Replay: b-1's signed envelope published on b-2's topic.
+    let retained = op
+        .snapshot(&["outpost/b-1/deployment".to_string()], WAIT)
+        .await
+        .unwrap();
+    let envelope = retained
+        .iter()
+        .rev()
+        .find(|m| m.topic == "outpost/b-1/deployment")
+        .unwrap()
+        .payload
+        .clone();
+    op.publish("outpost/b-2/deployment", true, envelope)
+        .await
+        .unwrap();
+    let s = wait_for_state(&mut op, "b-2", WAIT, |s| {
+        s.last_rejected.as_ref().is_some_and(|r| r.version == 10)
+    })
+    .await
+    .unwrap();
+    let reasons = format!("{:?}", s.last_rejected.unwrap().reasons);
+    assert!(
+        reasons.contains("/target/device") && reasons.contains("signed for device `b-1`"),
+        "{reasons}"
+    );
+    assert_eq!(s.deployment.unwrap().version, 1, "b-2 stays on the group's");
+
+    // An expired envelope, correctly signed for b-2.
+    let expired = r#"{"schemaVersion":"1.0","id":"stale","version":20,"target":{"device":"b-2"},"expiresAt":"2026-01-01T00:00:00Z","modules":{"app":{"image":"127.0.0.1:5000/app:20"}}}"#;
+    let envelope = serde_json::to_vec(&signing::sign(expired.as_bytes(), &key)).unwrap();
+    op.publish("outpost/b-2/deployment", true, envelope)
+        .await
+        .unwrap();
+    let s = wait_for_state(&mut op, "b-2", WAIT, |s| {
+        s.last_rejected.as_ref().is_some_and(|r| r.version == 20)
+    })
+    .await
+    .unwrap();
+    let reasons = format!("{:?}", s.last_rejected.unwrap().reasons);
+    assert!(
+        reasons.contains("/expiresAt") && reasons.contains("expired at"),
+        "{reasons}"
+    );
+
+    // The old-group rollback: an unsigned, empty retained message on b-1's topic.
+    op.publish("outpost/b-1/deployment", true, Vec::new())
+        .await
+        .unwrap();
+    let s = wait_for_state(&mut op, "b-1", WAIT, |s| {
+        s.last_rejected
+            .as_ref()
+            .is_some_and(|r| format!("{:?}", r.reasons).contains("unsigned withdrawal"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.deployment.as_ref().unwrap().version, 10, "still on v10");
+    // The broker now holds nothing for b-1: publish its next deployment, then withdraw it the
+    // legitimate way, signed: control goes back to the group's v1.
+    std::fs::write(&own_file, manifest("own", 11, 0)).unwrap();
+    assert_eq!(deploy(&["--device", "b-1"], &own_file).await, 0);
+    let mut withdraw = args.clone();
+    withdraw.extend([
+        "withdraw".into(),
+        "--device".into(),
+        "b-1".into(),
+        "--sign-key".into(),
+        private.display().to_string(),
+    ]);
+    assert_eq!(outpost(withdraw).await, 0);
+    let s = wait_for_state(&mut op, "b-1", WAIT, applied("fleet", 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.deployment.unwrap().source,
+        Source::Group {
+            name: "line-9".into()
+        }
+    );
 }

@@ -116,6 +116,13 @@ pub enum ManifestCommand {
         /// Where to write the envelope; standard output when absent.
         #[arg(long, short)]
         out: Option<PathBuf>,
+        /// Bind the manifest to its target before signing: `device:ID` or `group:NAME`
+        /// (devices that trust keys require one).
+        #[arg(long, value_parser = parse_target)]
+        target: Option<manifest::Target>,
+        /// How long devices accept the signature, when the manifest names no `expiresAt`.
+        #[arg(long, default_value = "30d", value_parser = hub::parse_expiry)]
+        expires_in: std::time::Duration,
     },
     /// Verify a signed manifest against trusted public keys, then validate it.
     Verify {
@@ -299,9 +306,13 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Manifest(ManifestCommand::Validate { files, output }) => {
             validate(&files, output.json)
         }
-        Command::Manifest(ManifestCommand::Sign { file, key, out }) => {
-            sign(&file, &key, out.as_deref())
-        }
+        Command::Manifest(ManifestCommand::Sign {
+            file,
+            key,
+            out,
+            target,
+            expires_in,
+        }) => sign(&file, &key, out.as_deref(), target.as_ref(), expires_in),
         Command::Manifest(ManifestCommand::Verify {
             file,
             trusted_keys,
@@ -423,8 +434,38 @@ fn print_issues(issues: &[Issue]) {
     }
 }
 
-fn sign(file: &Path, key: &Path, out: Option<&Path>) -> Result<u8> {
+/// `--target device:ID` or `group:NAME`.
+fn parse_target(text: &str) -> Result<manifest::Target, String> {
+    match text.split_once(':') {
+        Some(("device", id)) if manifest::validate::is_topic_level(id) => {
+            Ok(manifest::Target::Device(id.to_string()))
+        }
+        Some(("group", name)) if manifest::validate::is_topic_level(name) => {
+            Ok(manifest::Target::Group(name.to_string()))
+        }
+        _ => Err(format!(
+            "`{text}` is not `device:ID` or `group:NAME` (letters, digits, `.`, `_`, `-`)"
+        )),
+    }
+}
+
+fn sign(
+    file: &Path,
+    key: &Path,
+    out: Option<&Path>,
+    target: Option<&manifest::Target>,
+    expires_in: std::time::Duration,
+) -> Result<u8> {
     let bytes = read(file)?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let bytes = crate::binding::bind(
+        &bytes,
+        target,
+        &crate::binding::expiry_after(now_ms, expires_in),
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     if let Err(e) = manifest::parse(&bytes) {
         println!("{}: not signed, the manifest is invalid", file.display());
         print_issues(&e.issues());

@@ -22,6 +22,10 @@ pub enum Request {
     Offer {
         accepted: Box<Accepted>,
         source: Source,
+        /// The offer follows the withdrawal of the source that overrode this one (a signed
+        /// withdrawal on a device that trusts keys): control goes back to what this source had
+        /// accepted, even though it is below the device's version floor.
+        handback: bool,
         reply: oneshot::Sender<Result<(), Vec<Issue>>>,
     },
     /// Restart one module's container now (a hub command or `outpost restart`).
@@ -58,11 +62,32 @@ impl AgentHandle {
         accepted: Accepted,
         source: Source,
     ) -> Result<Result<(), Vec<Issue>>, ControlError> {
+        self.offer_with(accepted, source, false).await
+    }
+
+    /// Offers what `source` had accepted before another source overrode it, after that
+    /// source's deployment was withdrawn (see [`Request::Offer`]).
+    pub async fn offer_after_withdrawal(
+        &self,
+        accepted: Accepted,
+        source: Source,
+    ) -> Result<Result<(), Vec<Issue>>, ControlError> {
+        self.offer_with(accepted, source, true).await
+    }
+
+    /// Offers a deployment; `handback` as in [`Request::Offer`].
+    pub async fn offer_with(
+        &self,
+        accepted: Accepted,
+        source: Source,
+        handback: bool,
+    ) -> Result<Result<(), Vec<Issue>>, ControlError> {
         let (reply, rx) = oneshot::channel();
         self.requests
             .send(Request::Offer {
                 accepted: Box::new(accepted),
                 source,
+                handback,
                 reply,
             })
             .await

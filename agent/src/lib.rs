@@ -14,6 +14,7 @@
 //! - [`cli`]: the `outpost` command line (the binary only calls [`cli::main`]).
 
 pub mod api;
+pub mod binding;
 pub mod bus;
 pub mod cli;
 pub mod clock;

@@ -45,6 +45,9 @@ pub const RESYNC_EVERY: Duration = Duration::from_secs(30);
 pub const DEFAULT_HEALTHY_WITHIN: Duration = Duration::from_secs(300);
 /// The longest a container listing may take before the pass gives up and retries.
 const LIST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the registry may take to say how big an image is before the pull goes ahead
+/// without knowing.
+const SIZE_TIMEOUT: Duration = Duration::from_secs(20);
 /// First retry after the engine could not be listed or a stored offer could not be written.
 const RETRY_BASE_MS: u64 = 1_000;
 /// The longest wait between such retries.
@@ -159,6 +162,7 @@ impl ActionError {
 struct PendingOffer {
     accepted: Accepted,
     source: Source,
+    handback: bool,
     attempts: u32,
     next_at: u64,
 }
@@ -208,6 +212,9 @@ pub struct Reconciler<R: Runtime> {
     last_observed: Vec<Observed>,
     /// Problems of the agent itself (a store write that failed), shown as conditions.
     agent_problems: BTreeMap<&'static str, String>,
+    /// The latest wall-clock time (Unix ms) the device has known to be true: expiry is never
+    /// judged earlier than this, whatever the clock reads after a reboot.
+    time_floor: u64,
 }
 
 /// What [`Reconciler::build`] hands back: the task to run and the handle to reach it.
@@ -300,6 +307,7 @@ impl<R: Runtime> Reconciler<R> {
             pending: None,
             last_observed: Vec::new(),
             agent_problems: BTreeMap::new(),
+            time_floor: crate::clock::PLAUSIBLE_AFTER_MS,
         };
         Ok(Parts {
             reconciler,
@@ -366,9 +374,10 @@ impl<R: Runtime> Reconciler<R> {
             Request::Offer {
                 accepted,
                 source,
+                handback,
                 reply,
             } => {
-                let outcome = self.offer(*accepted, source);
+                let outcome = self.offer(*accepted, source, handback);
                 let _ = reply.send(outcome);
                 true
             }
@@ -392,7 +401,12 @@ impl<R: Runtime> Reconciler<R> {
         self.clock.wall_ms() / 1000
     }
 
-    fn offer(&mut self, accepted: Accepted, source: Source) -> Result<(), Vec<Issue>> {
+    fn offer(
+        &mut self,
+        accepted: Accepted,
+        source: Source,
+        handback: bool,
+    ) -> Result<(), Vec<Issue>> {
         let d = &accepted.deployment;
         if let Some((current, _)) = &self.desired
             && current.digest == accepted.digest
@@ -417,7 +431,7 @@ impl<R: Runtime> Reconciler<R> {
         {
             return Ok(());
         }
-        match self.try_accept(accepted, source) {
+        match self.try_accept(accepted, source, handback) {
             Ok(()) => Ok(()),
             Err(Refusal::Rules(issues)) => Err(issues),
             Err(Refusal::Store {
@@ -442,8 +456,9 @@ impl<R: Runtime> Reconciler<R> {
                     updated_at: self.wall_secs(),
                 });
                 self.pending = Some(PendingOffer {
-                    accepted,
+                    accepted: *accepted,
                     source,
+                    handback,
                     attempts: 1,
                     next_at: now + RETRY_BASE_MS,
                 });
@@ -454,14 +469,19 @@ impl<R: Runtime> Reconciler<R> {
         }
     }
 
-    /// The version rule, the policy and the device's requirements, then the store. Refused by
-    /// the rules: nothing changes. Refused by the store: handed back to be retried.
-    // `Refusal::Store` hands the whole offer back to be retried; one per offer.
-    #[allow(clippy::result_large_err)]
-    fn try_accept(&mut self, accepted: Accepted, source: Source) -> Result<(), Refusal> {
+    /// The binding (target, expiry), the version floor, the policy and the device's
+    /// requirements, then the store. Refused by the rules: nothing changes. Refused by the
+    /// store: handed back to be retried.
+    fn try_accept(
+        &mut self,
+        accepted: Accepted,
+        source: Source,
+        handback: bool,
+    ) -> Result<(), Refusal> {
         let d = &accepted.deployment;
+        let keys = !self.settings.policy.trusted_keys.is_empty();
         let store_failed = |accepted: Accepted, source: Source, e: StoreError| Refusal::Store {
-            accepted,
+            accepted: Box::new(accepted),
             source,
             error: e.to_string(),
         };
@@ -481,17 +501,30 @@ impl<R: Runtime> Reconciler<R> {
         } else {
             false
         };
-        let mut issues = Vec::new();
+        // Going back to what an overridden source had accepted needs the override to have
+        // been withdrawn by someone trusted: on a device with keys, a signed withdrawal.
+        let handed_back = handed_back && (handback || !keys);
+        let mut issues = crate::binding::check(
+            d,
+            &source,
+            &crate::binding::Rules {
+                device: &self.settings.device,
+                require: keys,
+                now_ms: crate::binding::trusted_now(self.clock.wall_ms(), self.time_floor),
+            },
+        );
         match self.store.versions() {
             Ok(versions) => {
-                if let Some(last) = versions.get(&source_key(&source))
-                    && d.version <= *last
+                // One floor for the device, whatever the source: no source can take it below
+                // the highest version it has accepted (a rollback is a newer version).
+                if let Some((from, floor)) = versions.iter().max_by_key(|(_, v)| **v)
+                    && d.version <= *floor
                     && !handed_back
                 {
                     issues.push(Issue::new(
                         "/version",
                         format!(
-                            "version {} is not newer than {last}, the last accepted from this source; publish a higher version",
+                            "version {} is not newer than {floor}, the highest this device has accepted (from {from}); publish a higher version",
                             d.version
                         ),
                     ));
@@ -537,6 +570,9 @@ impl<R: Runtime> Reconciler<R> {
         }
         info!(id = %d.id, version = d.version, modules = d.modules.len(), "deployment accepted");
         self.pending = None;
+        if self.clock.wall_is_plausible() {
+            self.time_floor = self.time_floor.max(self.clock.wall_ms());
+        }
         // Every image a deployment names is the agent's to clean up once unused.
         let images: Vec<String> = d.modules.values().map(|m| m.image.clone()).collect();
         match self.store.add_images(images.iter().map(String::as_str)) {
@@ -582,7 +618,7 @@ impl<R: Runtime> Reconciler<R> {
         let now = self.clock.mono_ms();
         match done.result {
             Ok(()) => {
-                info!(image = %done.image, "pulled and verified");
+                info!(image = %done.image, verified = true, "pulled");
                 self.pull_failures.remove(&done.image);
                 self.images.insert(done.image.clone());
                 self.pulled.insert(done.image);
@@ -719,8 +755,8 @@ impl<R: Runtime> Reconciler<R> {
         let Some(p) = self.pending.take_if(|p| p.next_at <= now) else {
             return;
         };
-        let attempts = p.attempts;
-        match self.try_accept(p.accepted, p.source) {
+        let (attempts, p_handback) = (p.attempts, p.handback);
+        match self.try_accept(p.accepted, p.source, p.handback) {
             Ok(()) => info!("stored the deployment that was waiting"),
             Err(Refusal::Rules(_)) => {}
             Err(Refusal::Store {
@@ -740,8 +776,9 @@ impl<R: Runtime> Reconciler<R> {
                     )];
                 }
                 self.pending = Some(PendingOffer {
-                    accepted,
+                    accepted: *accepted,
                     source,
+                    handback: p_handback,
                     attempts: attempts + 1,
                     next_at,
                 });
@@ -1287,6 +1324,7 @@ impl<R: Runtime> Reconciler<R> {
                 |o| o.id.clone(),
             );
         let runtime = self.runtime.clone();
+        let secrets = self.secrets_of(name);
         ctx.tasks.spawn(async move {
             let stream = runtime.logs(
                 &container,
@@ -1295,8 +1333,43 @@ impl<R: Runtime> Reconciler<R> {
                     ..Default::default()
                 },
             );
-            let _ = reply.send(read_logs(stream, max_bytes).await);
+            let text = read_logs(stream, max_bytes)
+                .await
+                .map(|text| redact(&text, &secrets));
+            let _ = reply.send(text);
         });
+    }
+
+    /// What a module's logs must not carry off the device: its environment's values (a
+    /// module printing its configuration prints its secrets), its bus password, the
+    /// deployment's registry passwords. Values shorter than 4 bytes are left alone (`1`,
+    /// `yes`): redacting them would redact everything.
+    fn secrets_of(&self, module: &str) -> Vec<String> {
+        let mut secrets: Vec<String> = self
+            .settings
+            .module_env
+            .for_module(module)
+            .into_iter()
+            .filter(|(k, _)| k == crate::bus::env::PASSWORD)
+            .map(|(_, v)| v)
+            .collect();
+        if let Some((stored, _)) = &self.desired {
+            if let Some(m) = stored.deployment.modules.get(module) {
+                secrets.extend(m.env.values().cloned());
+            }
+            secrets.extend(
+                stored
+                    .deployment
+                    .registries
+                    .values()
+                    .map(|r| r.password.expose().to_string()),
+            );
+        }
+        secrets.retain(|s| s.len() >= 4);
+        // Longest first, so a secret containing another is replaced whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        secrets
     }
 
     /// Image cleanup: images deployments named that neither the desired deployment, the last
@@ -1361,13 +1434,12 @@ impl<R: Runtime> Reconciler<R> {
 mod tests;
 
 /// Why an offer was not taken.
-#[allow(clippy::large_enum_variant)]
 enum Refusal {
     /// The deployment breaks a rule: refused for good, with the reasons.
     Rules(Vec<Issue>),
     /// The rules allow it but the store could not be read or written.
     Store {
-        accepted: Accepted,
+        accepted: Box<Accepted>,
         source: Source,
         error: String,
     },
@@ -1553,7 +1625,10 @@ impl<R: Runtime> PullJob<R> {
     }
 
     /// Refuses a pull when the engine's disk is above its high watermark, or would be left
-    /// with less than the reserve once the image is there.
+    /// with less than the reserve once the image is there. The image's size comes from the
+    /// registry's manifest (compressed); unpacking takes more, so twice that is counted. When
+    /// the registry cannot say, the pull goes ahead on the watermark alone (the pull itself
+    /// then says what is wrong with the registry).
     async fn check_disk(&self) -> Result<(), PullError> {
         let Some(root) = self.engine.as_ref().and_then(|e| e.root_dir.as_deref()) else {
             return Ok(());
@@ -1571,6 +1646,37 @@ impl<R: Runtime> PullJob<R> {
                     root.display(),
                     usage.used_percent(),
                     self.disk.high_watermark_percent
+                ),
+                definitive: true,
+            });
+        }
+        let platform = crate::runtime::registry::Platform::of_this_device();
+        let size = match crate::runtime::registry::image_size(
+            &self.image,
+            self.credentials.as_ref(),
+            &platform,
+            SIZE_TIMEOUT,
+        )
+        .await
+        {
+            Ok(size) => size.compressed_bytes,
+            Err(e) => {
+                debug!(image = %self.image, error = %e, "the registry did not say how big the image is; pulling on the watermark alone");
+                return Ok(());
+            }
+        };
+        let need = size.saturating_mul(2);
+        if usage.available_bytes < need.saturating_add(self.disk.pull_reserve_bytes) {
+            let mb = |b: u64| b.div_ceil(1 << 20);
+            return Err(PullError {
+                message: format!(
+                    "not pulling {}: it needs about {} MB ({} MB compressed, unpacked) and {} MB must stay free (disk.pull_reserve_mb), but {} has {} MB free",
+                    self.image,
+                    mb(need),
+                    mb(size),
+                    mb(self.disk.pull_reserve_bytes),
+                    root.display(),
+                    mb(usage.available_bytes)
                 ),
                 definitive: true,
             });
@@ -1622,6 +1728,17 @@ pub fn verify_image(
         ));
     }
     Ok(())
+}
+
+/// `text` with every secret replaced by `[redacted]`.
+fn redact(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    for s in secrets {
+        if out.contains(s.as_str()) {
+            out = out.replace(s.as_str(), "[redacted]");
+        }
+    }
+    out
 }
 
 async fn read_logs(

@@ -20,6 +20,10 @@ use sha2::{Digest, Sha256};
 
 /// The payload type of a signed Outpost deployment.
 pub const PAYLOAD_TYPE: &str = "application/vnd.outpost.deployment+json";
+/// The payload type of a signed withdrawal of a source's deployment (a tombstone).
+pub const WITHDRAWAL_TYPE: &str = "application/vnd.outpost.withdrawal+json";
+/// The payload type of a signed hub command.
+pub const COMMAND_TYPE: &str = "application/vnd.outpost.command+json";
 
 /// A DSSE envelope as it travels.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,8 +77,8 @@ pub enum KeyError {
 pub enum SignatureError {
     #[error("not a DSSE envelope: {0}")]
     Malformed(String),
-    #[error("payloadType is `{found}`, expected `{PAYLOAD_TYPE}`")]
-    WrongPayloadType { found: String },
+    #[error("payloadType is `{found}`, expected `{expected}`")]
+    WrongPayloadType { found: String, expected: String },
     #[error("{field} is not valid base64")]
     BadBase64 { field: String },
     #[error("the envelope has no signatures")]
@@ -131,9 +135,15 @@ pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
 
 /// Signs `payload` (a manifest's bytes, kept exactly as given) into an envelope.
 pub fn sign(payload: &[u8], key: &SigningKey) -> Envelope {
-    let signature = key.sign(&pae(PAYLOAD_TYPE, payload));
+    sign_as(PAYLOAD_TYPE, payload, key)
+}
+
+/// Signs `payload` as `payload_type` (a deployment, a withdrawal, a command): the type is
+/// signed too, so one cannot be replayed as another.
+pub fn sign_as(payload_type: &str, payload: &[u8], key: &SigningKey) -> Envelope {
+    let signature = key.sign(&pae(payload_type, payload));
     Envelope {
-        payload_type: PAYLOAD_TYPE.to_string(),
+        payload_type: payload_type.to_string(),
         payload: STANDARD.encode(payload),
         signatures: vec![EnvelopeSignature {
             keyid: key_id(&key.verifying_key()),
@@ -181,7 +191,16 @@ impl TrustedKeys {
     /// One valid signature by a trusted key is enough; a signature that claims a trusted key
     /// id but does not verify refuses the whole envelope, since it means the payload changed.
     pub fn verify(&self, envelope: &Envelope) -> Result<(Vec<u8>, String), SignatureError> {
-        let payload = open(envelope)?;
+        self.verify_as(PAYLOAD_TYPE, envelope)
+    }
+
+    /// As [`TrustedKeys::verify`], for an envelope of `payload_type`.
+    pub fn verify_as(
+        &self,
+        payload_type: &str,
+        envelope: &Envelope,
+    ) -> Result<(Vec<u8>, String), SignatureError> {
+        let payload = open_as(payload_type, envelope)?;
         if envelope.signatures.is_empty() {
             return Err(SignatureError::NoSignatures);
         }
@@ -223,9 +242,15 @@ impl TrustedKeys {
 /// The payload of an envelope after checking its type and encoding, without any signature
 /// check: for devices that trust no keys, and for showing what an envelope holds.
 pub fn open(envelope: &Envelope) -> Result<Vec<u8>, SignatureError> {
-    if envelope.payload_type != PAYLOAD_TYPE {
+    open_as(PAYLOAD_TYPE, envelope)
+}
+
+/// As [`open`], for an envelope of `payload_type`.
+pub fn open_as(payload_type: &str, envelope: &Envelope) -> Result<Vec<u8>, SignatureError> {
+    if envelope.payload_type != payload_type {
         return Err(SignatureError::WrongPayloadType {
             found: envelope.payload_type.clone(),
+            expected: payload_type.to_string(),
         });
     }
     decode_b64(&envelope.payload).ok_or_else(|| SignatureError::BadBase64 {

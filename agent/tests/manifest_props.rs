@@ -123,9 +123,26 @@ fn deployment() -> impl Strategy<Value = Deployment> {
         btree_map(text(), (text(), text()), 0..2),
         vec((text(), text()), 0..3),
         option::of((any::<bool>(), 0u64..100_000)),
+        option::of(prop_oneof![
+            text().prop_map(outpost_agent::manifest::Target::Device),
+            text().prop_map(outpost_agent::manifest::Target::Group)
+        ]),
+        option::of(text()),
     )
         .prop_map(
-            |(schema_version, id, version, modules, registries, routes, rollback)| Deployment {
+            |(
+                schema_version,
+                id,
+                version,
+                modules,
+                registries,
+                routes,
+                rollback,
+                target,
+                expires_at,
+            )| Deployment {
+                target,
+                expires_at,
                 schema_version,
                 id,
                 version,

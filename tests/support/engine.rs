@@ -7,7 +7,10 @@
 //!   registry and removed locally;
 //! - [`Agent`]: the real `outpost run` binary as a child process, with its own device id, state
 //!   folder and API socket, killed and cleaned up on drop;
-//! - [`wait_for`]: polls a condition with a timeout (no fixed sleeps in tests).
+//! - [`wait_for`]: polls a condition with a timeout (no fixed sleeps in tests);
+//! - for the benchmarks: [`sigterm_ignoring_image`] (busybox `sleep` as PID 1),
+//!   [`test_image_with_random_layer`], [`Agent::start_configured`] (any `[runtime]`, JSON
+//!   logs), [`device_events`] (the engine's events of one device) and [`rfc3339_unix_nanos`].
 //!
 //! Every part is required: a missing tool or engine fails the test with what to install.
 
@@ -486,4 +489,164 @@ impl Drop for Agent {
         }
         self.cleanup_containers();
     }
+}
+
+// ---- For the benchmarks against docker-compose and of the update gap -------------------------
+
+/// Builds, on the engine only, a FROM-scratch image whose PID 1 is Debian's static busybox
+/// running `sleep 3600`. It has no SIGTERM handler, and as PID 1 the kernel drops signals it
+/// does not handle: a stop waits out the whole grace period and then kills it. That is the
+/// common real-world module the stop grace exists for (the test module exits on SIGTERM at
+/// once, which hides what serial stops cost).
+pub fn sigterm_ignoring_image(reference: &str) {
+    require_docker();
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.is_file(),
+        "/bin/busybox is required: apt-get install busybox-static (scripts/setup installs it)"
+    );
+    let ctx = tempfile::tempdir().expect("build context");
+    std::fs::copy(busybox, ctx.path().join("busybox")).expect("copy busybox");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!(
+            "FROM scratch\nCOPY busybox /busybox\nLABEL io.outpost.test-image=\"{reference}\"\n\
+             ENTRYPOINT [\"/busybox\", \"sleep\", \"3600\"]\n"
+        ),
+    )
+    .expect("write Dockerfile");
+    run(Command::new("docker")
+        .args(["build", "-q", "-t", reference])
+        .arg(ctx.path()));
+}
+
+/// The test module's image with one more layer of `bytes` random (incompressible) bytes,
+/// pushed to `registry` as `REGISTRY/REPO:TAG` and removed from the engine, so that pulling it
+/// takes a while. Returns the reference.
+pub fn test_image_with_random_layer(
+    registry: &Registry,
+    repo: &str,
+    tag: &str,
+    bytes: u64,
+) -> String {
+    require_docker();
+    let reference = format!("{}/{repo}:{tag}", registry.addr);
+    let ctx = tempfile::tempdir().expect("build context");
+    std::fs::copy(testmod_binary(), ctx.path().join("testmod")).expect("copy testmod");
+    {
+        use std::io::Read as _;
+        let mut random = std::fs::File::open("/dev/urandom")
+            .expect("/dev/urandom")
+            .take(bytes);
+        let mut file = std::fs::File::create(ctx.path().join("random.bin")).expect("random.bin");
+        let copied = std::io::copy(&mut random, &mut file).expect("write random.bin");
+        assert_eq!(copied, bytes, "short read from /dev/urandom");
+    }
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!(
+            "FROM scratch\nCOPY testmod /testmod\nCOPY random.bin /random.bin\n\
+             LABEL io.outpost.test-image=\"{reference}\"\nENTRYPOINT [\"/testmod\"]\n"
+        ),
+    )
+    .expect("write Dockerfile");
+    run(Command::new("docker")
+        .args(["build", "-q", "-t", &reference])
+        .arg(ctx.path()));
+    run(Command::new("docker")
+        .env("DOCKER_CONFIG", &registry.docker_config)
+        .args(["push", "-q", &reference]));
+    remove_image(&reference);
+    reference
+}
+
+impl Agent {
+    /// As [`Agent::start_with`], with top-level keys (`log_format = "json"`) and the whole
+    /// `[runtime]` section given, `stop_grace_secs` included (`start_with` fixes it at 2 s;
+    /// benchmarks against a peer need the peer's grace).
+    pub fn start_configured(device: &str, top: &str, runtime: &str, extra: &str) -> Agent {
+        require_docker();
+        let dir = tempfile::tempdir().expect("agent dir");
+        let bus = if extra.contains("[bus]") {
+            String::new()
+        } else {
+            format!("[bus]\nlisten = \"{}\"\n", crate::telemetry::bus_listen())
+        };
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "device_id = \"{device}\"\nstate_dir = \"{root}/state\"\nlog_level = \"info,outpost_agent=debug\"\n{top}\n\
+                 [api]\nsocket = \"{root}/api.sock\"\n[runtime]\n{runtime}\n{extra}\n{bus}\n",
+                root = dir.path().display()
+            ),
+        )
+        .expect("write agent config");
+        let mut agent = Agent {
+            device: device.to_string(),
+            dir,
+            config,
+            env: Vec::new(),
+            child: None,
+        };
+        agent.cleanup_containers();
+        agent.spawn();
+        agent
+    }
+
+    /// The log of an agent started with `log_format = "json"`, one value per line (lines that
+    /// are not JSON are left out).
+    pub fn json_log(&self) -> Vec<Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+/// The engine's events for a device's containers between two moments (`docker events --since
+/// --until --filter label=io.outpost.device=DEVICE`), as JSON values with `timeNano`.
+/// `until` in the future makes this wait until then.
+pub fn device_events(
+    device: &str,
+    since: std::time::SystemTime,
+    until: std::time::SystemTime,
+) -> Vec<Value> {
+    let stamp = |t: std::time::SystemTime| {
+        let d = t.duration_since(std::time::UNIX_EPOCH).expect("after 1970");
+        format!("{}.{:09}", d.as_secs(), d.subsec_nanos())
+    };
+    let out = run(Command::new("docker").args([
+        "events",
+        "--since",
+        &stamp(since),
+        "--until",
+        &stamp(until),
+        "--filter",
+        &format!("label=io.outpost.device={device}"),
+        "--format",
+        "{{json .}}",
+    ]));
+    out.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Unix nanoseconds of an RFC 3339 time as `tracing` writes it
+/// (`2026-11-28T19:47:12.123456Z`): the agent's own parser for the seconds, plus the fraction
+/// it leaves out. `None` for anything else.
+pub fn rfc3339_unix_nanos(s: &str) -> Option<i128> {
+    let secs = outpost_agent::runtime::docker::parse_rfc3339(s)?;
+    let fraction = s.split_once('T')?.1.split_once('.').map_or("", |(_, f)| f);
+    let digits: String = fraction
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .take(9)
+        .collect();
+    let nanos: i64 = if digits.is_empty() {
+        0
+    } else {
+        format!("{digits:0<9}").parse().ok()?
+    };
+    Some(i128::from(secs) * 1_000_000_000 + i128::from(nanos))
 }

@@ -86,9 +86,14 @@ pub enum HubCommand {
         /// The group whose deployment this is (every device following it).
         #[arg(long)]
         group: Option<String>,
-        /// Sign the manifest with this private key before publishing.
+        /// Sign the manifest with this private key before publishing. The signature binds the
+        /// manifest to its target (the device or group) and an expiry, unless it names them.
         #[arg(long)]
         sign_key: Option<PathBuf>,
+        /// How long the signature is accepted by devices (`30d`, `12h`): an old envelope
+        /// cannot be replayed after it. A deployment in force keeps running past it.
+        #[arg(long, default_value = "30d", value_parser = parse_expiry)]
+        expires_in: Duration,
         /// Seconds to wait for the device(s) to settle.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
@@ -136,6 +141,26 @@ pub enum HubCommand {
         #[command(flatten)]
         output: Output,
     },
+    /// Withdraw a device's or a group's deployment: the device falls back to its group's
+    /// deployment (or keeps what runs). On devices that trust keys it must be signed; unsigned
+    /// withdrawals (an empty retained message) are refused there.
+    Withdraw {
+        /// The device whose own deployment is withdrawn.
+        #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+        device: Option<String>,
+        /// The group whose deployment is withdrawn.
+        #[arg(long)]
+        group: Option<String>,
+        /// Sign the withdrawal with this private key.
+        #[arg(long)]
+        sign_key: Option<PathBuf>,
+        /// The version withdrawn (default: the version of the deployment retained now).
+        #[arg(long)]
+        version: Option<u64>,
+        /// How long the signed withdrawal is accepted.
+        #[arg(long, default_value = "30d", value_parser = parse_expiry)]
+        expires_in: Duration,
+    },
     /// Send a command (restart-module, logs, ping, state) and print the device's answer.
     Cmd {
         /// The device to ask.
@@ -146,6 +171,12 @@ pub enum HubCommand {
         /// Arguments as JSON, e.g. '{"module": "infer", "tail": 50}'.
         #[arg(long)]
         args: Option<String>,
+        /// Sign the command (devices that trust keys carry out only signed commands).
+        #[arg(long)]
+        sign_key: Option<PathBuf>,
+        /// How long the signed command is valid (at most an hour; devices refuse more).
+        #[arg(long, default_value = "5m", value_parser = parse_expiry)]
+        expires_in: Duration,
         /// Seconds to wait for the answer.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
@@ -180,26 +211,32 @@ pub fn run(config_path: &Path, conn: &HubConnection, command: HubCommand) -> Res
                 device,
                 group,
                 sign_key,
+                expires_in,
                 timeout,
                 no_wait,
                 output,
             } => {
-                let target = match (device, group) {
-                    (Some(d), _) => Target::Device(d),
-                    (None, Some(g)) => Target::Group(g),
-                    // clap requires one of the two.
-                    (None, None) => bail!("--device or --group is required"),
-                };
+                let target = target_of(device, group)?;
                 deploy(
                     op,
                     target,
                     &file,
-                    sign_key.as_deref(),
+                    sign_key.as_deref().map(|k| (k, expires_in)),
                     Duration::from_secs(timeout),
                     no_wait,
                     output.json,
                 )
                 .await
+            }
+            HubCommand::Withdraw {
+                device,
+                group,
+                sign_key,
+                version,
+                expires_in,
+            } => {
+                let target = target_of(device, group)?;
+                withdraw(op, target, sign_key.as_deref(), version, expires_in).await
             }
             HubCommand::Status {
                 device,
@@ -224,6 +261,8 @@ pub fn run(config_path: &Path, conn: &HubConnection, command: HubCommand) -> Res
                 device,
                 name,
                 args,
+                sign_key,
+                expires_in,
                 timeout,
                 output,
             } => {
@@ -232,6 +271,7 @@ pub fn run(config_path: &Path, conn: &HubConnection, command: HubCommand) -> Res
                     &device,
                     &name,
                     args.as_deref(),
+                    sign_key.as_deref().map(|k| (k, expires_in)),
                     Duration::from_secs(timeout),
                     output.json,
                 )
@@ -311,13 +351,114 @@ fn settings(config_path: &Path, conn: &HubConnection) -> Result<(Settings, Strin
 type Prepared = (Vec<u8>, Vec<u8>, String, u64);
 
 /// Reads the file to publish; an invalid manifest comes back as its issues.
-fn prepare(file: &Path, sign_key: Option<&Path>) -> Result<Result<Prepared, Vec<manifest::Issue>>> {
+/// `--device` or `--group` (clap requires one of the two).
+fn target_of(device: Option<String>, group: Option<String>) -> Result<Target> {
+    match (device, group) {
+        (Some(d), _) => Ok(Target::Device(d)),
+        (None, Some(g)) => Ok(Target::Group(g)),
+        (None, None) => bail!("--device or --group is required"),
+    }
+}
+
+fn manifest_target(target: &Target) -> manifest::Target {
+    match target {
+        Target::Device(d) => manifest::Target::Device(d.clone()),
+        Target::Group(g) => manifest::Target::Group(g.clone()),
+    }
+}
+
+/// `--expires-in`: `30d`, `12h`, `90m`, `45s`.
+pub fn parse_expiry(text: &str) -> Result<Duration, String> {
+    crate::binding::parse_duration(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("`{text}` is not a duration such as 30d, 12h, 90m or 45s"))
+}
+
+fn wall_ms() -> u64 {
+    crate::hub::unix_now().saturating_mul(1000)
+}
+
+/// Publishes a withdrawal of `target`'s deployment: signed (with the version it withdraws), or
+/// an empty retained message without a key.
+async fn withdraw(
+    mut op: Operator,
+    target: Target,
+    sign_key: Option<&Path>,
+    version: Option<u64>,
+    expires_in: Duration,
+) -> Result<u8> {
+    if !target.is_valid() {
+        bail!("{target:?} is not a valid name: 1 to 128 letters, digits, `.`, `_` or `-`");
+    }
+    let topic = target.topic(op.prefix());
+    let Some(key) = sign_key else {
+        op.publish(&topic, true, Vec::new()).await?;
+        op.fence(Duration::from_secs(10)).await?;
+        eprintln!(
+            "withdrew the deployment on {topic} (unsigned: devices that trust keys refuse this; use --sign-key)"
+        );
+        return Ok(0);
+    };
+    let version = match version {
+        Some(v) => v,
+        None => {
+            let retained = op
+                .snapshot(std::slice::from_ref(&topic), Duration::from_secs(10))
+                .await?;
+            let Some(m) = retained
+                .iter()
+                .rev()
+                .find(|m| m.topic == topic && !m.payload.is_empty())
+            else {
+                eprintln!(
+                    "nothing is retained on {topic}: nothing to withdraw (pass --version to withdraw anyway)"
+                );
+                return Ok(EXIT_REFUSED);
+            };
+            let manifest = serde_json::from_slice::<signing::Envelope>(&m.payload)
+                .ok()
+                .and_then(|e| signing::open(&e).ok())
+                .unwrap_or_else(|| m.payload.clone());
+            match manifest::parse(&manifest) {
+                Ok(d) => d.version,
+                Err(_) => {
+                    bail!("the message retained on {topic} is not a deployment; pass --version")
+                }
+            }
+        }
+    };
+    let withdrawal = crate::binding::Withdrawal {
+        withdraw: manifest_target(&target),
+        version,
+        expires_at: crate::binding::expiry_after(wall_ms(), expires_in),
+    };
+    let key = signing::load_signing_key(key)?;
+    let envelope = signing::sign_as(
+        signing::WITHDRAWAL_TYPE,
+        &serde_json::to_vec(&withdrawal)?,
+        &key,
+    );
+    op.publish(&topic, true, serde_json::to_vec(&envelope)?)
+        .await?;
+    op.fence(Duration::from_secs(10)).await?;
+    eprintln!(
+        "withdrew version {version} on {topic} (signed, key {})",
+        envelope.signatures[0].keyid
+    );
+    Ok(0)
+}
+
+fn prepare(
+    file: &Path,
+    sign: Option<(&Path, Duration)>,
+    target: &Target,
+) -> Result<Result<Prepared, Vec<manifest::Issue>>> {
     let bytes = read(file)?;
     let is_envelope = serde_json::from_slice::<Value>(&bytes)
         .ok()
         .is_some_and(|v| v.get("payloadType").is_some());
     let (wire, manifest_bytes) = if is_envelope {
-        if sign_key.is_some() {
+        if sign.is_some() {
             bail!(
                 "{} is already a signed envelope; --sign-key signs bare manifests",
                 file.display()
@@ -327,8 +468,15 @@ fn prepare(file: &Path, sign_key: Option<&Path>) -> Result<Result<Prepared, Vec<
             .with_context(|| format!("{} is not a valid envelope", file.display()))?;
         let payload = signing::open(&envelope)?;
         (bytes, payload)
-    } else if let Some(key) = sign_key {
+    } else if let Some((key, expires_in)) = sign {
         let key = signing::load_signing_key(key)?;
+        // What is signed names where it goes and until when (see `binding`).
+        let bytes = crate::binding::bind(
+            &bytes,
+            Some(&manifest_target(target)),
+            &crate::binding::expiry_after(wall_ms(), expires_in),
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
         let envelope = signing::sign(&bytes, &key);
         (serde_json::to_vec(&envelope)?, bytes)
     } else {
@@ -345,7 +493,7 @@ async fn deploy(
     mut op: Operator,
     target: Target,
     file: &Path,
-    sign_key: Option<&Path>,
+    sign: Option<(&Path, Duration)>,
     timeout: Duration,
     no_wait: bool,
     json_out: bool,
@@ -353,7 +501,7 @@ async fn deploy(
     if !target.is_valid() {
         bail!("{target:?} is not a valid name: 1 to 128 letters, digits, `.`, `_` or `-`");
     }
-    let (wire, manifest_bytes, id, version) = match prepare(file, sign_key)? {
+    let (wire, manifest_bytes, id, version) = match prepare(file, sign, &target)? {
         Ok(p) => p,
         Err(issues) => {
             println!("{}: not published, the manifest is invalid", file.display());
@@ -857,6 +1005,7 @@ async fn cmd(
     device: &str,
     name: &str,
     args: Option<&str>,
+    sign: Option<(&Path, Duration)>,
     timeout: Duration,
     json_out: bool,
 ) -> Result<u8> {
@@ -872,7 +1021,22 @@ async fn cmd(
     let reply_topic = topics::device_topic(&prefix, device, &format!("responses/{id}"));
     op.subscribe(std::slice::from_ref(&reply_topic)).await?;
     op.fence(Duration::from_secs(10)).await?;
-    let body = serde_json::to_vec(&json!({"id": id, "args": args}))?;
+    let body = match sign {
+        None => serde_json::to_vec(&json!({"id": id, "args": args}))?,
+        Some((key, expires_in)) => {
+            let signed = crate::hub::commands::SignedCommand {
+                command: name.to_string(),
+                device: device.to_string(),
+                id: id.clone(),
+                expires_at: crate::binding::expiry_after(wall_ms(), expires_in),
+                args,
+            };
+            let key = signing::load_signing_key(key)?;
+            let envelope =
+                signing::sign_as(signing::COMMAND_TYPE, &serde_json::to_vec(&signed)?, &key);
+            serde_json::to_vec(&envelope)?
+        }
+    };
     op.publish(
         &topics::device_topic(&prefix, device, &format!("commands/{name}")),
         false,

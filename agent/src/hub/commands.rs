@@ -5,6 +5,12 @@
 //! Payloads are untrusted: size-limited before parsing; the id must be a safe topic level
 //! (it becomes part of the reply topic), and a command without a usable id gets no reply
 //! because there is nowhere to send one. Commands run one at a time, each with a time limit.
+//!
+//! On a device that trusts signing keys the broker is not trusted either (Uptane's threat
+//! model): a command must be a DSSE envelope of [`signing::COMMAND_TYPE`] signed by a trusted
+//! key, naming this device, the command, a request id and an expiry at most
+//! [`MAX_COMMAND_LIFETIME`] ahead; each request id is taken once while it is valid (replays
+//! are refused). Unsigned commands get an error reply saying why.
 
 use std::time::Duration;
 
@@ -18,6 +24,7 @@ use super::report::merged;
 use super::topics::{Topics, is_level};
 use super::unix_now;
 use crate::control::AgentHandle;
+use crate::signing::{self, Envelope, TrustedKeys};
 use crate::state::DeploymentReport;
 
 /// Commands waiting to run; more are dropped (with a warning) rather than queued.
@@ -33,6 +40,23 @@ pub const DEFAULT_TAIL: usize = 100;
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// The commands this agent knows, for the error reply to any other.
 pub const KNOWN: &[&str] = &["restart-module", "logs", "ping", "state"];
+/// The furthest ahead a signed command may expire: what the replay memory must cover.
+pub const MAX_COMMAND_LIFETIME: Duration = Duration::from_secs(3600);
+/// Request ids remembered against replay; beyond it, new signed commands wait for old ones
+/// to expire.
+pub const MAX_REMEMBERED: usize = 4096;
+
+/// What a signed command says (the envelope's payload).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SignedCommand {
+    pub command: String,
+    pub device: String,
+    pub id: String,
+    pub expires_at: String,
+    #[serde(default)]
+    pub args: Value,
+}
 
 /// A command as it arrived.
 #[derive(Debug)]
@@ -53,10 +77,35 @@ pub struct Context {
     pub topics: Topics,
     pub handle: AgentHandle,
     pub rejected: watch::Receiver<Option<DeploymentReport>>,
+    /// With keys, only signed commands are carried out.
+    pub trusted: TrustedKeys,
+}
+
+/// Request ids of signed commands taken, with when each expires (Unix ms).
+#[derive(Debug, Default)]
+struct Seen(std::collections::BTreeMap<String, u64>);
+
+impl Seen {
+    /// Takes `id` unless it was taken before; forgets expired ids first.
+    fn take(&mut self, id: &str, expires_ms: u64, now_ms: u64) -> Result<(), String> {
+        self.0
+            .retain(|_, exp| *exp + crate::binding::EXPIRY_TOLERANCE_MS >= now_ms);
+        if self.0.contains_key(id) {
+            return Err(format!(
+                "request id `{id}` was already used: a replay is refused"
+            ));
+        }
+        if self.0.len() >= MAX_REMEMBERED {
+            return Err("too many signed commands in the last hour; try again later".into());
+        }
+        self.0.insert(id.to_string(), expires_ms);
+        Ok(())
+    }
 }
 
 /// Runs until `stop` is cancelled or the event loop goes away.
 pub async fn run(ctx: Context, mut rx: mpsc::Receiver<Command>, stop: CancellationToken) {
+    let mut seen = Seen::default();
     loop {
         let command = tokio::select! {
             _ = stop.cancelled() => return,
@@ -64,13 +113,18 @@ pub async fn run(ctx: Context, mut rx: mpsc::Receiver<Command>, stop: Cancellati
         };
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = handle_one(&ctx, command) => {}
+            _ = handle_one(&ctx, &mut seen, command) => {}
         }
     }
 }
 
-async fn handle_one(ctx: &Context, command: Command) {
-    let request = match parse(&command.payload) {
+async fn handle_one(ctx: &Context, seen: &mut Seen, command: Command) {
+    let (request, authorised) = if ctx.trusted.is_empty() {
+        (parse(&command.payload), Ok(()))
+    } else {
+        authorise(ctx, seen, &command)
+    };
+    let request = match request {
         Ok(r) => r,
         Err(why) => {
             tracing::warn!(command = %command.name, %why, "command ignored: no usable id to reply to");
@@ -78,13 +132,20 @@ async fn handle_one(ctx: &Context, command: Command) {
         }
     };
     tracing::info!(command = %command.name, id = %request.id, "command");
-    let outcome =
-        match tokio::time::timeout(COMMAND_TIMEOUT, execute(ctx, &command.name, &request.args))
-            .await
-        {
-            Ok(outcome) => outcome,
-            Err(_) => Err(format!("timed out after {COMMAND_TIMEOUT:?}")),
-        };
+    let outcome = match authorised {
+        Err(why) => {
+            tracing::warn!(command = %command.name, id = %request.id, %why, "command refused");
+            Err(why)
+        }
+        Ok(()) => {
+            match tokio::time::timeout(COMMAND_TIMEOUT, execute(ctx, &command.name, &request.args))
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(_) => Err(format!("timed out after {COMMAND_TIMEOUT:?}")),
+            }
+        }
+    };
     let reply = match outcome {
         Ok(result) => json!({"id": request.id, "ok": true, "result": result}),
         Err(error) => {
@@ -106,6 +167,83 @@ async fn handle_one(ctx: &Context, command: Command) {
     {
         tracing::warn!(error = %e, "command reply not sent");
     }
+}
+
+/// On a device with keys: the request (to reply to), and whether it may run.
+fn authorise(
+    ctx: &Context,
+    seen: &mut Seen,
+    command: &Command,
+) -> (Result<CommandRequest, String>, Result<(), String>) {
+    if command.payload.len() > MAX_COMMAND_BYTES {
+        return (parse(&command.payload), Ok(()));
+    }
+    let Ok(envelope) = serde_json::from_slice::<Envelope>(&command.payload) else {
+        // Unsigned: answer (if it has an id) that it is refused, and why.
+        return (
+            parse(&command.payload),
+            Err("unsigned command refused: this device trusts signing keys, so commands must be signed (`outpost hub cmd --sign-key KEY`)".into()),
+        );
+    };
+    // The id to reply to comes from the payload even when the signature is bad, so the
+    // operator hears why; nothing runs unless every check passes.
+    let opened = signing::open_as(signing::COMMAND_TYPE, &envelope)
+        .ok()
+        .and_then(|body| serde_json::from_slice::<SignedCommand>(&body).ok());
+    let Some(claimed) = opened else {
+        return (
+            Err("not a signed command envelope".into()),
+            Err("not a signed command".into()),
+        );
+    };
+    let request = if is_level(&claimed.id) {
+        Ok(CommandRequest {
+            id: claimed.id.clone(),
+            args: claimed.args.clone(),
+        })
+    } else {
+        Err("`id` must be 1 to 128 letters, digits, `.`, `_` or `-`".to_string())
+    };
+    let verdict = (|| {
+        let (body, _) = ctx
+            .trusted
+            .verify_as(signing::COMMAND_TYPE, &envelope)
+            .map_err(|e| format!("signature refused: {e}"))?;
+        let signed: SignedCommand =
+            serde_json::from_slice(&body).map_err(|e| format!("not a signed command: {e}"))?;
+        if signed.device != ctx.topics.device {
+            return Err(format!(
+                "signed for device `{}`; this device is `{}`",
+                signed.device, ctx.topics.device
+            ));
+        }
+        if signed.command != command.name {
+            return Err(format!(
+                "signed for command `{}`, but it arrived as `{}`",
+                signed.command, command.name
+            ));
+        }
+        let now_ms = crate::binding::trusted_now(unix_now().saturating_mul(1000), 0);
+        let rules = crate::binding::Rules {
+            device: &ctx.topics.device,
+            require: true,
+            now_ms,
+        };
+        if let Some(issue) = crate::binding::expiry_issue(Some(&signed.expires_at), &rules) {
+            return Err(issue.message);
+        }
+        let expires_ms = crate::clock::parse_rfc3339(&signed.expires_at)
+            .unwrap_or(0)
+            .saturating_mul(1000);
+        if expires_ms > now_ms + MAX_COMMAND_LIFETIME.as_millis() as u64 {
+            return Err(format!(
+                "expires more than {} s ahead: sign commands for a short time (`--expires-in 5m`)",
+                MAX_COMMAND_LIFETIME.as_secs()
+            ));
+        }
+        seen.take(&signed.id, expires_ms, now_ms)
+    })();
+    (request, verdict)
 }
 
 fn parse(payload: &[u8]) -> Result<CommandRequest, String> {

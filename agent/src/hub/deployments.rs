@@ -77,6 +77,8 @@ pub struct Context {
     pub trusted: TrustedKeys,
     /// The device's groups, in precedence order for ties.
     pub groups: Vec<String>,
+    /// This device's id (what a withdrawal must name).
+    pub device: String,
     /// The hub link's own last refusal, merged into the reported state.
     pub rejected: watch::Sender<Option<DeploymentReport>>,
 }
@@ -88,6 +90,8 @@ pub async fn run(ctx: Context, stop: CancellationToken) {
     let mut seen: Vec<(Source, u64, String)> = Vec::new();
     let mut candidates: Vec<(Candidate, Accepted)> = Vec::new();
     let mut last_offered: Option<(Source, String)> = None;
+    // A source whose deployment was just withdrawn: the next offer hands control back.
+    let mut withdrawn: Option<Source> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -111,9 +115,30 @@ pub async fn run(ctx: Context, stop: CancellationToken) {
                 Some(entry) => *entry = (slot.source.clone(), slot.seq, digest),
                 None => seen.push((slot.source.clone(), slot.seq, digest)),
             }
-            if slot.payload.is_empty() {
-                candidates.retain(|(c, _)| c.source != slot.source);
-                tracing::info!(source = ?slot.source, "retained deployment cleared");
+            if slot.payload.is_empty() || is_withdrawal(&slot.payload) {
+                let current = candidates
+                    .iter()
+                    .find(|(c, _)| c.source == slot.source)
+                    .map(|(_, a)| a.deployment.version);
+                match withdrawal(&slot.payload, &slot.source, current, &ctx) {
+                    Ok(()) => {
+                        candidates.retain(|(c, _)| c.source != slot.source);
+                        tracing::info!(source = ?slot.source, "deployment withdrawn");
+                        withdrawn = Some(slot.source.clone());
+                    }
+                    Err(reasons) => {
+                        tracing::warn!(source = ?slot.source, reasons = ?reasons, "withdrawal refused");
+                        ctx.rejected.send_replace(Some(DeploymentReport {
+                            id: String::new(),
+                            version: 0,
+                            status: DeploymentStatus::Rejected,
+                            source: slot.source.clone(),
+                            reasons,
+                            digest: Some(hex_sha256(&slot.payload)),
+                            updated_at: unix_now(),
+                        }));
+                    }
+                }
                 continue;
             }
             match intake::intake(&slot.payload, &ctx.trusted) {
@@ -161,9 +186,14 @@ pub async fn run(ctx: Context, stop: CancellationToken) {
         }
         last_offered = Some(key);
         let (id, version) = (accepted.deployment.id.clone(), accepted.deployment.version);
+        let offer = ctx.handle.offer_with(
+            accepted.clone(),
+            candidate.source.clone(),
+            withdrawn.take().is_some(),
+        );
         let answer = tokio::select! {
             _ = stop.cancelled() => return,
-            answer = ctx.handle.offer(accepted.clone(), candidate.source.clone()) => answer,
+            answer = offer => answer,
         };
         match answer {
             Ok(Ok(())) => {
@@ -186,6 +216,77 @@ pub async fn run(ctx: Context, stop: CancellationToken) {
                 return;
             }
         }
+    }
+}
+
+/// Whether a message is a (signed) withdrawal rather than a deployment.
+fn is_withdrawal(payload: &[u8]) -> bool {
+    serde_json::from_slice::<Envelope>(payload)
+        .is_ok_and(|e| e.payload_type == signing::WITHDRAWAL_TYPE)
+}
+
+/// Checks a withdrawal of `source`'s deployment (now at `current`, if the link has one).
+///
+/// Without trusted keys, an empty retained message withdraws (a lab). With keys, only a
+/// withdrawal signed by a trusted key, for this source, not expired, and at least as new as the
+/// deployment it withdraws.
+fn withdrawal(
+    payload: &[u8],
+    source: &Source,
+    current: Option<u64>,
+    ctx: &Context,
+) -> Result<(), Vec<Issue>> {
+    let keys = !ctx.trusted.is_empty();
+    if payload.is_empty() {
+        return if keys {
+            Err(vec![Issue::new(
+                "",
+                "an unsigned withdrawal (an empty retained message) is refused: this device trusts signing keys; publish a signed one with `outpost hub withdraw --sign-key KEY`",
+            )])
+        } else {
+            Ok(())
+        };
+    }
+    let envelope: Envelope = serde_json::from_slice(payload)
+        .map_err(|e| vec![Issue::new("", format!("not a withdrawal envelope: {e}"))])?;
+    let body = if keys {
+        ctx.trusted
+            .verify_as(signing::WITHDRAWAL_TYPE, &envelope)
+            .map(|(body, _)| body)
+    } else {
+        signing::open_as(signing::WITHDRAWAL_TYPE, &envelope)
+    }
+    .map_err(|e| vec![Issue::new(e.path(), e.to_string())])?;
+    let w: crate::binding::Withdrawal = serde_json::from_slice(&body)
+        .map_err(|e| vec![Issue::new("", format!("the withdrawal is not valid: {e}"))])?;
+    let mut issues = Vec::new();
+    let rules = crate::binding::Rules {
+        device: &ctx.device,
+        require: keys,
+        now_ms: crate::binding::trusted_now(unix_now().saturating_mul(1000), 0),
+    };
+    if let Some(mut issue) = crate::binding::target_issue(&w.withdraw, source, &ctx.device) {
+        issue.path = issue.path.replace("/target", "/withdraw");
+        issues.push(issue);
+    }
+    if let Some(issue) = crate::binding::expiry_issue(Some(&w.expires_at), &rules) {
+        issues.push(issue);
+    }
+    if let Some(current) = current
+        && w.version < current
+    {
+        issues.push(Issue::new(
+            "/version",
+            format!(
+                "withdraws version {}, but this source's deployment is version {current}: an old withdrawal cannot remove a newer deployment",
+                w.version
+            ),
+        ));
+    }
+    if issues.is_empty() {
+        Ok(())
+    } else {
+        Err(issues)
     }
 }
 

@@ -156,6 +156,7 @@ pub async fn run_with(
             handle: handle.clone(),
             trusted: config.policy.trusted_keys.clone(),
             groups: hub.groups.clone(),
+            device: config.device_id.clone(),
             rejected: rejected_tx,
         },
         stop.clone(),
@@ -176,6 +177,7 @@ pub async fn run_with(
             topics: topics.clone(),
             handle: handle.clone(),
             rejected: rejected_rx,
+            trusted: config.policy.trusted_keys.clone(),
         },
         commands_rx,
         stop.clone(),
@@ -216,7 +218,7 @@ pub async fn run_with(
 }
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
-pub(crate) fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -56,6 +56,35 @@ pub struct Deployment {
     /// What to do when this deployment does not become healthy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback: Option<Rollback>,
+    /// The one device or group this deployment is for. Signed with the rest, so an envelope
+    /// signed for one device cannot be replayed on another's topic. Required on a device that
+    /// trusts keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Target>,
+    /// When this deployment stops being accepted (RFC 3339, e.g. `2026-12-31T00:00:00Z`), so
+    /// that an old signed envelope cannot be held back and delivered later. A deployment
+    /// already in force keeps running after it. Required on a device that trusts keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+/// Where a deployment may apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum Target {
+    /// One device, by its `device_id`.
+    Device(String),
+    /// A group, by name: the devices that list it in `hub.groups`.
+    Group(String),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Device(d) => write!(f, "device `{d}`"),
+            Target::Group(g) => write!(f, "group `{g}`"),
+        }
+    }
 }
 
 fn is_zero(n: &u32) -> bool {

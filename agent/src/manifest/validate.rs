@@ -102,6 +102,25 @@ impl Validator {
                 ),
             );
         }
+        match &d.target {
+            Some(super::Target::Device(name)) if !is_topic_level(name) => self.push(
+                "/target/device",
+                format!("device `{name}` is not a valid device id: 1 to 128 letters, digits, `.`, `_` or `-`"),
+            ),
+            Some(super::Target::Group(name)) if !is_topic_level(name) => self.push(
+                "/target/group",
+                format!("group `{name}` is not a valid group name: 1 to 128 letters, digits, `.`, `_` or `-`"),
+            ),
+            _ => {}
+        }
+        if let Some(at) = &d.expires_at
+            && crate::clock::parse_rfc3339(at).is_none()
+        {
+            self.push(
+                "/expiresAt",
+                format!("`{at}` is not an RFC 3339 time such as `2026-12-31T00:00:00Z`"),
+            );
+        }
         if d.modules.len() > MAX_MODULES {
             self.push(
                 "/modules",
@@ -512,6 +531,14 @@ pub fn check_topic(topic: &str, filter: bool) -> Result<(), String> {
 /// Module names are DNS labels: 1 to 63 lowercase letters, digits and `-`.
 pub fn is_module_name(s: &str) -> bool {
     is_dns_label(s)
+}
+
+/// A device id or group name: one MQTT topic level of safe characters.
+pub fn is_topic_level(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn is_dns_label(s: &str) -> bool {

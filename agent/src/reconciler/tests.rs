@@ -136,7 +136,7 @@ fn setup() -> (tempfile::TempDir, FakeClock, FakeRuntime) {
 }
 
 #[tokio::test(start_paused = true)]
-async fn offers_follow_the_version_rule_per_source_and_control_can_be_handed_back() {
+async fn one_version_floor_for_the_device_and_control_handed_back_only_as_allowed() {
     let (dir, clock, fake) = setup();
     for i in ["r.io/a:1", "r.io/a:2", "r.io/a:3"] {
         fake.publish_image(i);
@@ -150,23 +150,26 @@ async fn offers_follow_the_version_rule_per_source_and_control_can_be_handed_bac
     agent.until("group v1 applied", MINUTE, applied(1)).await;
     // The same bytes again: a redelivery, taken without a change.
     agent.offer_from(&g1, group.clone()).await.unwrap();
-    // Other bytes under a version not newer than the source's last: refused, nothing changes.
+    // Other bytes under a version not above the floor: refused, nothing changes.
     let stale = manifest(1, r#""a":{"image":"r.io/a:2"}"#);
     let issues = agent.offer_from(&stale, group.clone()).await.unwrap_err();
     assert_eq!(issues[0].path, "/version", "{issues:?}");
     let state = agent.handle.state.borrow().clone();
     assert_eq!(state.last_rejected.as_ref().map(|r| r.version), Some(1));
-    // Versions count per source: the device's own v1 is new.
+    // One floor for the device: the device's own v1 is refused too, v2 applies.
     let d1 = manifest(1, r#""a":{"image":"r.io/a:2"}"#);
-    agent.offer(&d1).await.unwrap();
-    let s = agent
-        .until("device v1 applied", MINUTE, |s| {
-            applied(1)(s) && s.deployment.as_ref().map(|d| &d.source) == Some(&Source::Device)
-        })
-        .await;
-    assert_eq!(s.modules["a"].image, "r.io/a:2");
-    // Hand-back: the device's deployment is cleared, the group's same bytes apply again even
-    // though their version is not newer than the group's last.
+    let issues = agent.offer(&d1).await.unwrap_err();
+    assert!(
+        issues[0]
+            .message
+            .contains("highest this device has accepted"),
+        "{issues:?}"
+    );
+    let d2 = manifest(2, r#""a":{"image":"r.io/a:2"}"#);
+    agent.offer(&d2).await.unwrap();
+    agent.until("device v2 applied", MINUTE, applied(2)).await;
+    // Hand-back (no keys: a lab): the device's deployment is cleared, the group's same bytes
+    // apply again although v1 is below the floor.
     agent.offer_from(&g1, group.clone()).await.unwrap();
     let s = agent
         .until("group v1 back in force", MINUTE, |s| {
@@ -178,15 +181,107 @@ async fn offers_follow_the_version_rule_per_source_and_control_can_be_handed_bac
         Some(group.clone())
     );
     // A local deployment is never overridden by a hand-back.
-    let l1 = manifest(1, r#""a":{"image":"r.io/a:3"}"#);
-    agent.offer_from(&l1, Source::Local).await.unwrap();
-    agent
-        .until("local v1 applied", MINUTE, |s| {
-            applied(1)(s) && s.modules.get("a").is_some_and(|m| m.image == "r.io/a:3")
-        })
-        .await;
+    let l3 = manifest(3, r#""a":{"image":"r.io/a:3"}"#);
+    agent.offer_from(&l3, Source::Local).await.unwrap();
+    agent.until("local v3 applied", MINUTE, applied(3)).await;
     let issues = agent.offer_from(&g1, group).await.unwrap_err();
     assert_eq!(issues[0].path, "/version");
+    agent.stop().await;
+}
+
+/// A far-off expiry, as `outpost hub deploy` sets.
+fn bound(version: u64, target: &str, modules: &str) -> String {
+    format!(
+        r#"{{"schemaVersion":"1.0","id":"d","version":{version},"target":{target},"expiresAt":"2099-01-01T00:00:00Z","modules":{{{modules}}}}}"#
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_keys_deployments_are_bound_to_their_device_and_time() {
+    let (dir, clock, fake) = setup();
+    fake.publish_image("r.io/a:1");
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let agent = Agent::start_with(dir.path(), &clock, &fake, |s| {
+        s.policy.trusted_keys = TrustedKeys::new([key.verifying_key()]);
+    });
+    let a = r#""a":{"image":"r.io/a:1"}"#;
+    // Signed for another device (a replay onto this device's topic).
+    let other = bound(1, r#"{"device":"cam-9"}"#, a);
+    let issues = agent.offer(&other).await.unwrap_err();
+    assert_eq!(issues[0].path, "/target/device", "{issues:?}");
+    // A group's envelope replayed as this device's own.
+    let group = bound(1, r#"{"group":"line3"}"#, a);
+    let issues = agent.offer(&group).await.unwrap_err();
+    assert_eq!(issues[0].path, "/target/group", "{issues:?}");
+    // No target, no expiry: refused on a device that trusts keys.
+    let issues = agent.offer(&manifest(1, a)).await.unwrap_err();
+    let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+    assert!(
+        paths.contains(&"/target") && paths.contains(&"/expiresAt"),
+        "{issues:?}"
+    );
+    // Expired an hour ago.
+    let expired = format!(
+        r#"{{"schemaVersion":"1.0","id":"d","version":1,"target":{{"device":"dev1"}},"expiresAt":"{}","modules":{{{a}}}}}"#,
+        crate::clock::format_rfc3339(NOW_2026 / 1000 - 3600)
+    );
+    let issues = agent.offer(&expired).await.unwrap_err();
+    assert_eq!(issues[0].path, "/expiresAt", "{issues:?}");
+    assert!(issues[0].message.contains("expired at"));
+    // The device's own, in time: applied.
+    agent
+        .offer(&bound(1, r#"{"device":"dev1"}"#, a))
+        .await
+        .unwrap();
+    agent.until("v1 applied", MINUTE, applied(1)).await;
+    agent.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_keys_control_goes_back_to_an_older_group_only_after_a_signed_withdrawal() {
+    let (dir, clock, fake) = setup();
+    fake.publish_image("r.io/a:1");
+    fake.publish_image("r.io/a:2");
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let agent = Agent::start_with(dir.path(), &clock, &fake, |s| {
+        s.policy.trusted_keys = TrustedKeys::new([key.verifying_key()]);
+    });
+    let group = Source::Group {
+        name: "line3".into(),
+    };
+    let g1 = bound(1, r#"{"group":"line3"}"#, r#""a":{"image":"r.io/a:1"}"#);
+    agent.offer_from(&g1, group.clone()).await.unwrap();
+    agent.until("group v1 applied", MINUTE, applied(1)).await;
+    let d10 = bound(10, r#"{"device":"dev1"}"#, r#""a":{"image":"r.io/a:2"}"#);
+    agent.offer(&d10).await.unwrap();
+    agent.until("device v10 applied", MINUTE, applied(10)).await;
+    // The attack: the old group deployment offered again as if the device's own had been
+    // withdrawn (an unsigned empty retained message): refused, the device stays on v10.
+    let issues = agent.offer_from(&g1, group.clone()).await.unwrap_err();
+    assert_eq!(issues[0].path, "/version", "{issues:?}");
+    assert_eq!(
+        agent
+            .handle
+            .state
+            .borrow()
+            .deployment
+            .as_ref()
+            .map(|d| d.version),
+        Some(10)
+    );
+    // After a signed withdrawal (the hub link checked it), control goes back.
+    let accepted = crate::intake::intake(g1.as_bytes(), &TrustedKeys::default()).unwrap();
+    agent
+        .handle
+        .offer_after_withdrawal(accepted, group.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    agent
+        .until("group v1 back in force", MINUTE, |s| {
+            applied(1)(s) && s.modules.get("a").is_some_and(|m| m.image == "r.io/a:1")
+        })
+        .await;
     agent.stop().await;
 }
 
@@ -681,5 +776,24 @@ async fn an_image_for_another_platform_is_refused_before_the_switch() {
         s.deployment
     );
     assert_eq!(ids(&fake), before);
+    agent.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn logs_leave_the_device_without_the_modules_secrets() {
+    let (dir, clock, fake) = setup();
+    fake.publish_image("r.io/a:1");
+    let agent = Agent::start(dir.path(), &clock, &fake);
+    agent
+        .offer(&manifest(
+            1,
+            r#""a":{"image":"r.io/a:1","env":{"API_TOKEN":"tok-9f8e7d","MODE":"on"}}"#,
+        ))
+        .await
+        .unwrap();
+    agent.until("v1 applied", MINUTE, applied(1)).await;
+    fake.print("a", "starting with token tok-9f8e7d in mode on");
+    let text = agent.handle.logs("a", 10, 1 << 20).await.unwrap().unwrap();
+    assert_eq!(text, "starting with token [redacted] in mode on\n");
     agent.stop().await;
 }

@@ -599,41 +599,7 @@ fn pull_message(e: &BollardError) -> String {
     }
 }
 
-/// Unix seconds of an RFC 3339 timestamp as Docker writes it (`2026-11-27T13:50:01.123Z`);
-/// `None` for Docker's zero time `0001-01-01T00:00:00Z`.
-pub fn parse_rfc3339(s: &str) -> Option<u64> {
-    let (date, rest) = s.split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    if y < 1970 {
-        return None;
-    }
-    let time = &rest[..rest.find(['Z', '+', '-']).unwrap_or(rest.len())];
-    let mut t = time.split(':');
-    let (h, min) = (
-        t.next()?.parse::<i64>().ok()?,
-        t.next()?.parse::<i64>().ok()?,
-    );
-    let sec = t.next()?.split('.').next()?.parse::<i64>().ok()?;
-    let offset = match rest.rfind(['+', '-']) {
-        Some(i) if rest[i..].len() == 6 => {
-            let sign = if &rest[i..i + 1] == "-" { -1 } else { 1 };
-            let oh = rest[i + 1..i + 3].parse::<i64>().ok()?;
-            let om = rest[i + 4..i + 6].parse::<i64>().ok()?;
-            sign * (oh * 3600 + om * 60)
-        }
-        _ => 0,
-    };
-    // Days from civil (Howard Hinnant's algorithm).
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    u64::try_from(days * 86_400 + h * 3600 + min * 60 + sec - offset).ok()
-}
+pub use crate::clock::parse_rfc3339;
 
 #[cfg(test)]
 mod tests {

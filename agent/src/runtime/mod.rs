@@ -4,6 +4,7 @@
 
 pub mod docker;
 pub mod fake;
+pub mod registry;
 pub mod spec;
 
 use std::collections::BTreeMap;
