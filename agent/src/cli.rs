@@ -477,7 +477,8 @@ fn sign(
     text.push('\n');
     match out {
         Some(path) => {
-            std::fs::write(path, text)
+            // Whole or not at all: a half-written envelope would be refused on the device.
+            crate::fsutil::write_atomic(path, text.as_bytes(), 0o644)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             eprintln!(
                 "signed {} with key {} -> {}",

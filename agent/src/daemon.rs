@@ -59,7 +59,11 @@ impl DaemonError {
 /// Fails at start-up when the store cannot be opened or the engine cannot be reached; once
 /// running, failures are retried, not returned.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
-    let store = Store::open(&config.state_dir)?;
+    let (store, recovery) = Store::open(&config.state_dir, config.disk.store_reserve_bytes)?;
+    if let Some(r) = &recovery {
+        warn!(moved_to = %r.moved_to.display(), reason = %r.reason,
+            "the store was damaged and has been replaced by an empty one");
+    }
     let runtime = Arc::new(DockerRuntime::connect(&config.runtime.docker_socket).await?);
     let (outbox, outbox_writer) = Outbox::open(
         &config.state_dir,
@@ -97,7 +101,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         deployments: counters.deployments.clone(),
         clock: Arc::new(crate::clock::SystemClock::new()),
         conditions: None,
-        store_recovery: None,
+        store_recovery: recovery.map(|r| {
+            format!(
+                "the store was damaged ({}) and was moved to {}; the device started with an empty store",
+                r.reason,
+                r.moved_to.display()
+            )
+        }),
     };
     let parts = Reconciler::build(settings, runtime.clone(), store)?;
     info!(device = %config.device_id, version = env!("CARGO_PKG_VERSION"), "outpost agent starting");

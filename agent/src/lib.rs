@@ -22,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod disk;
+pub mod fsutil;
 pub mod hub;
 pub mod intake;
 pub mod logging;

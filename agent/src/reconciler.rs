@@ -688,6 +688,10 @@ impl<R: Runtime> Reconciler<R> {
     /// One reconciliation pass: list, plan, hand the actions out, track the deployment.
     async fn pass(&mut self, ctx: &Ctx<'_>) {
         let now = self.clock.mono_ms();
+        // The store's emergency reserve comes back once the disk has room (cheap otherwise).
+        if let Err(e) = self.store.maintain() {
+            warn!(error = %e, "store upkeep failed");
+        }
         if self.engine.is_none() {
             self.engine = self.runtime.info().await.ok();
         }
@@ -1237,6 +1241,16 @@ impl<R: Runtime> Reconciler<R> {
             out.push(Condition {
                 kind: "store-recovered".into(),
                 message: recovery.clone(),
+            });
+        }
+        let store = self.store.health();
+        if let Some(since) = store.reserve_in_use_since_ms {
+            out.push(Condition {
+                kind: "store-reserve-used".into(),
+                message: format!(
+                    "the store's emergency reserve ({} KiB) is not in place since {since} (Unix ms): it was given to a write on a full disk, or the disk has had no room for it",
+                    store.reserve_bytes >> 10
+                ),
             });
         }
         if self.desired.is_none() && !modules.is_empty() {

@@ -275,14 +275,15 @@ pub fn generate_key() -> Result<SigningKey, KeyError> {
     Ok(SigningKey::from_bytes(&seed))
 }
 
-/// Writes `PREFIX.key` (PKCS#8 PEM, owner-only) and `PREFIX.pub` (SPKI PEM); refuses to
-/// overwrite either. Returns both paths.
+/// Writes `PREFIX.key` (PKCS#8 PEM, owner-only) and `PREFIX.pub` (SPKI PEM), each atomically
+/// (a crash leaves no file or a whole one); refuses to overwrite either, even one that
+/// appears meanwhile. Returns both paths.
 pub fn write_key_pair(key: &SigningKey, prefix: &Path) -> Result<(PathBuf, PathBuf), KeyError> {
     // Appended, not `with_extension`: a prefix like `ops.2026` keeps its dot.
     let private = PathBuf::from(format!("{}.key", prefix.display()));
     let public = PathBuf::from(format!("{}.pub", prefix.display()));
     for path in [&private, &public] {
-        if path.exists() {
+        if path.symlink_metadata().is_ok() {
             return Err(KeyError::Exists { path: path.clone() });
         }
     }
@@ -298,27 +299,28 @@ pub fn write_key_pair(key: &SigningKey, prefix: &Path) -> Result<(PathBuf, PathB
         .verifying_key()
         .to_public_key_pem(Default::default())
         .map_err(|e| format_err(&public, "public", &e))?;
-    write_private(&private, private_pem.as_bytes()).map_err(|source| KeyError::Write {
-        path: private.clone(),
-        source,
-    })?;
-    fs::write(&public, public_pem.as_bytes()).map_err(|source| KeyError::Write {
-        path: public.clone(),
-        source,
-    })?;
+    let write_err = |path: &Path, source: io::Error| {
+        if source.kind() == io::ErrorKind::AlreadyExists {
+            KeyError::Exists {
+                path: path.to_path_buf(),
+            }
+        } else {
+            KeyError::Write {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    };
+    crate::fsutil::write_new_atomic(&private, private_pem.as_bytes(), 0o600)
+        .map_err(|e| write_err(&private, e))?;
+    if let Err(e) = crate::fsutil::write_new_atomic(&public, public_pem.as_bytes(), 0o644) {
+        // Half a pair is no use, and the private key is ours: it was created just now.
+        if let Err(remove) = fs::remove_file(&private) {
+            tracing::warn!(path = %private.display(), error = %remove, "cannot remove the private key of a pair not written");
+        }
+        return Err(write_err(&public, e));
+    }
     Ok((private, public))
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }
 
 pub fn load_signing_key(path: &Path) -> Result<SigningKey, KeyError> {
@@ -432,9 +434,33 @@ mod tests {
             fs::metadata(&private).unwrap().permissions().mode() & 0o777,
             0o600
         );
+        assert_eq!(
+            fs::metadata(&public).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        let before = fs::read(&private).unwrap();
+        let other = generate_key().unwrap();
         assert!(matches!(
-            write_key_pair(&k, &dir.path().join("ops")),
+            write_key_pair(&other, &dir.path().join("ops")),
             Err(KeyError::Exists { .. })
         ));
+        assert_eq!(
+            fs::read(&private).unwrap(),
+            before,
+            "an existing key is never replaced"
+        );
+        // Only the public half exists: refused, and no private key is left without its pair.
+        fs::write(dir.path().join("half.pub"), b"someone's").unwrap();
+        assert!(matches!(
+            write_key_pair(&other, &dir.path().join("half")),
+            Err(KeyError::Exists { .. })
+        ));
+        assert!(!dir.path().join("half.key").exists());
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(crate::fsutil::TEMP_SUFFIX))
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
     }
 }

@@ -443,7 +443,7 @@ impl TestAgent {
         let engine = outpost_agent::runtime::fake::FakeRuntime::new(clock.clone());
         engine.serve_any_image();
         let dir = tempfile::tempdir().expect("store folder");
-        let store = outpost_agent::store::Store::open(dir.path()).expect("store opens");
+        let (store, _) = outpost_agent::store::Store::open(dir.path(), 0).expect("store opens");
         let parts = Reconciler::build(
             Settings::new(device_id, clock),
             std::sync::Arc::new(engine.clone()),

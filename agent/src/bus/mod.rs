@@ -52,6 +52,9 @@ pub enum BusError {
 /// The device's bus secret: 32 random bytes in `STATE_DIR/bus.key` (owner-only). Module
 /// passwords are HMAC-SHA256(secret, module name), so they are the same after an agent restart
 /// and containers need not be recreated.
+/// The size of the bus secret in `bus.key`.
+const SECRET_LEN: usize = 32;
+
 #[derive(Clone)]
 pub struct BusSecret(Arc<ring::hmac::Key>);
 
@@ -62,38 +65,44 @@ impl std::fmt::Debug for BusSecret {
 }
 
 impl BusSecret {
-    /// Reads the secret, creating it on first use.
+    /// Reads the secret, creating it on first use. The file is written atomically (a crash
+    /// leaves no file or the whole one), so a file of the wrong size was not written by this
+    /// agent: it refuses start-up rather than replace it, which would change every module's
+    /// password.
     pub fn load_or_create(state_dir: &Path) -> Result<BusSecret, BusError> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
         let path = state_dir.join("bus.key");
         let err = |source| BusError::Secret {
             path: path.clone(),
             source,
         };
         std::fs::create_dir_all(state_dir).map_err(err)?;
-        match std::fs::read(&path) {
-            Ok(bytes) if bytes.len() == 32 => return Ok(BusSecret::from_bytes(&bytes)),
-            Ok(_) => {
-                return Err(err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "expected 32 bytes; delete it to make a new one (modules are then recreated)",
-                )));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(err(e)),
+        let read = |path: &Path| match std::fs::read(path) {
+            Ok(bytes) if bytes.len() == SECRET_LEN => Ok(Some(BusSecret::from_bytes(&bytes))),
+            Ok(bytes) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "it holds {} bytes, not {SECRET_LEN}: this agent writes it whole, so it was changed by something else \
+                     (or left short by an older agent that crashed while writing it). Restore it, or delete it to make \
+                     a new one (every module is then recreated with new bus credentials)",
+                    bytes.len()
+                ),
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        };
+        if let Some(secret) = read(&path).map_err(err)? {
+            return Ok(secret);
         }
-        let mut bytes = [0u8; 32];
+        let mut bytes = [0u8; SECRET_LEN];
         getrandom::fill(&mut bytes).map_err(|e| err(std::io::Error::other(e.to_string())))?;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(err)?;
-        file.write_all(&bytes).map_err(err)?;
-        file.sync_all().map_err(err)?;
-        Ok(BusSecret::from_bytes(&bytes))
+        match crate::fsutil::write_new_atomic(&path, &bytes, 0o600) {
+            Ok(()) => Ok(BusSecret::from_bytes(&bytes)),
+            // Made by someone else meanwhile: theirs is the secret.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                read(&path).map_err(err)?.ok_or_else(|| err(e))
+            }
+            Err(e) => Err(err(e)),
+        }
     }
 
     pub fn from_bytes(bytes: &[u8]) -> BusSecret {
@@ -185,6 +194,26 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(!format!("{a:?}").contains(&a.password("cam")));
+    }
+
+    #[test]
+    fn a_bus_key_of_the_wrong_size_refuses_start_up_and_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.key");
+        std::fs::write(&path, [1u8; 20]).unwrap();
+        let err = BusSecret::load_or_create(dir.path()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("bus.key") && text.contains("20 bytes"),
+            "{text}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), [1u8; 20]);
+        // No temporary file is left beside it either.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("bus.key")]);
     }
 
     #[test]

@@ -39,7 +39,7 @@ impl Agent {
     ) -> Agent {
         let mut settings = Settings::new(DEV, Arc::new(clock.clone()));
         tweak(&mut settings);
-        let store = Store::open(dir).expect("store opens");
+        let (store, _) = Store::open(dir, 0).expect("store opens");
         let parts = Reconciler::build(settings, Arc::new(fake.clone()), store).expect("builds");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(parts.reconciler.run(parts.requests, shutdown.clone()));
