@@ -172,7 +172,10 @@ fn a_missing_tag_leaves_the_running_module_alone_and_fails_at_once() {
     assert_eq!(inspect(&old, "{{.State.Status}}"), "running");
     let touched: Vec<_> = events(since, &[&format!("label=io.outpost.device={device}")])
         .into_iter()
-        .filter(|e| e.id.starts_with(&old))
+        .filter(|e| {
+            e.id.starts_with(&old)
+                && ["kill", "die", "stop", "destroy"].contains(&e.action.as_str())
+        })
         .collect();
     assert!(
         touched.is_empty(),

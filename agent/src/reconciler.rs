@@ -241,6 +241,7 @@ impl<R: Runtime> Reconciler<R> {
         let report = store.report()?;
         let last_good = store.last_good()?;
         let managed_images = store.images()?;
+        let time_floor = store.time_floor()?;
         let now = clock.mono_ms();
         // The rollback window goes on where it was if this is the boot that started it; after
         // a reboot the time in between is unknown, and the window starts again (never early).
@@ -307,7 +308,7 @@ impl<R: Runtime> Reconciler<R> {
             pending: None,
             last_observed: Vec::new(),
             agent_problems: BTreeMap::new(),
-            time_floor: crate::clock::PLAUSIBLE_AFTER_MS,
+            time_floor: time_floor.max(crate::clock::PLAUSIBLE_AFTER_MS),
         };
         Ok(Parts {
             reconciler,

@@ -64,6 +64,9 @@ const DIGESTS: &str = "digests";
 const REPORT: &str = "report";
 /// When the desired deployment's rollback window started ([`BootInstant`]).
 const WINDOW: &str = "window";
+/// The latest wall-clock time (Unix ms) known to be true: when a deployment was accepted with a
+/// plausible clock. Expiry is never judged earlier than this after a reboot at 1970.
+const TIME_FLOOR: &str = "time_floor";
 
 /// A deployment as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -407,8 +410,17 @@ impl Store {
             t.put(DIGESTS, &digests)?;
             t.put(REPORT, report)?;
             t.put(WINDOW, window)?;
+            if d.accepted_at >= crate::clock::PLAUSIBLE_AFTER_MS {
+                let floor: u64 = t.get(TIME_FLOOR)?.unwrap_or(0);
+                t.put(TIME_FLOOR, &floor.max(d.accepted_at))?;
+            }
             Ok(((), true))
         })
+    }
+
+    /// The latest wall-clock time (Unix ms) this device has known to be true, or 0.
+    pub fn time_floor(&self) -> Result<u64, StoreError> {
+        Ok(self.get(TIME_FLOOR)?.unwrap_or(0))
     }
 
     /// Replaces the desired deployment (a rollback), the report and the window's start. On a

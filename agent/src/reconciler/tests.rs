@@ -797,3 +797,39 @@ async fn logs_leave_the_device_without_the_modules_secrets() {
     assert_eq!(text, "starting with token [redacted] in mode on\n");
     agent.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn after_a_reboot_at_1970_expiry_is_judged_by_the_last_time_the_device_knew() {
+    let (dir, clock, fake) = setup();
+    fake.publish_image("r.io/a:1");
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let keys = TrustedKeys::new([key.verifying_key()]);
+    let agent = Agent::start_with(dir.path(), &clock, &fake, |s| {
+        s.policy.trusted_keys = keys.clone();
+    });
+    let a = r#""a":{"image":"r.io/a:1"}"#;
+    agent
+        .offer(&bound(1, r#"{"device":"dev1"}"#, a))
+        .await
+        .unwrap();
+    agent.until("v1 applied", MINUTE, applied(1)).await;
+    agent.stop().await;
+    // The device reboots without an RTC: its clock reads 1970. An envelope that expired a day
+    // before the device last knew the time looks fresh to that clock; it is still refused.
+    clock.set_wall(0);
+    let agent = Agent::start_with(dir.path(), &clock, &fake, |s| {
+        s.policy.trusted_keys = keys.clone();
+    });
+    let stale = format!(
+        r#"{{"schemaVersion":"1.0","id":"d","version":2,"target":{{"device":"dev1"}},"expiresAt":"{}","modules":{{{a}}}}}"#,
+        crate::clock::format_rfc3339(NOW_2026 / 1000 - 86_400)
+    );
+    let issues = agent.offer(&stale).await.unwrap_err();
+    assert_eq!(issues[0].path, "/expiresAt", "{issues:?}");
+    // One that expires later than the device's last known time is taken.
+    agent
+        .offer(&bound(2, r#"{"device":"dev1"}"#, a))
+        .await
+        .unwrap();
+    agent.stop().await;
+}
