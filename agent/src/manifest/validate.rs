@@ -17,6 +17,10 @@ pub const MAX_ENV: usize = 256;
 pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
 /// Environment names the agent sets for every module; a manifest may not override them.
 pub const RESERVED_ENV_PREFIX: &str = "OUTPOST_";
+/// Upstream streams the agent writes itself: a module's route may not write into them (it
+/// could pass its records off as the agent's metrics). Names starting with `_` are refused by
+/// the name rule already.
+pub const RESERVED_STREAMS: &[&str] = &["metrics", "agent", "state"];
 /// Label prefix the agent uses to recognise its own containers.
 pub const RESERVED_LABEL_PREFIX: &str = "io.outpost.";
 
@@ -417,6 +421,14 @@ impl Validator {
                     format!(
                         "upstream stream `{stream}` is not valid: 1 to 64 letters, digits, `.`, \
                          `_` or `-`"
+                    ),
+                );
+            } else if RESERVED_STREAMS.contains(&stream) {
+                self.push(
+                    at,
+                    format!(
+                        "upstream stream `{stream}` is the agent's own (reserved: {}); name the module's stream otherwise",
+                        RESERVED_STREAMS.join(", ")
                     ),
                 );
             }

@@ -271,8 +271,43 @@ fn charge(charges: &mut HashMap<String, u64>, stream: String, priority: u8) {
     *charges.entry(stream).or_insert(floor) += u64::from(priority) + 1;
 }
 
+/// Deepest nesting of a payload embedded as JSON; deeper ones travel as base64. A consumer's
+/// parser has a recursion limit (serde_json's is 128) that applies to the whole batch: one
+/// record nested 126 deep made the batch unreadable and lost the records beside it.
+pub const MAX_EMBEDDED_DEPTH: usize = 32;
+/// Largest payload embedded as JSON; larger ones travel as base64.
+pub const MAX_EMBEDDED_BYTES: usize = 64 * 1024;
+
+/// How deep `json` nests (objects and arrays), counted without parsing it; strings (with
+/// their escapes) are skipped.
+pub fn json_depth(json: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// `{"stream": S, "records": [{"id", "ts", "topic", "body" | "bodyBase64"}]}`: a payload that
-/// is JSON is embedded as is, anything else as base64.
+/// is JSON (valid UTF-8, at most [`MAX_EMBEDDED_DEPTH`] deep and [`MAX_EMBEDDED_BYTES`] long)
+/// is embedded as is, anything else as base64, so no record can make its batch unreadable.
 pub fn encode_batch(stream: &str, records: &[Record]) -> Vec<u8> {
     use base64::Engine as _;
     let size: usize = records
@@ -295,6 +330,8 @@ pub fn encode_batch(stream: &str, records: &[Record]) -> Vec<u8> {
         // Valid UTF-8 first: serde_json skips strings without checking it, and a batch with
         // invalid UTF-8 would be acknowledged by the hub yet unreadable there.
         if !r.payload.is_empty()
+            && r.payload.len() <= MAX_EMBEDDED_BYTES
+            && json_depth(&r.payload) <= MAX_EMBEDDED_DEPTH
             && std::str::from_utf8(&r.payload).is_ok()
             && serde_json::from_slice::<serde::de::IgnoredAny>(&r.payload).is_ok()
         {
@@ -400,6 +437,33 @@ mod tests {
         assert_eq!(
             batch.records[2].body_base64.as_deref(),
             Some("e25vdCBqc29u")
+        );
+    }
+
+    #[test]
+    fn a_deeply_nested_record_cannot_make_its_batch_unreadable() {
+        let deep = format!("{}1{}", "[".repeat(126), "]".repeat(126));
+        let records: Vec<Record> = (0..11)
+            .map(|i| Record {
+                id: i,
+                ts_ms: 1,
+                topic: "t".into(),
+                payload: if i == 5 {
+                    deep.clone().into_bytes()
+                } else {
+                    br#"{"ok": true}"#.to_vec()
+                },
+            })
+            .collect();
+        let bytes = encode_batch("s", &records);
+        let batch: ReceivedBatch = serde_json::from_slice(&bytes).expect("the batch is readable");
+        assert_eq!(batch.records.len(), 11, "no record lost");
+        assert!(batch.records[5].body_base64.is_some());
+        assert_eq!(json_depth(deep.as_bytes()), 126);
+        assert_eq!(
+            json_depth(br#"{"a":"[[[[\"]]"}"#),
+            1,
+            "brackets in strings do not count"
         );
     }
 
