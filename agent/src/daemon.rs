@@ -61,12 +61,15 @@ impl DaemonError {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let store = Store::open(&config.state_dir)?;
     let runtime = Arc::new(DockerRuntime::connect(&config.runtime.docker_socket).await?);
+    let clock: crate::clock::SharedClock = Arc::new(crate::clock::SystemClock::new());
     let (outbox, outbox_writer) = Outbox::open(
         &config.state_dir,
         Limits {
             max_bytes: config.telemetry.outbox_max_bytes,
             max_age: config.telemetry.outbox_max_age,
+            disk_high_percent: config.disk.high_watermark_percent,
         },
+        clock,
     )?;
     let tasks = TaskTracker::new();
     tasks.spawn(outbox_writer.run(shutdown.clone()));

@@ -8,7 +8,10 @@
 //!   no negative acknowledgement; closing is what a client notices); a subscription elsewhere
 //!   gets the failure return code.
 //! - **When a message is safe:** a QoS 1 publish routed to `$upstream` is acknowledged only after
-//!   the outbox made it durable, and PUBACKs go out in the order the publishes came in.
+//!   the outbox made it durable, and PUBACKs go out in the order the publishes came in. One the
+//!   outbox cannot store (no space, full of more important streams, the file being reopened) is
+//!   not acknowledged: the connection is closed, so the module's client sends it again after
+//!   reconnecting, and a warning names the module and the reason.
 //!
 //! What it leaves out, on purpose (documented in `docs/telemetry.md`): QoS 2 (the connection is
 //! closed), retained messages (the flag is ignored), persistent sessions and redelivery to
@@ -55,6 +58,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// that module (back-pressure through TCP).
 const MAX_PENDING_ACKS: usize = 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A module whose publishes keep being refused by the outbox (a full disk lasts) is warned
+/// about at most this often; the refusals in between are logged at debug level and counted.
+const UNSTORED_WARN_EVERY: Duration = Duration::from_secs(30);
 
 /// Counters for metrics.
 #[derive(Debug, Default)]
@@ -66,6 +72,9 @@ pub struct BusCounters {
     /// Messages routed to a module input that was not connected or could not keep up.
     pub dropped: AtomicU64,
     pub received: AtomicU64,
+    /// Publishes routed upstream that the outbox could not store (a QoS 1 one is then not
+    /// acknowledged and its connection closed).
+    pub unstored: AtomicU64,
 }
 
 struct Client {
@@ -92,12 +101,40 @@ struct Shared {
     next_conn: AtomicU64,
     /// Connection tasks alive, authenticated or not.
     connections: AtomicUsize,
+    /// Per module: when a refusal was last warned about, and how many were not since.
+    unstored_log: std::sync::Mutex<HashMap<String, (tokio::time::Instant, u64)>>,
 }
 
 impl Shared {
     fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<ClientKey, Client>> {
         // Entries are inserted and removed whole; a poisoned lock holds nothing half-done.
         self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a publish the outbox could not store and says why, at most every
+    /// [`UNSTORED_WARN_EVERY`] per module as a warning (a module resending into a full disk
+    /// must not fill it with log lines too).
+    fn unstored(&self, module: &str, qos: QoS, error: &OutboxError) {
+        self.counters.unstored.fetch_add(1, Ordering::Relaxed);
+        let what = if qos == QoS::AtMostOnce {
+            "QoS 0 publish not stored in the outbox; dropped"
+        } else {
+            "publish not stored in the outbox; not acknowledged, connection closed (the module sends it again)"
+        };
+        let now = tokio::time::Instant::now();
+        // Entries are replaced whole; a poisoned lock holds nothing half-done.
+        let mut log = self.unstored_log.lock().unwrap_or_else(|p| p.into_inner());
+        match log.get_mut(module) {
+            Some((at, suppressed)) if now.duration_since(*at) < UNSTORED_WARN_EVERY => {
+                *suppressed += 1;
+                tracing::debug!(module, reason = %error, "{what}");
+            }
+            entry => {
+                let suppressed = entry.map_or(0, |(_, n)| *n);
+                log.insert(module.to_string(), (now, 0));
+                tracing::warn!(module, reason = %error, suppressed, "{what}");
+            }
+        }
     }
 
     /// Delivers to every subscriber whose filter matches `topic`; with none, the message is
@@ -162,6 +199,7 @@ pub async fn serve(
         counters,
         next_conn: AtomicU64::new(1),
         connections: AtomicUsize::new(0),
+        unstored_log: std::sync::Mutex::new(HashMap::new()),
     });
     let tracker = TaskTracker::new();
     if let Ok(addr) = listener.local_addr() {
@@ -309,7 +347,7 @@ async fn connection(
     // Keep-alive: 1.5 times what the client asked for (0 means none).
     let keep_alive = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
-    let result = conn.run(&mut rx, keep_alive, kick).await;
+    let result = conn.run(&mut rx, keep_alive, kick, &stop).await;
     {
         let mut clients = shared.clients();
         if clients.get(&conn.key).is_some_and(|c| c.conn == conn_id) {
@@ -364,12 +402,17 @@ impl Conn<'_> {
         rx: &mut mpsc::Receiver<Publish>,
         keep_alive: Option<Duration>,
         kick: CancellationToken,
+        stop: &CancellationToken,
     ) -> Result<(), String> {
         let mut deadline = keep_alive.map(|k| tokio::time::Instant::now() + k);
         loop {
             let reading = self.acks.len() < MAX_PENDING_ACKS;
             tokio::select! {
-                _ = kick.cancelled() => return Err("taken over or shutting down".into()),
+                _ = kick.cancelled() => return Err(if stop.is_cancelled() {
+                    "the agent is shutting down"
+                } else {
+                    "taken over by a newer connection with the same client id"
+                }.into()),
                 _ = sleep_until(deadline) => return Err("keep-alive expired".into()),
                 (pkid, result) = front(&mut self.acks) => {
                     self.acks.pop_front();
@@ -380,8 +423,12 @@ impl Conn<'_> {
                             tracing::warn!(module = %self.module, size, "record too large for the outbox; dropped");
                             self.send(Packet::PubAck(PubAck::new(pkid))).await?;
                         }
-                        // Not accepted: no PUBACK, and the module sends it again on reconnect.
-                        Err(e) => return Err(format!("outbox: {e}")),
+                        Err(OutboxError::Closed) => return Err("the agent is shutting down".into()),
+                        // Not stored: no PUBACK, and the module sends it again on reconnect.
+                        Err(e) => {
+                            self.shared.unstored(&self.module, QoS::AtLeastOnce, &e);
+                            return Err(format!("publish not stored: {e}"));
+                        }
                     }
                 }
                 Some(mut publish) = rx.recv() => {
@@ -486,6 +533,9 @@ impl Conn<'_> {
             .fetch_add(1, Ordering::Relaxed);
         let table = self.shared.routes.borrow().clone();
         let mut waits = Vec::new();
+        // Refused at once (the outbox's file is being reopened): answered in order with the
+        // publishes before it, like a refusal at commit.
+        let mut refused = None;
         for target in table.targets(&p.topic) {
             match target {
                 Target::Module { topic } => self.shared.deliver(topic, &p.payload, p.qos),
@@ -493,24 +543,29 @@ impl Conn<'_> {
                     let Some(record) = target.record(&p.topic, &p.payload) else {
                         continue;
                     };
-                    let rx = self
-                        .shared
-                        .outbox
-                        .submit(record)
-                        .await
-                        .map_err(|e| format!("outbox: {e}"))?;
-                    waits.push(rx);
+                    if refused.is_some() {
+                        continue;
+                    }
+                    match self.shared.outbox.submit(record).await {
+                        Ok(receipt) => waits.push(receipt),
+                        Err(e) => refused = Some(e),
+                    }
                 }
             }
         }
         if p.qos == QoS::AtLeastOnce {
             let wait: AckWait = Box::pin(async move {
-                for rx in waits {
-                    rx.await.map_err(|_| OutboxError::Closed)??;
+                if let Some(e) = refused {
+                    return Err(e);
+                }
+                for receipt in waits {
+                    receipt.await?;
                 }
                 Ok(())
             });
             self.acks.push_back((p.pkid, wait));
+        } else if let Some(e) = refused.filter(|e| !matches!(e, OutboxError::Closed)) {
+            self.shared.unstored(&self.module, p.qos, &e);
         }
         Ok(())
     }
