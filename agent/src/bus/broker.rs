@@ -604,6 +604,97 @@ pub fn allowed_filter(module: &str, filter: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::FakeClock;
+    use crate::manifest::Route;
+    use crate::telemetry::outbox::testing::{Switch, open_failing};
+    use crate::telemetry::outbox::{Limits, OutboxHealth};
+    use rumqttc::{AsyncClient, Event, MqttOptions};
+
+    /// Polls until a PUBACK (true) or the connection fails (false).
+    async fn outcome(events: &mut rumqttc::EventLoop) -> bool {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await
+        .expect("an outcome within 10 s")
+    }
+
+    #[tokio::test]
+    async fn a_publish_the_outbox_cannot_store_is_not_acknowledged_and_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let switch = Switch::default();
+        let clock = Arc::new(FakeClock::new(crate::clock::PLAUSIBLE_AFTER_MS + 1, 1_000));
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(3600),
+            disk_high_percent: 100,
+        };
+        let (outbox, writer) = open_failing(dir.path(), limits, clock, &switch).unwrap();
+        let stop = CancellationToken::new();
+        let writing = tokio::spawn(writer.run(stop.clone()));
+        let table = RouteTable::new(&[Route {
+            from: "modules/cam/outputs/#".into(),
+            to: "$upstream/frames".into(),
+            priority: None,
+        }]);
+        let (_tx, routes) = watch::channel(Arc::new(table));
+        let secret = BusSecret::from_bytes(&[3; 32]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let counters = Arc::new(BusCounters::default());
+        let bus = tokio::spawn(serve(
+            listener,
+            secret.clone(),
+            routes,
+            outbox.clone(),
+            counters.clone(),
+            stop.clone(),
+        ));
+        let mut options = MqttOptions::new("cam-1", "127.0.0.1", port);
+        options.set_credentials("cam", secret.password("cam"));
+        let (client, mut events) = AsyncClient::new(options, 8);
+        let topic = "modules/cam/outputs/f";
+        client
+            .publish(topic, QoS::AtLeastOnce, false, "one")
+            .await
+            .unwrap();
+        assert!(outcome(&mut events).await, "stored: acknowledged");
+
+        switch.full.store(true, std::sync::atomic::Ordering::SeqCst);
+        client
+            .publish(topic, QoS::AtLeastOnce, false, "two")
+            .await
+            .unwrap();
+        assert!(
+            !outcome(&mut events).await,
+            "not stored: closed without PUBACK"
+        );
+        assert_eq!(counters.unstored.load(Ordering::Relaxed), 1);
+        assert!(matches!(outbox.health(), OutboxHealth::Degraded { .. }));
+        // While the file is closed, a QoS 0 publish is refused at once and counted; the
+        // connection stays up for the module's other traffic.
+        client
+            .publish(topic, QoS::AtMostOnce, false, "three")
+            .await
+            .unwrap();
+        client
+            .publish(topic, QoS::AtLeastOnce, false, "four")
+            .await
+            .unwrap();
+        assert!(!outcome(&mut events).await);
+        assert_eq!(counters.unstored.load(Ordering::Relaxed), 3);
+        let stored = outbox.read("frames", 0, 10, 1 << 20);
+        assert!(stored.is_err(), "nothing to read while the file is closed");
+        stop.cancel();
+        bus.await.unwrap();
+        writing.await.unwrap();
+    }
 
     #[test]
     fn modules_stay_within_their_own_topics() {

@@ -11,7 +11,8 @@
 //! reopened) is not acknowledged either. A broker sends unacknowledged messages again only on a
 //! new connection of the session, and stops sending more once its in-flight window is full of
 //! them; so after such a refusal the router reconnects (1 s later, doubling to 30 s while
-//! refusals go on), and the broker redelivers what was refused.
+//! refusals go on; if the outbox's file is still being reopened then, as soon as it is back),
+//! and the broker redelivers what was refused.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -107,6 +108,9 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
     let mut redeliver_delay = REDELIVER_MIN;
     let mut refused = 0u64;
     let mut last_warning: Option<(tokio::time::Instant, u64)> = None;
+    // Changes when the outbox's file is back after an I/O error (and on every commit).
+    let mut outbox_back = ctx.outbox.added();
+    let mut redeliver_when_back = false;
     let mut subscribed: Vec<String> = Vec::new();
     let mut securing: FuturesUnordered<Secured> = FuturesUnordered::new();
     // Republishes and acknowledgements waiting for room in the client's request queue, in
@@ -169,14 +173,26 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
             },
             _ = sleep_until(redeliver_at), if redeliver_at.is_some() => {
                 redeliver_at = None;
-                tracing::info!(url = %ctx.url, refused, "reconnecting to the external bus so that it sends again what the outbox could not store");
-                refused = 0;
-                // Acknowledgements still coming for the old connection must not be written on
-                // the new one.
-                generation += 1;
-                let _ = client.try_disconnect();
-                poller.abort();
-                (client, events, poller) = connect(&options);
+                outbox_back.borrow_and_update();
+                if ctx.outbox.refusing().is_some() {
+                    // Redelivered now, it would be refused again: wait until the file is back.
+                    redeliver_when_back = true;
+                } else {
+                    tracing::info!(url = %ctx.url, refused, "reconnecting to the external bus so that it sends again what the outbox could not store");
+                    refused = 0;
+                    (client, events, poller) = reconnect(&options, &client, &poller, &mut generation);
+                }
+            },
+            changed = outbox_back.changed(), if redeliver_when_back => {
+                if changed.is_err() {
+                    break;
+                }
+                if ctx.outbox.refusing().is_none() {
+                    redeliver_when_back = false;
+                    tracing::info!(url = %ctx.url, refused, "the outbox is back: reconnecting to the external bus so that it sends again what could not be stored");
+                    refused = 0;
+                    (client, events, poller) = reconnect(&options, &client, &poller, &mut generation);
+                }
             },
             changed = ctx.routes.changed() => {
                 if changed.is_err() {
@@ -227,6 +243,26 @@ fn connect(
         }
     });
     (client, events, poller)
+}
+
+/// Drops the connection and makes a new one of the same session: the broker then sends again
+/// what was not acknowledged.
+#[allow(clippy::type_complexity)]
+fn reconnect(
+    options: &MqttOptions,
+    client: &AsyncClient,
+    poller: &tokio::task::JoinHandle<()>,
+    generation: &mut u64,
+) -> (
+    AsyncClient,
+    tokio::sync::mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>,
+    tokio::task::JoinHandle<()>,
+) {
+    // Acknowledgements still coming for the old connection must not be written on the new one.
+    *generation += 1;
+    let _ = client.try_disconnect();
+    poller.abort();
+    connect(options)
 }
 
 /// Says why a message was not stored: a warning at most every [`UNSTORED_WARN_EVERY`], with

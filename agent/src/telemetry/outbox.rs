@@ -348,6 +348,9 @@ struct Shared {
     stopping: AtomicBool,
     /// Write transactions committed (to show that idle ticks do not write).
     commits: AtomicU64,
+    /// When the writer plans to reopen the file (monotonic ms; `u64::MAX`: not planned), so
+    /// that the ticking task wakes it then rather than at its next tick.
+    reopen_at_mono: AtomicU64,
 }
 
 impl Shared {
@@ -774,6 +777,7 @@ impl Outbox {
             condition: Mutex::new(Condition::default()),
             stopping: AtomicBool::new(false),
             commits: AtomicU64::new(0),
+            reopen_at_mono: AtomicU64::new(u64::MAX),
         });
         let (tx, rx) = mpsc::channel(QUEUE);
         let mono = shared.clock.mono_ms();
@@ -946,6 +950,13 @@ impl Outbox {
         }
     }
 
+    /// The error every enqueue gets at once now, while the file is being reopened after an
+    /// I/O error; `None` when records are accepted (they may still be refused one by one for
+    /// room).
+    pub fn refusing(&self) -> Option<OutboxError> {
+        self.shared.refusal()
+    }
+
     /// `Ok`, or what is wrong and since when: the file closed after an I/O error (records are
     /// refused), else the disk above its watermark (records make room or are refused).
     pub fn health(&self) -> OutboxHealth {
@@ -1015,11 +1026,19 @@ impl Writer {
         };
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut woken_for = u64::MAX;
         loop {
+            let reopen_at = shared.reopen_at_mono.load(Ordering::Relaxed);
+            let wake = (reopen_at != u64::MAX && reopen_at != woken_for)
+                .then(|| shared.clock.instant_at(reopen_at));
             tokio::select! {
                 _ = stop.cancelled() => break,
                 // A full queue means the writer is busy: it sees the next tick.
                 _ = tick.tick() => { let _ = tx.try_send(Op::Tick); }
+                _ = sleep_until(wake) => {
+                    woken_for = reopen_at;
+                    let _ = tx.try_send(Op::Tick);
+                }
             }
         }
         shared.stopping.store(true, Ordering::Relaxed);
@@ -1182,6 +1201,9 @@ impl Writer {
             self.reopen_backoff = REOPEN_MIN;
         }
         self.reopen_at_mono = mono + self.reopen_backoff.as_millis() as u64;
+        self.shared
+            .reopen_at_mono
+            .store(self.reopen_at_mono, Ordering::Relaxed);
         let retry_in = self.reopen_backoff;
         self.reopen_backoff = (self.reopen_backoff * 2).min(REOPEN_MAX);
         let since = c
@@ -1255,6 +1277,9 @@ impl Writer {
             Ok(batch) => {
                 self.publish(batch);
                 self.shared.set_db(Some(db));
+                self.shared
+                    .reopen_at_mono
+                    .store(u64::MAX, Ordering::Relaxed);
                 self.recovered_at_mono = Some(mono);
                 let down = self.shared.condition().down.take();
                 let since = down.map_or(0, |(_, s)| s);
@@ -1653,6 +1678,13 @@ fn refresh_head(
         info.head_odo = format.odo_of(seq, v.value());
     }
     Ok(())
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn set_owner_only(path: &Path) -> std::io::Result<()> {
