@@ -37,6 +37,12 @@ fn on_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
+/// Says a test did not run, past the test harness's capture (which would hide it).
+fn skipped(message: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {message}");
+}
+
 /// A tmpfs mounted on a temporary directory; unmounted when dropped (also when a test fails).
 struct Tmpfs {
     dir: tempfile::TempDir,
@@ -69,7 +75,7 @@ impl Tmpfs {
                 if on_ci() {
                     panic!("{message}");
                 }
-                eprintln!("SKIPPED: {message}");
+                skipped(&message);
                 None
             }
         }
@@ -515,7 +521,7 @@ impl Mosquitto {
             if on_ci() {
                 panic!("{message}");
             }
-            eprintln!("SKIPPED: {message}");
+            skipped(message);
             return None;
         };
         let port = std::net::TcpListener::bind("127.0.0.1:0")

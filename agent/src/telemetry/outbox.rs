@@ -441,6 +441,8 @@ pub struct Writer {
     reopen_backoff: Duration,
     /// When the file last came back (monotonic ms): a failure soon after keeps the backoff.
     recovered_at_mono: Option<u64>,
+    /// When the current outage began (monotonic ms), for the log line when it ends.
+    down_since_mono: u64,
     last_expiry_mono: u64,
     last_disk_mono: Option<u64>,
 }
@@ -793,6 +795,7 @@ impl Outbox {
             reopen_at_mono: 0,
             reopen_backoff: REOPEN_MIN,
             recovered_at_mono: None,
+            down_since_mono: 0,
             last_expiry_mono: mono,
             last_disk_mono: None,
         };
@@ -1212,6 +1215,9 @@ impl Writer {
             .map_or_else(|| self.shared.clock.wall_ms(), |(_, s)| *s);
         c.down = Some((error.clone(), since));
         drop(c);
+        if !was_down {
+            self.down_since_mono = mono;
+        }
         if was_down {
             tracing::debug!(error = %error, retry_in_ms = retry_in.as_millis() as u64, "outbox still cannot be written");
         } else {
@@ -1281,10 +1287,9 @@ impl Writer {
                     .reopen_at_mono
                     .store(u64::MAX, Ordering::Relaxed);
                 self.recovered_at_mono = Some(mono);
-                let down = self.shared.condition().down.take();
-                let since = down.map_or(0, |(_, s)| s);
+                self.shared.condition().down = None;
                 tracing::info!(
-                    down_for_ms = self.shared.clock.wall_ms().saturating_sub(since),
+                    down_for_ms = mono.saturating_sub(self.down_since_mono),
                     acks = acks.len(),
                     "outbox reopened: records are accepted again"
                 );
