@@ -300,15 +300,20 @@ async fn a_full_disk_refuses_records_and_they_are_accepted_again_once_space_is_b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn above_the_watermark_the_outbox_stops_growing_and_the_least_important_stream_makes_room() {
-    let Some(fs) = Tmpfs::mount("8m") else { return };
+    // Above the watermark the outbox still takes up to 4 MiB: hold more than that first.
+    const SIZE: usize = 32 * 1024;
+    let Some(fs) = Tmpfs::mount("64m") else {
+        return;
+    };
     let (outbox, writer) = Outbox::open(fs.path(), limits(90), clock()).unwrap();
     let (stop, task) = start(writer);
-    for n in 0..20 {
-        outbox.enqueue(record("bulk", 9, n, 1024)).await.unwrap();
+    for n in 0..150 {
+        outbox.enqueue(record("bulk", 9, n, SIZE)).await.unwrap();
     }
     for n in 0..5 {
-        outbox.enqueue(record("alerts", 1, n, 1024)).await.unwrap();
+        outbox.enqueue(record("alerts", 1, n, SIZE)).await.unwrap();
     }
+    assert!(outbox.stats().bytes > 4 << 20);
     let usage = outpost_agent::disk::usage(fs.path()).unwrap();
     // Up to 95% in use.
     let target = usage.total_bytes * 95 / 100;
@@ -326,26 +331,26 @@ async fn above_the_watermark_the_outbox_stops_growing_and_the_least_important_st
     eprintln!("health: {reason}");
     let bytes = outbox.stats().bytes;
     for n in 5..10 {
-        outbox.enqueue(record("alerts", 1, n, 1024)).await.unwrap();
+        outbox.enqueue(record("alerts", 1, n, SIZE)).await.unwrap();
     }
     let stats = outbox.stats();
     assert_eq!(stats.bytes, bytes, "the outbox did not grow");
     assert_eq!(stats.dropped_total["disk"], 5);
-    let bulk = outbox.read("bulk", 0, 100, 1 << 20).unwrap();
-    assert_eq!(bulk.len(), 15);
+    let bulk = outbox.read("bulk", 0, 1000, 64 << 20).unwrap();
+    assert_eq!(bulk.len(), 145);
     assert_eq!(
         bulk[0].payload,
-        record("bulk", 9, 5, 1024).payload,
+        record("bulk", 9, 5, SIZE).payload,
         "the oldest went"
     );
-    assert_eq!(outbox.read("alerts", 0, 100, 1 << 20).unwrap().len(), 10);
+    assert_eq!(outbox.read("alerts", 0, 100, 64 << 20).unwrap().len(), 10);
 
     std::fs::remove_file(occupied).unwrap();
     eventually(Duration::from_secs(10), "health is ok again", || {
         (outbox.health() == OutboxHealth::Ok).then_some(())
     })
     .await;
-    outbox.enqueue(record("bulk", 9, 20, 1024)).await.unwrap();
+    outbox.enqueue(record("bulk", 9, 150, SIZE)).await.unwrap();
     let after = outbox.stats();
     assert!(after.bytes > bytes, "grows again");
     assert_eq!(after.dropped_total["disk"], 5);

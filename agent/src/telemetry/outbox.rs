@@ -10,7 +10,8 @@
 //!   outbox, stored with the records, so ids never repeat across restarts and order per stream
 //!   is the key order.
 //! - **Limits.** The bytes held, the age of the oldest record, and the disk: while the state
-//!   directory's filesystem is above its high watermark the outbox does not grow. A new record
+//!   directory's filesystem is above its high watermark the outbox does not grow (beyond a
+//!   small working size, `DISK_HIGH_FLOOR`, so that a connected device keeps streaming). A new record
 //!   that needs room makes it by dropping the oldest records of the least important stream that
 //!   is not more important than itself; when nothing such is left it is *refused*
 //!   ([`OutboxError::Full`], [`OutboxError::DiskHigh`]), so that its producer knows it was not
@@ -98,9 +99,16 @@ const TICK: Duration = Duration::from_secs(1);
 const EXPIRY_EVERY_MS: u64 = 5_000;
 /// How often the disk's usage is measured (one `statvfs`), at most.
 const DISK_EVERY_MS: u64 = 2_000;
+/// Above the disk's watermark the outbox still takes records up to this many bytes (or the
+/// byte limit, if smaller) without making room: a device whose disk is full of something else
+/// (images) keeps streaming telemetry to a connected hub — the drain keeps up to 2 MiB in
+/// flight — while a backlog cannot grow.
+const DISK_HIGH_FLOOR: u64 = 4 << 20;
 /// Backoff between attempts to reopen the file after an I/O error.
 const REOPEN_MIN: Duration = Duration::from_secs(1);
 const REOPEN_MAX: Duration = Duration::from_secs(30);
+/// Drops for room are warned about at most this often per reason, with the count since.
+const DROP_WARN_EVERY_MS: u64 = 30_000;
 /// Acknowledgements kept while the file is closed (the drain has at most a window in flight;
 /// past this, the oldest are forgotten and those records are sent again).
 const PENDING_ACKS_MAX: usize = 4096;
@@ -445,6 +453,10 @@ pub struct Writer {
     down_since_mono: u64,
     last_expiry_mono: u64,
     last_disk_mono: Option<u64>,
+    /// Bytes the outbox may hold above the disk's watermark without making room.
+    disk_floor: u64,
+    /// Per drop reason: when a drop for room was last warned about, and drops since.
+    drop_warnings: [(Option<u64>, u64); 4],
 }
 
 fn key(stream: u32, seq: u64) -> u128 {
@@ -798,6 +810,8 @@ impl Outbox {
             down_since_mono: 0,
             last_expiry_mono: mono,
             last_disk_mono: None,
+            disk_floor: limits.max_bytes.min(DISK_HIGH_FLOOR),
+            drop_warnings: [(None, 0); 4],
         };
         // Know the disk before the first record arrives.
         writer.check_disk(mono);
@@ -977,8 +991,9 @@ impl Outbox {
         if let Some((used, since)) = c.disk_high {
             return OutboxHealth::Degraded {
                 reason: format!(
-                    "disk {used}% full, above the {}% high watermark: the outbox does not grow",
-                    self.shared.limits.disk_high_percent
+                    "disk {used}% full, above the {}% high watermark: the outbox stops growing (it keeps taking records up to {} KiB)",
+                    self.shared.limits.disk_high_percent,
+                    self.shared.limits.max_bytes.min(DISK_HIGH_FLOOR) / 1024
                 ),
                 since_wall_ms: since,
             };
@@ -997,6 +1012,9 @@ struct Batch {
     dropped: [u64; 4],
     replies: Vec<(Reply, Result<u64, OutboxError>)>,
     added: bool,
+    /// Records dropped for room in this commit, by reason (for the warnings).
+    made_room: [u64; 4],
+    disk_used: Option<u8>,
 }
 
 /// A commit that failed: what went wrong, and the replies still owed.
@@ -1353,7 +1371,39 @@ impl Writer {
             .saturating_sub(self.shared.limits.max_age.as_millis() as u64)
     }
 
-    fn publish(&self, batch: Batch) {
+    /// Says that records were dropped for room: at once the first time, then at most every
+    /// [`DROP_WARN_EVERY_MS`] per reason with how many since (a stream into a full outbox would
+    /// otherwise log every commit, onto a disk that may be full too).
+    fn warn_drops(&mut self, made_room: [u64; 4], disk_used: Option<u8>) {
+        let mono = self.shared.clock.mono_ms();
+        let limits = self.shared.limits;
+        for reason in [FULL, DISK] {
+            let (last, since) = &mut self.drop_warnings[reason];
+            *since += made_room[reason];
+            if *since == 0 || last.is_some_and(|at| mono.saturating_sub(at) < DROP_WARN_EVERY_MS) {
+                continue;
+            }
+            let dropped = std::mem::take(since);
+            *last = Some(mono);
+            if reason == FULL {
+                tracing::warn!(
+                    dropped,
+                    max_bytes = limits.max_bytes,
+                    "outbox full: oldest records of the least important stream dropped"
+                );
+            } else {
+                tracing::warn!(
+                    dropped,
+                    used_percent = disk_used.unwrap_or(0),
+                    high_percent = limits.disk_high_percent,
+                    "disk above the high watermark: oldest records of the least important stream dropped"
+                );
+            }
+        }
+    }
+
+    fn publish(&mut self, batch: Batch) {
+        self.warn_drops(batch.made_room, batch.disk_used);
         let s = &self.shared;
         *s.streams() = batch.streams;
         s.enqueued.store(batch.enqueued, Ordering::Relaxed);
@@ -1396,10 +1446,14 @@ impl Writer {
             dropped: [0, 1, 2, 3].map(|i| s.dropped[i].load(Ordering::Relaxed)),
             replies: Vec::new(),
             added: false,
+            made_room: [0; 4],
+            disk_used: None,
         };
         let disk_high = s.condition().disk_high.map(|(used, _)| used);
+        batch.disk_used = disk_high;
         let cutoff = self.cutoff();
         let format = s.format;
+        let floor = self.disk_floor;
         // Replies are given only once the transaction is settled: `pending` on commit, and on a
         // failure every producer (those not reached yet included) gets its cause.
         let mut pending = Vec::new();
@@ -1450,9 +1504,14 @@ impl Writer {
                         answer(&mut batch, &mut current, Err(e));
                         continue;
                     }
-                    // Room: under the byte limit, and nothing net while the disk is high.
+                    // Room: under the byte limit, and nothing net past the floor while the disk
+                    // is high.
                     let need_full = (total + size).saturating_sub(max);
-                    let need = need_full.max(if disk_high.is_some() { size } else { 0 });
+                    let need_disk = match disk_high {
+                        Some(_) => (total + size).saturating_sub(floor).min(size),
+                        None => 0,
+                    };
+                    let need = need_full.max(need_disk);
                     if need > 0 {
                         let eligible: u64 = batch
                             .streams
@@ -1544,21 +1603,7 @@ impl Writer {
                     total -= (before - info.bytes).min(total);
                     made_room[FULL] += 1;
                 }
-                if made_room[FULL] > 0 {
-                    tracing::warn!(
-                        dropped = made_room[FULL],
-                        max_bytes = s.limits.max_bytes,
-                        "outbox full: oldest records of the least important stream dropped"
-                    );
-                }
-                if made_room[DISK] > 0 {
-                    tracing::warn!(
-                        dropped = made_room[DISK],
-                        used_percent = disk_high.unwrap_or(0),
-                        high_percent = s.limits.disk_high_percent,
-                        "disk above the high watermark: oldest records of the least important stream dropped"
-                    );
-                }
+                batch.made_room = made_room;
                 batch.dropped[FULL] += made_room[FULL];
                 batch.dropped[DISK] += made_room[DISK];
                 let w = |e| Fault::of("write", e);
@@ -2168,7 +2213,10 @@ mod tests {
             disk_high_percent: 90,
             ..limits(1 << 20, HOUR)
         };
-        let run = Running::start(dir.path(), limits, &clock);
+        let used = Arc::new(AtomicU8::new(40));
+        let (outbox, writer) =
+            Outbox::open_with(dir.path(), limits, clock.clone(), disk_at(&used)).unwrap();
+        let run = Running::with(outbox, writer);
         run.outbox.enqueue(rec("a", 5, 0)).await.unwrap();
         let (commits, modified) = (
             run.commits(),
@@ -2218,8 +2266,10 @@ mod tests {
             ..ROOMY
         };
         let clock = plausible_clock();
-        let (outbox, writer) =
+        let (outbox, mut writer) =
             Outbox::open_with(dir.path(), limits, clock.clone(), disk_at(&used)).unwrap();
+        // The shedding order, without the working floor (tested below).
+        writer.disk_floor = 0;
         let run = Running::with(outbox, writer);
         let outbox = &run.outbox;
         for n in 0..4 {
@@ -2291,6 +2341,31 @@ mod tests {
             (stats.bytes, stats.dropped_total["disk"]),
             (bytes + one(), 6)
         );
+        run.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn above_the_disk_watermark_a_small_outbox_still_takes_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let used = Arc::new(AtomicU8::new(97));
+        let limits = Limits {
+            disk_high_percent: 90,
+            ..ROOMY
+        };
+        let (outbox, mut writer) =
+            Outbox::open_with(dir.path(), limits, plausible_clock(), disk_at(&used)).unwrap();
+        writer.disk_floor = one() * 3;
+        let run = Running::with(outbox, writer);
+        let outbox = &run.outbox;
+        // The disk is full of something else: a connected device keeps streaming ...
+        for n in 0..3 {
+            outbox.enqueue(rec("metrics", 9, n)).await.unwrap();
+        }
+        assert_eq!(outbox.stats().dropped_total["disk"], 0);
+        // ... but a backlog does not grow past the floor.
+        outbox.enqueue(rec("metrics", 9, 3)).await.unwrap();
+        let stats = outbox.stats();
+        assert_eq!((stats.records, stats.dropped_total["disk"]), (3, 1));
         run.stop().await;
     }
 
