@@ -65,12 +65,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             "the store was damaged and has been replaced by an empty one");
     }
     let runtime = Arc::new(DockerRuntime::connect(&config.runtime.docker_socket).await?);
+    let clock: crate::clock::SharedClock = Arc::new(crate::clock::SystemClock::new());
     let (outbox, outbox_writer) = Outbox::open(
         &config.state_dir,
         Limits {
             max_bytes: config.telemetry.outbox_max_bytes,
             max_age: config.telemetry.outbox_max_age,
+            disk_high_percent: config.disk.high_watermark_percent,
         },
+        clock,
     )?;
     let tasks = TaskTracker::new();
     tasks.spawn(outbox_writer.run(shutdown.clone()));

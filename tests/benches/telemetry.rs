@@ -43,7 +43,9 @@ fn open(dir: &std::path::Path) -> (Outbox, CancellationToken, tokio::task::JoinH
         Limits {
             max_bytes: 1 << 30,
             max_age: Duration::from_secs(86400),
+            disk_high_percent: 100,
         },
+        std::sync::Arc::new(outpost_agent::clock::SystemClock::new()),
     )
     .expect("outbox");
     let stop = CancellationToken::new();
@@ -60,11 +62,11 @@ async fn enqueue(outbox: &Outbox, count: usize, window: usize) -> Duration {
         if waiting.len() >= window
             && let Some(rx) = waiting.pop_front()
         {
-            rx.await.expect("answer").expect("durable");
+            rx.await.expect("durable");
         }
     }
     for rx in waiting {
-        rx.await.expect("answer").expect("durable");
+        rx.await.expect("durable");
     }
     started.elapsed()
 }

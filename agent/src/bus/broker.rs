@@ -8,7 +8,10 @@
 //!   no negative acknowledgement; closing is what a client notices); a subscription elsewhere
 //!   gets the failure return code.
 //! - **When a message is safe:** a QoS 1 publish routed to `$upstream` is acknowledged only after
-//!   the outbox made it durable, and PUBACKs go out in the order the publishes came in.
+//!   the outbox made it durable, and PUBACKs go out in the order the publishes came in. One the
+//!   outbox cannot store (no space, full of more important streams, the file being reopened) is
+//!   not acknowledged: the connection is closed, so the module's client sends it again after
+//!   reconnecting, and a warning names the module and the reason.
 //!
 //! What it leaves out, on purpose (documented in `docs/telemetry.md`): QoS 2 (the connection is
 //! closed), retained messages (the flag is ignored), persistent sessions and redelivery to
@@ -55,6 +58,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// that module (back-pressure through TCP).
 const MAX_PENDING_ACKS: usize = 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A module whose publishes keep being refused by the outbox (a full disk lasts) is warned
+/// about at most this often; the refusals in between are logged at debug level and counted.
+const UNSTORED_WARN_EVERY: Duration = Duration::from_secs(30);
 
 /// Counters for metrics.
 #[derive(Debug, Default)]
@@ -66,6 +72,9 @@ pub struct BusCounters {
     /// Messages routed to a module input that was not connected or could not keep up.
     pub dropped: AtomicU64,
     pub received: AtomicU64,
+    /// Publishes routed upstream that the outbox could not store (a QoS 1 one is then not
+    /// acknowledged and its connection closed).
+    pub unstored: AtomicU64,
 }
 
 struct Client {
@@ -92,12 +101,40 @@ struct Shared {
     next_conn: AtomicU64,
     /// Connection tasks alive, authenticated or not.
     connections: AtomicUsize,
+    /// Per module: when a refusal was last warned about, and how many were not since.
+    unstored_log: std::sync::Mutex<HashMap<String, (tokio::time::Instant, u64)>>,
 }
 
 impl Shared {
     fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<ClientKey, Client>> {
         // Entries are inserted and removed whole; a poisoned lock holds nothing half-done.
         self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a publish the outbox could not store and says why, at most every
+    /// [`UNSTORED_WARN_EVERY`] per module as a warning (a module resending into a full disk
+    /// must not fill it with log lines too).
+    fn unstored(&self, module: &str, qos: QoS, error: &OutboxError) {
+        self.counters.unstored.fetch_add(1, Ordering::Relaxed);
+        let what = if qos == QoS::AtMostOnce {
+            "QoS 0 publish not stored in the outbox; dropped"
+        } else {
+            "publish not stored in the outbox; not acknowledged, connection closed (the module sends it again)"
+        };
+        let now = tokio::time::Instant::now();
+        // Entries are replaced whole; a poisoned lock holds nothing half-done.
+        let mut log = self.unstored_log.lock().unwrap_or_else(|p| p.into_inner());
+        match log.get_mut(module) {
+            Some((at, suppressed)) if now.duration_since(*at) < UNSTORED_WARN_EVERY => {
+                *suppressed += 1;
+                tracing::debug!(module, reason = %error, "{what}");
+            }
+            entry => {
+                let suppressed = entry.map_or(0, |(_, n)| *n);
+                log.insert(module.to_string(), (now, 0));
+                tracing::warn!(module, reason = %error, suppressed, "{what}");
+            }
+        }
     }
 
     /// Delivers to every subscriber whose filter matches `topic`; with none, the message is
@@ -162,6 +199,7 @@ pub async fn serve(
         counters,
         next_conn: AtomicU64::new(1),
         connections: AtomicUsize::new(0),
+        unstored_log: std::sync::Mutex::new(HashMap::new()),
     });
     let tracker = TaskTracker::new();
     if let Ok(addr) = listener.local_addr() {
@@ -309,7 +347,7 @@ async fn connection(
     // Keep-alive: 1.5 times what the client asked for (0 means none).
     let keep_alive = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
-    let result = conn.run(&mut rx, keep_alive, kick).await;
+    let result = conn.run(&mut rx, keep_alive, kick, &stop).await;
     {
         let mut clients = shared.clients();
         if clients.get(&conn.key).is_some_and(|c| c.conn == conn_id) {
@@ -364,12 +402,17 @@ impl Conn<'_> {
         rx: &mut mpsc::Receiver<Publish>,
         keep_alive: Option<Duration>,
         kick: CancellationToken,
+        stop: &CancellationToken,
     ) -> Result<(), String> {
         let mut deadline = keep_alive.map(|k| tokio::time::Instant::now() + k);
         loop {
             let reading = self.acks.len() < MAX_PENDING_ACKS;
             tokio::select! {
-                _ = kick.cancelled() => return Err("taken over or shutting down".into()),
+                _ = kick.cancelled() => return Err(if stop.is_cancelled() {
+                    "the agent is shutting down"
+                } else {
+                    "taken over by a newer connection with the same client id"
+                }.into()),
                 _ = sleep_until(deadline) => return Err("keep-alive expired".into()),
                 (pkid, result) = front(&mut self.acks) => {
                     self.acks.pop_front();
@@ -380,8 +423,12 @@ impl Conn<'_> {
                             tracing::warn!(module = %self.module, size, "record too large for the outbox; dropped");
                             self.send(Packet::PubAck(PubAck::new(pkid))).await?;
                         }
-                        // Not accepted: no PUBACK, and the module sends it again on reconnect.
-                        Err(e) => return Err(format!("outbox: {e}")),
+                        Err(OutboxError::Closed) => return Err("the agent is shutting down".into()),
+                        // Not stored: no PUBACK, and the module sends it again on reconnect.
+                        Err(e) => {
+                            self.shared.unstored(&self.module, QoS::AtLeastOnce, &e);
+                            return Err(format!("publish not stored: {e}"));
+                        }
                     }
                 }
                 Some(mut publish) = rx.recv() => {
@@ -486,6 +533,9 @@ impl Conn<'_> {
             .fetch_add(1, Ordering::Relaxed);
         let table = self.shared.routes.borrow().clone();
         let mut waits = Vec::new();
+        // Refused at once (the outbox's file is being reopened): answered in order with the
+        // publishes before it, like a refusal at commit.
+        let mut refused = None;
         for target in table.targets(&p.topic) {
             match target {
                 Target::Module { topic } => self.shared.deliver(topic, &p.payload, p.qos),
@@ -493,24 +543,29 @@ impl Conn<'_> {
                     let Some(record) = target.record(&p.topic, &p.payload) else {
                         continue;
                     };
-                    let rx = self
-                        .shared
-                        .outbox
-                        .submit(record)
-                        .await
-                        .map_err(|e| format!("outbox: {e}"))?;
-                    waits.push(rx);
+                    if refused.is_some() {
+                        continue;
+                    }
+                    match self.shared.outbox.submit(record).await {
+                        Ok(receipt) => waits.push(receipt),
+                        Err(e) => refused = Some(e),
+                    }
                 }
             }
         }
         if p.qos == QoS::AtLeastOnce {
             let wait: AckWait = Box::pin(async move {
-                for rx in waits {
-                    rx.await.map_err(|_| OutboxError::Closed)??;
+                if let Some(e) = refused {
+                    return Err(e);
+                }
+                for receipt in waits {
+                    receipt.await?;
                 }
                 Ok(())
             });
             self.acks.push_back((p.pkid, wait));
+        } else if let Some(e) = refused.filter(|e| !matches!(e, OutboxError::Closed)) {
+            self.shared.unstored(&self.module, p.qos, &e);
         }
         Ok(())
     }
@@ -549,6 +604,97 @@ pub fn allowed_filter(module: &str, filter: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::FakeClock;
+    use crate::manifest::Route;
+    use crate::telemetry::outbox::testing::{Switch, open_failing};
+    use crate::telemetry::outbox::{Limits, OutboxHealth};
+    use rumqttc::{AsyncClient, Event, MqttOptions};
+
+    /// Polls until a PUBACK (true) or the connection fails (false).
+    async fn outcome(events: &mut rumqttc::EventLoop) -> bool {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await
+        .expect("an outcome within 10 s")
+    }
+
+    #[tokio::test]
+    async fn a_publish_the_outbox_cannot_store_is_not_acknowledged_and_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let switch = Switch::default();
+        let clock = Arc::new(FakeClock::new(crate::clock::PLAUSIBLE_AFTER_MS + 1, 1_000));
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(3600),
+            disk_high_percent: 100,
+        };
+        let (outbox, writer) = open_failing(dir.path(), limits, clock, &switch).unwrap();
+        let stop = CancellationToken::new();
+        let writing = tokio::spawn(writer.run(stop.clone()));
+        let table = RouteTable::new(&[Route {
+            from: "modules/cam/outputs/#".into(),
+            to: "$upstream/frames".into(),
+            priority: None,
+        }]);
+        let (_tx, routes) = watch::channel(Arc::new(table));
+        let secret = BusSecret::from_bytes(&[3; 32]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let counters = Arc::new(BusCounters::default());
+        let bus = tokio::spawn(serve(
+            listener,
+            secret.clone(),
+            routes,
+            outbox.clone(),
+            counters.clone(),
+            stop.clone(),
+        ));
+        let mut options = MqttOptions::new("cam-1", "127.0.0.1", port);
+        options.set_credentials("cam", secret.password("cam"));
+        let (client, mut events) = AsyncClient::new(options, 8);
+        let topic = "modules/cam/outputs/f";
+        client
+            .publish(topic, QoS::AtLeastOnce, false, "one")
+            .await
+            .unwrap();
+        assert!(outcome(&mut events).await, "stored: acknowledged");
+
+        switch.full.store(true, std::sync::atomic::Ordering::SeqCst);
+        client
+            .publish(topic, QoS::AtLeastOnce, false, "two")
+            .await
+            .unwrap();
+        assert!(
+            !outcome(&mut events).await,
+            "not stored: closed without PUBACK"
+        );
+        assert_eq!(counters.unstored.load(Ordering::Relaxed), 1);
+        assert!(matches!(outbox.health(), OutboxHealth::Degraded { .. }));
+        // While the file is closed, a QoS 0 publish is refused at once and counted; the
+        // connection stays up for the module's other traffic.
+        client
+            .publish(topic, QoS::AtMostOnce, false, "three")
+            .await
+            .unwrap();
+        client
+            .publish(topic, QoS::AtLeastOnce, false, "four")
+            .await
+            .unwrap();
+        assert!(!outcome(&mut events).await);
+        assert_eq!(counters.unstored.load(Ordering::Relaxed), 3);
+        let stored = outbox.read("frames", 0, 10, 1 << 20);
+        assert!(stored.is_err(), "nothing to read while the file is closed");
+        stop.cancel();
+        bus.await.unwrap();
+        writing.await.unwrap();
+    }
 
     #[test]
     fn modules_stay_within_their_own_topics() {

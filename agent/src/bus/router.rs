@@ -6,6 +6,13 @@
 //! routed upstream is acknowledged to the broker only once the outbox holds it durably, so the
 //! broker keeps (and redelivers) what the agent had not secured when it stopped. Who may publish
 //! where is that broker's configuration (its ACL), not the agent's.
+//!
+//! A message the outbox cannot store (no space, full of more important streams, its file being
+//! reopened) is not acknowledged either. A broker sends unacknowledged messages again only on a
+//! new connection of the session, and stops sending more once its in-flight window is full of
+//! them; so after such a refusal the router reconnects (1 s later, doubling to 30 s while
+//! refusals go on; if the outbox's file is still being reopened then, as soon as it is back),
+//! and the broker redelivers what was refused.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -36,6 +43,11 @@ pub struct Context {
 
 /// Republished messages held while the client's request queue is full.
 const MAX_OUTGOING: usize = 4096;
+/// Delay before reconnecting for a redelivery of refused messages: doubles while they go on.
+const REDELIVER_MIN: Duration = Duration::from_secs(1);
+const REDELIVER_MAX: Duration = Duration::from_secs(30);
+/// Refusals are warned about at most this often (a full disk may last); counted always.
+const UNSTORED_WARN_EVERY: Duration = Duration::from_secs(30);
 
 enum Out {
     Publish(Publish),
@@ -86,26 +98,19 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
             return;
         }
     };
-    let (client, mut eventloop) = AsyncClient::new(options, 256);
-    // `EventLoop::poll` is not cancel-safe (an acknowledgement may be taken from the queue and
-    // never written): it runs in a task of its own, never interrupted; it keeps polling after
-    // errors, which is how rumqttc reconnects.
-    let (events_tx, mut events) = tokio::sync::mpsc::channel(64);
-    let poller = tokio::spawn(async move {
-        loop {
-            let event = eventloop.poll().await;
-            let failed = event.is_err();
-            if events_tx.send(event).await.is_err() {
-                return;
-            }
-            if failed {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    });
-    // Bumped on every CONNACK: an acknowledgement is written only on the connection that
-    // received its message (a packet id on a new session may name another message).
+    let (mut client, mut events, mut poller) = connect(&options);
+    // Bumped on every CONNACK (and when the router reconnects by itself): an acknowledgement
+    // is written only on the connection that received its message (a packet id on a new
+    // session may name another message).
     let mut generation = 0u64;
+    // When to reconnect so that the broker sends again what the outbox refused.
+    let mut redeliver_at: Option<tokio::time::Instant> = None;
+    let mut redeliver_delay = REDELIVER_MIN;
+    let mut refused = 0u64;
+    let mut last_warning: Option<(tokio::time::Instant, u64)> = None;
+    // Changes when the outbox's file is back after an I/O error (and on every commit).
+    let mut outbox_back = ctx.outbox.added();
+    let mut redeliver_when_back = false;
     let mut subscribed: Vec<String> = Vec::new();
     let mut securing: FuturesUnordered<Secured> = FuturesUnordered::new();
     // Republishes and acknowledgements waiting for room in the client's request queue, in
@@ -149,9 +154,45 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
                 }
             },
             Some((of, p, result)) = securing.next() => match result {
-                Ok(()) | Err(OutboxError::TooLarge { .. }) => outgoing.push_back(Out::Ack(of, p)),
-                // Not acknowledged: the broker redelivers it on the next session.
-                Err(e) => tracing::warn!(error = %e, topic = %p.topic, "not routed upstream"),
+                Ok(()) | Err(OutboxError::TooLarge { .. }) => {
+                    redeliver_delay = REDELIVER_MIN;
+                    outgoing.push_back(Out::Ack(of, p));
+                }
+                // Stopping: the broker keeps it for the next start.
+                Err(OutboxError::Closed) => {}
+                // Not acknowledged: the broker sends it again after the reconnect below.
+                Err(e) => {
+                    ctx.counters.unstored.fetch_add(1, Ordering::Relaxed);
+                    refused += 1;
+                    warn_unstored(&mut last_warning, &e, &p.topic);
+                    if redeliver_at.is_none() {
+                        redeliver_at = Some(tokio::time::Instant::now() + redeliver_delay);
+                        redeliver_delay = (redeliver_delay * 2).min(REDELIVER_MAX);
+                    }
+                }
+            },
+            _ = sleep_until(redeliver_at), if redeliver_at.is_some() => {
+                redeliver_at = None;
+                outbox_back.borrow_and_update();
+                if ctx.outbox.refusing().is_some() {
+                    // Redelivered now, it would be refused again: wait until the file is back.
+                    redeliver_when_back = true;
+                } else {
+                    tracing::info!(url = %ctx.url, refused, "reconnecting to the external bus so that it sends again what the outbox could not store");
+                    refused = 0;
+                    (client, events, poller) = reconnect(&options, &client, &poller, &mut generation);
+                }
+            },
+            changed = outbox_back.changed(), if redeliver_when_back => {
+                if changed.is_err() {
+                    break;
+                }
+                if ctx.outbox.refusing().is_none() {
+                    redeliver_when_back = false;
+                    tracing::info!(url = %ctx.url, refused, "the outbox is back: reconnecting to the external bus so that it sends again what could not be stored");
+                    refused = 0;
+                    (client, events, poller) = reconnect(&options, &client, &poller, &mut generation);
+                }
             },
             changed = ctx.routes.changed() => {
                 if changed.is_err() {
@@ -172,6 +213,81 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
     })
     .await;
     poller.abort();
+}
+
+/// A client for `options` whose event loop is polled in a task of its own.
+///
+/// `EventLoop::poll` is not cancel-safe (an acknowledgement may be taken from the queue and
+/// never written): it runs in a task of its own, never interrupted; it keeps polling after
+/// errors, which is how rumqttc reconnects.
+#[allow(clippy::type_complexity)]
+fn connect(
+    options: &MqttOptions,
+) -> (
+    AsyncClient,
+    tokio::sync::mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (client, mut eventloop) = AsyncClient::new(options.clone(), 256);
+    let (events_tx, events) = tokio::sync::mpsc::channel(64);
+    let poller = tokio::spawn(async move {
+        loop {
+            let event = eventloop.poll().await;
+            let failed = event.is_err();
+            if events_tx.send(event).await.is_err() {
+                return;
+            }
+            if failed {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
+    (client, events, poller)
+}
+
+/// Drops the connection and makes a new one of the same session: the broker then sends again
+/// what was not acknowledged.
+#[allow(clippy::type_complexity)]
+fn reconnect(
+    options: &MqttOptions,
+    client: &AsyncClient,
+    poller: &tokio::task::JoinHandle<()>,
+    generation: &mut u64,
+) -> (
+    AsyncClient,
+    tokio::sync::mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>,
+    tokio::task::JoinHandle<()>,
+) {
+    // Acknowledgements still coming for the old connection must not be written on the new one.
+    *generation += 1;
+    let _ = client.try_disconnect();
+    poller.abort();
+    connect(options)
+}
+
+/// Says why a message was not stored: a warning at most every [`UNSTORED_WARN_EVERY`], with
+/// how many were refused in between (at debug level).
+fn warn_unstored(last: &mut Option<(tokio::time::Instant, u64)>, error: &OutboxError, topic: &str) {
+    let now = tokio::time::Instant::now();
+    match last {
+        Some((at, suppressed)) if now.duration_since(*at) < UNSTORED_WARN_EVERY => {
+            *suppressed += 1;
+            tracing::debug!(reason = %error, topic, "message from the external bus not stored in the outbox; not acknowledged");
+        }
+        _ => {
+            let suppressed = last.map_or(0, |(_, n)| n);
+            *last = Some((now, 0));
+            tracing::warn!(reason = %error, topic, suppressed,
+                "message from the external bus not stored in the outbox; not acknowledged (the broker sends it again)");
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Subscribes to new sources and unsubscribes from dropped ones.
@@ -220,11 +336,9 @@ async fn route(
                     continue;
                 };
                 match ctx.outbox.submit(record).await {
-                    Ok(rx) => waits.push(rx),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "outbox closed");
-                        return None;
-                    }
+                    Ok(receipt) => waits.push(receipt),
+                    // Refused at once (the outbox's file is being reopened): not acknowledged.
+                    Err(e) => return Some(Box::pin(async move { (generation, p, Err(e)) })),
                 }
             }
         }
@@ -234,11 +348,9 @@ async fn route(
         return None;
     }
     Some(Box::pin(async move {
-        for rx in waits {
-            match rx.await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return (generation, p, Err(e)),
-                Err(_) => return (generation, p, Err(OutboxError::Closed)),
+        for receipt in waits {
+            if let Err(e) = receipt.await {
+                return (generation, p, Err(e));
             }
         }
         (generation, p, Ok(()))

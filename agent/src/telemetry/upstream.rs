@@ -9,6 +9,10 @@
 //! oldest unacknowledged record of each stream. A batch whose PUBACK was lost is therefore sent
 //! again — at-least-once — and the hub drops duplicates by record id.
 //!
+//! While the outbox's file is being reopened after an I/O error its reads fail; the drain then
+//! stops asking (its cursors stay where they were) until the outbox says records are there
+//! again ([`Outbox::added`] changes when the file is back).
+//!
 //! Streams take turns by weight: a stream of priority `p` (0 most important) is charged `p + 1`
 //! per batch and the least charged goes next, so a week of backlog on one stream neither
 //! blocks the others nor starves itself, and order within a stream is kept.
@@ -22,7 +26,7 @@ use rumqttc::{Event, Outgoing, Packet, QoS};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::outbox::{Outbox, Record, StreamInfo};
+use super::outbox::{Outbox, OutboxError, Record, StreamInfo};
 use crate::hub::link::{self, Backoff, Settings};
 use crate::hub::topics::Topics;
 
@@ -207,6 +211,15 @@ fn fill(ctx: &Context, client: &rumqttc::AsyncClient, flight: &mut Flight) {
         let from = flight.cursors.get(&stream).copied().unwrap_or(0);
         let records = match ctx.outbox.read(&stream, from, BATCH_RECORDS, BATCH_BYTES) {
             Ok(r) => r,
+            // Being reopened, or stopping: nothing to send now; `added` changes when it is back.
+            Err(
+                e @ (OutboxError::NoSpace { .. }
+                | OutboxError::Unavailable { .. }
+                | OutboxError::Closed),
+            ) => {
+                tracing::debug!(error = %e, stream, "outbox not readable; draining resumes when it is back");
+                return;
+            }
             Err(e) => {
                 tracing::error!(error = %e, stream, "cannot read the outbox");
                 return;
@@ -475,7 +488,7 @@ mod tests {
             bytes: 0,
             head,
             tail,
-            head_ts: 0,
+            head_odo: 0,
         }
     }
 
