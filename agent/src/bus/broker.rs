@@ -10,8 +10,9 @@
 //! - **When a message is safe:** a QoS 1 publish routed to `$upstream` is acknowledged only after
 //!   the outbox made it durable, and PUBACKs go out in the order the publishes came in. One the
 //!   outbox cannot store (no space, full of more important streams, the file being reopened) is
-//!   not acknowledged: the connection is closed, so the module's client sends it again after
-//!   reconnecting, and a warning names the module and the reason.
+//!   not acknowledged: the connection is closed, a warning names the module and the reason, and
+//!   the module's code must send it again after reconnecting (no sessions here: MQTT clients
+//!   drop what was not acknowledged when CONNACK says "no session present").
 //!
 //! What it leaves out, on purpose (documented in `docs/telemetry.md`): QoS 2 (the connection is
 //! closed), retained messages (the flag is ignored), persistent sessions and redelivery to
@@ -119,7 +120,7 @@ impl Shared {
         let what = if qos == QoS::AtMostOnce {
             "QoS 0 publish not stored in the outbox; dropped"
         } else {
-            "publish not stored in the outbox; not acknowledged, connection closed (the module sends it again)"
+            "publish not stored in the outbox; not acknowledged, connection closed (the module must send it again)"
         };
         let now = tokio::time::Instant::now();
         // Entries are replaced whole; a poisoned lock holds nothing half-done.
