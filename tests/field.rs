@@ -458,3 +458,79 @@ fn a_pull_that_would_fill_the_disk_is_refused_before_anything_changes() {
     assert!(!present, "the image was pulled anyway");
     remove_image(&v1);
 }
+
+#[test]
+fn a_full_disk_under_the_state_folder_wedges_nothing_and_recovers_without_a_restart() {
+    let registry = Registry::start();
+    let image = test_image(&registry, "field-full", "1");
+    let device = format!("field-full-{}", std::process::id());
+    // A hub that is not there: metrics go into the outbox every second and stay.
+    let mut agent = Agent::configure(
+        &device,
+        "",
+        "[hub]\nurl = \"mqtt://127.0.0.1:9\"\n[telemetry]\ninterval_secs = 1\n",
+    );
+    let tmpfs = Tmpfs::mount(&agent.state_dir(), "16m");
+    agent.spawn();
+    let pid = agent.pid();
+    let version = |v: u64| {
+        manifest(
+            &registry,
+            v,
+            json!({ "app": { "image": image, "env": { "V": v.to_string() } } }),
+        )
+    };
+    let (code, out) = agent.deploy(&version(1), 120);
+    assert_eq!(code, 0, "{out}");
+
+    // The disk fills up (a module's logs, a runaway file: anything).
+    let filler = tmpfs.fill();
+    // A deployment that needs no disk still applies: the store's reserve takes it.
+    let (code, out) = agent.deploy(&version(2), 120);
+    assert_eq!(
+        code,
+        0,
+        "a deployment on a full disk: {out}\n{}",
+        agent.log()
+    );
+    // The reserve it used is free space again: the disk goes on filling up.
+    let refill = tmpfs.path.join("filler-2");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", refill.display()))
+        .output();
+    let kinds = |s: &Value| s["conditions"].to_string();
+    let mut last = Value::Null;
+    let reported = Instant::now();
+    let state = loop {
+        let s = agent.try_state();
+        let k = kinds(&s);
+        if k.contains("outbox-degraded") && k.contains("store-reserve-used") {
+            break s;
+        }
+        last = s;
+        assert!(
+            reported.elapsed() < MINUTE,
+            "the full disk was not reported within a minute; conditions: {}",
+            kinds(&last)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    // Space comes back: everything works again, without a restart.
+    std::fs::remove_file(&filler).expect("free the disk");
+    std::fs::remove_file(&refill).expect("free the disk");
+    wait_for("the conditions cleared", MINUTE, || {
+        let k = kinds(&agent.try_state());
+        (!k.contains("outbox-degraded") && !k.contains("store-reserve-used")).then_some(())
+    });
+    let (code, out) = agent.deploy(&version(3), 120);
+    assert_eq!(code, 0, "after the disk was freed: {out}");
+    assert_eq!(agent.pid(), pid, "the agent was restarted");
+    assert!(
+        std::fs::metadata(agent.state_dir().join("reserve")).is_ok_and(|m| m.len() > 0),
+        "the store's reserve was not made again"
+    );
+    agent.kill9();
+    drop(tmpfs);
+}

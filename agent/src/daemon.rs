@@ -103,7 +103,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         routes: config.bus.enabled.then_some(routes_tx),
         deployments: counters.deployments.clone(),
         clock: Arc::new(crate::clock::SystemClock::new()),
-        conditions: None,
+        conditions: Some(watch_outbox(&outbox, &tasks, &shutdown)),
         store_recovery: recovery.map(|r| {
             format!(
                 "the store was damaged ({}) and was moved to {}; the device started with an empty store",
@@ -296,6 +296,44 @@ async fn start_bus(
         shutdown.clone(),
     ));
     Ok(ModuleEnv::embedded(format!("mqtt://{addr}"), secret))
+}
+
+/// How often the outbox's health is looked at for the reported state.
+const HEALTH_EVERY: Duration = Duration::from_secs(2);
+
+/// The outbox's health as a condition of the reported state (`outbox-degraded`), kept current
+/// by a task of its own.
+fn watch_outbox(
+    outbox: &Outbox,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> watch::Receiver<Vec<crate::state::Condition>> {
+    let (tx, rx) = watch::channel(Vec::new());
+    let (outbox, shutdown) = (outbox.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(HEALTH_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = match outbox.health() {
+                crate::telemetry::outbox::OutboxHealth::Ok => Vec::new(),
+                crate::telemetry::outbox::OutboxHealth::Degraded { reason, .. } => {
+                    vec![crate::state::Condition {
+                        kind: "outbox-degraded".into(),
+                        message: format!("telemetry outbox: {reason}"),
+                    }]
+                }
+            };
+            tx.send_if_modified(|c| {
+                let changed = *c != now;
+                *c = now.clone();
+                changed
+            });
+        }
+    });
+    rx
 }
 
 /// Resolves on SIGTERM or SIGINT, then cancels `token`.
