@@ -83,7 +83,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     // nowhere.
     let stored_routes = store
         .desired()?
-        .map(|d| RouteTable::new(&d.deployment.routes))
+        .map(|d| RouteTable::for_deployment(&d.deployment))
         .unwrap_or_default();
     let (routes_tx, routes_rx) = watch::channel(Arc::new(stored_routes));
     let module_env = start_bus(

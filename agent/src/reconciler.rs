@@ -270,8 +270,8 @@ impl<R: Runtime> Reconciler<R> {
             (s, d)
         });
         if let (Some(tx), Some((s, _))) = (&settings.routes, &desired) {
-            tx.send_replace(Arc::new(crate::bus::routes::RouteTable::new(
-                &s.deployment.routes,
+            tx.send_replace(Arc::new(crate::bus::routes::RouteTable::for_deployment(
+                &s.deployment,
             )));
         }
         let reconciler = Reconciler {
@@ -602,8 +602,8 @@ impl<R: Runtime> Reconciler<R> {
     /// applies with the deployment, without restarting modules.
     fn set_desired(&mut self, stored: StoredDeployment) {
         if let Some(tx) = &self.settings.routes {
-            tx.send_replace(Arc::new(crate::bus::routes::RouteTable::new(
-                &stored.deployment.routes,
+            tx.send_replace(Arc::new(crate::bus::routes::RouteTable::for_deployment(
+                &stored.deployment,
             )));
         }
         let desired = desired_of(&stored, &self.settings.module_env);

@@ -51,6 +51,14 @@ const SUBSCRIBER_BYTES: usize = 8 << 20;
 const MAX_CONNECT: usize = 64 * 1024;
 /// Connections at once, authenticated or not.
 const MAX_CONNECTIONS: usize = 128;
+/// Connections that have not completed CONNECT yet, in all and per peer address: a module
+/// holding idle sockets cannot lock the others out.
+const MAX_UNAUTHENTICATED: usize = 32;
+const MAX_UNAUTHENTICATED_PER_PEER: usize = 4;
+/// Authenticated connections per module (a module usually needs one or two).
+pub const MAX_PER_MODULE: usize = 8;
+/// A client that asks for no keep-alive (0) is closed after this long without a packet.
+const IDLE_WITHOUT_KEEP_ALIVE: Duration = Duration::from_secs(300);
 /// Subscriptions per connection.
 const MAX_FILTERS: usize = 64;
 /// A write to a module that does not read in this long closes its connection.
@@ -58,7 +66,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Publishes waiting for the outbox, per connection: beyond it the broker stops reading from
 /// that module (back-pressure through TCP).
 const MAX_PENDING_ACKS: usize = 1024;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection that has not completed CONNECT in this long is closed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A module whose publishes keep being refused by the outbox (a full disk lasts) is warned
 /// about at most this often; the refusals in between are logged at debug level and counted.
 const UNSTORED_WARN_EVERY: Duration = Duration::from_secs(30);
@@ -102,6 +111,8 @@ struct Shared {
     next_conn: AtomicU64,
     /// Connection tasks alive, authenticated or not.
     connections: AtomicUsize,
+    /// Connections before CONNECT completes, by peer address.
+    unauthenticated: std::sync::Mutex<HashMap<std::net::IpAddr, usize>>,
     /// Per module: when a refusal was last warned about, and how many were not since.
     unstored_log: std::sync::Mutex<HashMap<String, (tokio::time::Instant, u64)>>,
 }
@@ -200,15 +211,32 @@ pub async fn serve(
         counters,
         next_conn: AtomicU64::new(1),
         connections: AtomicUsize::new(0),
+        unauthenticated: std::sync::Mutex::new(HashMap::new()),
         unstored_log: std::sync::Mutex::new(HashMap::new()),
     });
     let tracker = TaskTracker::new();
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "local bus listening");
     }
+    let mut deployment = shared.routes.clone();
+    let mut deployments_open = true;
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
+            changed = deployment.changed(), if deployments_open => {
+                deployments_open = changed.is_ok();
+                if changed.is_ok() {
+                    // A module that left the deployment leaves the bus too.
+                    let table = deployment.borrow_and_update().clone();
+                    for c in shared.clients().values() {
+                        if !table.allows(&c.module) {
+                            tracing::info!(module = %c.module, "module no longer in the deployment: its bus connection is closed");
+                            c.kick.cancel();
+                        }
+                    }
+                }
+                continue;
+            }
             a = listener.accept() => a,
         };
         match accepted {
@@ -218,11 +246,17 @@ pub async fn serve(
                     tracing::warn!(%peer, max = MAX_CONNECTIONS, "bus connection refused: too many connections");
                     continue;
                 }
+                let Some(pending) = Pending::take(&shared, peer.ip()) else {
+                    shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, per_peer = MAX_UNAUTHENTICATED_PER_PEER, max = MAX_UNAUTHENTICATED,
+                        "bus connection refused: too many connections that have not logged in");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let (shared, stop) = (shared.clone(), stop.clone());
                 shared.connections.fetch_add(1, Ordering::Relaxed);
                 tracker.spawn(async move {
-                    if let Err(reason) = connection(stream, &shared, stop).await {
+                    if let Err(reason) = connection(stream, &shared, pending, stop).await {
                         tracing::debug!(%peer, reason, "bus connection closed");
                     }
                     shared.connections.fetch_sub(1, Ordering::Relaxed);
@@ -236,6 +270,47 @@ pub async fn serve(
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// A connection counted as not logged in yet, until it is dropped (login done or failed).
+struct Pending {
+    shared: Arc<Shared>,
+    peer: std::net::IpAddr,
+}
+
+impl Pending {
+    fn take(shared: &Arc<Shared>, peer: std::net::IpAddr) -> Option<Pending> {
+        let mut map = shared
+            .unauthenticated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let total: usize = map.values().sum();
+        let mine = map.entry(peer).or_default();
+        if total >= MAX_UNAUTHENTICATED || *mine >= MAX_UNAUTHENTICATED_PER_PEER {
+            return None;
+        }
+        *mine += 1;
+        Some(Pending {
+            shared: shared.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let mut map = self
+            .shared
+            .unauthenticated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.peer);
+            }
+        }
+    }
 }
 
 type AckWait = Pin<Box<dyn Future<Output = Result<(), OutboxError>> + Send>>;
@@ -258,6 +333,7 @@ struct Conn<'a> {
 async fn connection(
     mut stream: TcpStream,
     shared: &Arc<Shared>,
+    pending: Pending,
     stop: CancellationToken,
 ) -> Result<(), String> {
     let mut input = BytesMut::with_capacity(4096);
@@ -300,6 +376,43 @@ async fn connection(
         .await?;
         return Err("bad credentials".into());
     }
+    // Only the modules of the deployment in force: a module removed from it (or never in it)
+    // still has a password that verifies, derived from its name.
+    if !shared.routes.borrow().allows(&module) {
+        shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            module,
+            "bus connection refused: the module is not in the deployment in force"
+        );
+        write(
+            &mut stream,
+            &mut output,
+            refuse(ConnectReturnCode::NotAuthorized),
+        )
+        .await?;
+        return Err("not in the deployment".into());
+    }
+    let held = shared
+        .clients()
+        .values()
+        .filter(|c| c.module == module)
+        .count();
+    if held >= MAX_PER_MODULE {
+        shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            module,
+            max = MAX_PER_MODULE,
+            "bus connection refused: the module holds too many connections"
+        );
+        write(
+            &mut stream,
+            &mut output,
+            refuse(ConnectReturnCode::ServiceUnavailable),
+        )
+        .await?;
+        return Err("too many connections of this module".into());
+    }
+    drop(pending);
     let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let client_id = if connect.client_id.is_empty() {
         format!("{module}-{conn_id}")
@@ -345,9 +458,13 @@ async fn connection(
         acks: VecDeque::new(),
         next_pkid: 0,
     };
-    // Keep-alive: 1.5 times what the client asked for (0 means none).
-    let keep_alive = (connect.keep_alive > 0)
-        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    // Keep-alive: 1.5 times what the client asked for; a client that asks for none is closed
+    // after a long silence instead of holding its connection forever.
+    let keep_alive = Some(if connect.keep_alive > 0 {
+        Duration::from_millis(u64::from(connect.keep_alive) * 1500)
+    } else {
+        IDLE_WITHOUT_KEEP_ALIVE
+    });
     let result = conn.run(&mut rx, keep_alive, kick, &stop).await;
     {
         let mut clients = shared.clients();

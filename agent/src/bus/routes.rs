@@ -35,9 +35,26 @@ impl Target {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RouteTable {
     routes: Vec<(String, Target)>,
+    /// The modules of the deployment in force: only they may log in to the bus. `None`
+    /// without a deployment (a new or lost store): the containers kept running then keep
+    /// their bus access, as they keep everything else.
+    modules: Option<std::collections::BTreeSet<String>>,
 }
 
 impl RouteTable {
+    /// The table of a deployment: its routes, and its modules as the ones allowed on the bus.
+    pub fn for_deployment(d: &crate::manifest::Deployment) -> RouteTable {
+        RouteTable {
+            modules: Some(d.modules.keys().cloned().collect()),
+            ..RouteTable::new(&d.routes)
+        }
+    }
+
+    /// Whether `module` may log in to the bus now.
+    pub fn allows(&self, module: &str) -> bool {
+        self.modules.as_ref().is_none_or(|m| m.contains(module))
+    }
+
     /// Routes were validated at intake (shape, topic filters, modules that exist).
     pub fn new(routes: &[Route]) -> RouteTable {
         let routes = routes
@@ -55,7 +72,10 @@ impl RouteTable {
                 (r.from.clone(), target)
             })
             .collect();
-        RouteTable { routes }
+        RouteTable {
+            routes,
+            modules: None,
+        }
     }
 
     /// Every target `topic` goes to, once each, in the order the routes are listed. An
