@@ -28,6 +28,8 @@ use crate::state::{DeploymentStatus, ReportedState, Source};
 
 /// Largest request line: a manifest in a signed envelope fits with room to spare.
 pub const MAX_REQUEST_BYTES: u64 = 1024 * 1024;
+/// The longest a `deploy` request may wait for its outcome (a day).
+pub const MAX_WAIT_SECS: u64 = 24 * 3600;
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 16;
 
@@ -171,6 +173,40 @@ struct Ctx<R> {
     progress: broadcast::Sender<PullProgress>,
 }
 
+/// Most log lines a `logs` request may ask for.
+pub const MAX_TAIL: usize = 100_000;
+
+/// Reads one request line: JSON of [`ApiRequest`] with names and numbers in range, so nothing
+/// unchecked reaches the engine's API (a module name becomes part of a URL path there).
+pub fn parse_request(line: &str) -> Result<ApiRequest, String> {
+    let request: ApiRequest =
+        serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))?;
+    let module_ok = |m: &str| {
+        crate::manifest::validate::is_module_name(m)
+            .then_some(())
+            .ok_or_else(|| format!("bad request: `{m}` is not a module name"))
+    };
+    match &request {
+        ApiRequest::Logs {
+            module,
+            tail,
+            since,
+            ..
+        } => {
+            module_ok(module)?;
+            if tail.is_some_and(|t| t > MAX_TAIL) {
+                return Err(format!("bad request: `tail` is over {MAX_TAIL}"));
+            }
+            if since.is_some_and(|s| s < 0) {
+                return Err("bad request: `since` is negative".into());
+            }
+        }
+        ApiRequest::Restart { module } => module_ok(module)?,
+        ApiRequest::State | ApiRequest::Deploy { .. } => {}
+    }
+    Ok(request)
+}
+
 async fn send(stream: &mut UnixStream, event: &ApiEvent) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(event).map_err(std::io::Error::other)?;
     line.push(b'\n');
@@ -184,16 +220,10 @@ impl<R: Runtime> Ctx<R> {
             let mut reader = BufReader::new((&mut stream).take(MAX_REQUEST_BYTES));
             reader.read_line(&mut line).await?;
         }
-        let request: ApiRequest = match serde_json::from_str(&line) {
+        let request = match parse_request(&line) {
             Ok(r) => r,
-            Err(e) => {
-                return send(
-                    &mut stream,
-                    &ApiEvent::Error {
-                        message: format!("bad request: {e}"),
-                    },
-                )
-                .await;
+            Err(message) => {
+                return send(&mut stream, &ApiEvent::Error { message }).await;
             }
         };
         match request {
@@ -291,7 +321,8 @@ impl<R: Runtime> Ctx<R> {
                 .await;
             }
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
+        // Untrusted input: a wait near u64::MAX would overflow the instant (a panic).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs.min(MAX_WAIT_SECS));
         loop {
             let (status, reasons) = {
                 let s = state.borrow_and_update();

@@ -32,7 +32,8 @@ use rumqttc::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, QoS, SubAck, SubscribeReasonCode, UnsubAck,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -203,17 +204,7 @@ pub async fn serve(
     counters: Arc<BusCounters>,
     stop: CancellationToken,
 ) {
-    let shared = Arc::new(Shared {
-        secret,
-        routes,
-        outbox,
-        clients: std::sync::Mutex::new(HashMap::new()),
-        counters,
-        next_conn: AtomicU64::new(1),
-        connections: AtomicUsize::new(0),
-        unauthenticated: std::sync::Mutex::new(HashMap::new()),
-        unstored_log: std::sync::Mutex::new(HashMap::new()),
-    });
+    let shared = Broker::new(secret, routes, outbox, counters).shared;
     let tracker = TaskTracker::new();
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "local bus listening");
@@ -272,6 +263,47 @@ pub async fn serve(
     tracker.wait().await;
 }
 
+/// The broker's shared state, for serving connections that do not come from its own
+/// listener (the fuzz target feeds it in-memory pipes).
+pub struct Broker {
+    shared: Arc<Shared>,
+}
+
+impl Broker {
+    pub fn new(
+        secret: BusSecret,
+        routes: watch::Receiver<Arc<RouteTable>>,
+        outbox: Outbox,
+        counters: Arc<BusCounters>,
+    ) -> Broker {
+        Broker {
+            shared: Arc::new(Shared {
+                secret,
+                routes,
+                outbox,
+                clients: std::sync::Mutex::new(HashMap::new()),
+                counters,
+                next_conn: AtomicU64::new(1),
+                connections: AtomicUsize::new(0),
+                unauthenticated: std::sync::Mutex::new(HashMap::new()),
+                unstored_log: std::sync::Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Serves one module's connection over `stream` as if it came from `peer`, until it ends.
+    pub async fn connection<S: Stream>(
+        &self,
+        stream: S,
+        peer: std::net::IpAddr,
+        stop: CancellationToken,
+    ) -> Result<(), String> {
+        let pending = Pending::take(&self.shared, peer)
+            .ok_or_else(|| "too many connections that have not logged in".to_string())?;
+        connection(stream, &self.shared, pending, stop).await
+    }
+}
+
 /// A connection counted as not logged in yet, until it is dropped (login done or failed).
 struct Pending {
     shared: Arc<Shared>,
@@ -315,14 +347,19 @@ impl Drop for Pending {
 
 type AckWait = Pin<Box<dyn Future<Output = Result<(), OutboxError>> + Send>>;
 
-struct Conn<'a> {
+/// What a module's connection runs over: TCP in the agent, an in-memory pipe in the fuzz
+/// target.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+struct Conn<'a, S: Stream> {
     shared: &'a Shared,
     module: String,
     key: ClientKey,
     conn_id: u64,
     /// Bytes queued for this connection by [`Shared::deliver`].
     queued: Arc<AtomicUsize>,
-    stream: TcpStream,
+    stream: S,
     input: BytesMut,
     output: BytesMut,
     /// PUBACKs waiting for the outbox, in arrival order.
@@ -330,8 +367,8 @@ struct Conn<'a> {
     next_pkid: u16,
 }
 
-async fn connection(
-    mut stream: TcpStream,
+async fn connection<S: Stream>(
+    mut stream: S,
     shared: &Arc<Shared>,
     pending: Pending,
     stop: CancellationToken,
@@ -477,8 +514,8 @@ async fn connection(
     result
 }
 
-async fn read_packet(
-    stream: &mut TcpStream,
+async fn read_packet<S: Stream>(
+    stream: &mut S,
     input: &mut BytesMut,
     max: usize,
 ) -> Result<Packet, String> {
@@ -494,7 +531,7 @@ async fn read_packet(
     }
 }
 
-async fn write(stream: &mut TcpStream, output: &mut BytesMut, p: Packet) -> Result<(), String> {
+async fn write<S: Stream>(stream: &mut S, output: &mut BytesMut, p: Packet) -> Result<(), String> {
     output.clear();
     p.write(output, MAX_PACKET).map_err(|e| e.to_string())?;
     tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(output))
@@ -510,7 +547,7 @@ async fn front(acks: &mut VecDeque<(u16, AckWait)>) -> (u16, Result<(), OutboxEr
     }
 }
 
-impl Conn<'_> {
+impl<S: Stream> Conn<'_, S> {
     async fn send(&mut self, p: Packet) -> Result<(), String> {
         write(&mut self.stream, &mut self.output, p).await
     }

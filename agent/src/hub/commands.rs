@@ -65,11 +65,12 @@ pub struct Command {
     pub payload: Vec<u8>,
 }
 
+/// A command as the device reads it: the request id to answer on and its arguments.
 #[derive(Debug, Deserialize)]
-struct CommandRequest {
-    id: String,
+pub struct CommandRequest {
+    pub id: String,
     #[serde(default)]
-    args: Value,
+    pub args: Value,
 }
 
 pub struct Context {
@@ -83,7 +84,7 @@ pub struct Context {
 
 /// Request ids of signed commands taken, with when each expires (Unix ms).
 #[derive(Debug, Default)]
-struct Seen(std::collections::BTreeMap<String, u64>);
+pub struct Seen(std::collections::BTreeMap<String, u64>);
 
 impl Seen {
     /// Takes `id` unless it was taken before; forgets expired ids first.
@@ -119,11 +120,13 @@ pub async fn run(ctx: Context, mut rx: mpsc::Receiver<Command>, stop: Cancellati
 }
 
 async fn handle_one(ctx: &Context, seen: &mut Seen, command: Command) {
-    let (request, authorised) = if ctx.trusted.is_empty() {
-        (parse(&command.payload), Ok(()))
-    } else {
-        authorise(ctx, seen, &command)
-    };
+    let (request, authorised) = screen(
+        &command.name,
+        &command.payload,
+        &ctx.topics.device,
+        &ctx.trusted,
+        seen,
+    );
     let request = match request {
         Ok(r) => r,
         Err(why) => {
@@ -169,19 +172,23 @@ async fn handle_one(ctx: &Context, seen: &mut Seen, command: Command) {
     }
 }
 
-/// On a device with keys: the request (to reply to), and whether it may run.
-fn authorise(
-    ctx: &Context,
+/// What the device makes of a command's untrusted bytes: the request (to reply to, when it
+/// has a usable id) and whether it may run. Without trusted keys any well-formed command runs;
+/// with them only a signed one for this device, this command name, not expired, not replayed.
+pub fn screen(
+    name: &str,
+    payload: &[u8],
+    device: &str,
+    trusted: &TrustedKeys,
     seen: &mut Seen,
-    command: &Command,
 ) -> (Result<CommandRequest, String>, Result<(), String>) {
-    if command.payload.len() > MAX_COMMAND_BYTES {
-        return (parse(&command.payload), Ok(()));
+    if trusted.is_empty() || payload.len() > MAX_COMMAND_BYTES {
+        return (parse(payload), Ok(()));
     }
-    let Ok(envelope) = serde_json::from_slice::<Envelope>(&command.payload) else {
+    let Ok(envelope) = serde_json::from_slice::<Envelope>(payload) else {
         // Unsigned: answer (if it has an id) that it is refused, and why.
         return (
-            parse(&command.payload),
+            parse(payload),
             Err("unsigned command refused: this device trusts signing keys, so commands must be signed (`outpost hub cmd --sign-key KEY`)".into()),
         );
     };
@@ -205,27 +212,26 @@ fn authorise(
         Err("`id` must be 1 to 128 letters, digits, `.`, `_` or `-`".to_string())
     };
     let verdict = (|| {
-        let (body, _) = ctx
-            .trusted
+        let (body, _) = trusted
             .verify_as(signing::COMMAND_TYPE, &envelope)
             .map_err(|e| format!("signature refused: {e}"))?;
         let signed: SignedCommand =
             serde_json::from_slice(&body).map_err(|e| format!("not a signed command: {e}"))?;
-        if signed.device != ctx.topics.device {
+        if signed.device != device {
             return Err(format!(
-                "signed for device `{}`; this device is `{}`",
-                signed.device, ctx.topics.device
+                "signed for device `{}`; this device is `{device}`",
+                signed.device
             ));
         }
-        if signed.command != command.name {
+        if signed.command != name {
             return Err(format!(
-                "signed for command `{}`, but it arrived as `{}`",
-                signed.command, command.name
+                "signed for command `{}`, but it arrived as `{name}`",
+                signed.command
             ));
         }
         let now_ms = crate::binding::trusted_now(unix_now().saturating_mul(1000), 0);
         let rules = crate::binding::Rules {
-            device: &ctx.topics.device,
+            device,
             require: true,
             now_ms,
         };
