@@ -322,7 +322,8 @@ impl<R: Runtime> Ctx<R> {
             }
         }
         // Untrusted input: a wait near u64::MAX would overflow the instant (a panic).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs.min(MAX_WAIT_SECS));
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(wait_secs.min(MAX_WAIT_SECS));
         loop {
             let (status, reasons) = {
                 let s = state.borrow_and_update();

@@ -136,10 +136,12 @@ pub enum Action {
         module: String,
         image: String,
     },
-    /// Create the module's container from the desired deployment under `name`, not started.
+    /// Create the module's container from the desired deployment under `name`; started at
+    /// once only when `start` (a first deployment: nothing runs that it would switch).
     Create {
         module: String,
         name: String,
+        start: bool,
     },
     /// Start an existing container. `restart` counts it against the module's backoff.
     Start {
@@ -376,6 +378,14 @@ fn managed(world: &World<'_>, d: &Desired, by_module: &BTreeMap<&str, Vec<&Obser
             images_ready = false;
         }
     }
+    // Nothing of this device runs yet: there is nothing to switch, so the first startup group
+    // starts as it is created instead of waiting for the whole deployment to be created.
+    let fresh = by_module.is_empty();
+    let first_group = modules
+        .values()
+        .filter(|m| m.status == DesiredStatus::Running)
+        .map(|m| m.startup_order)
+        .min();
     let mut created = true;
     if images_ready {
         for (name, m) in modules {
@@ -403,6 +413,7 @@ fn managed(world: &World<'_>, d: &Desired, by_module: &BTreeMap<&str, Vec<&Obser
                 Some(container) => plan.actions.push(Action::Create {
                     module: name.clone(),
                     name: container,
+                    start: fresh && Some(m.startup_order) == first_group,
                 }),
                 None => {
                     // Every staging name is held by debris of earlier attempts: clear it.
@@ -1009,6 +1020,15 @@ mod tests {
         Action::Create {
             module: module.into(),
             name: name.into(),
+            start: false,
+        }
+    }
+
+    fn create_started(module: &str, name: &str) -> Action {
+        Action::Create {
+            module: module.into(),
+            name: name.into(),
+            start: true,
         }
     }
 
@@ -1028,9 +1048,10 @@ mod tests {
             p.actions,
             [
                 create("api", "outpost.dev1.api"),
-                create("db", "outpost.dev1.db"),
+                create_started("db", "outpost.dev1.db"),
                 create("ui", "outpost.dev1.ui")
-            ]
+            ],
+            "nothing runs yet: the first group starts as it is created"
         );
         assert!(!p.staged);
         let all_created = [
@@ -1645,14 +1666,22 @@ mod tests {
                 Action::Pull { image, .. } => {
                     self.images.insert(image.clone());
                 }
-                Action::Create { module, name } => {
+                Action::Create {
+                    module,
+                    name,
+                    start,
+                } => {
                     assert!(self.name_free(name), "name conflict creating {name}");
                     self.next_id += 1;
                     let mut c = container(d, module, ContainerState::Created);
                     c.id = format!("new-{}", self.next_id);
                     c.name = name.clone();
                     c.started_at = None;
+                    let id = c.id.clone();
                     self.containers.push(c);
+                    if *start {
+                        self.run(&id, now);
+                    }
                 }
                 Action::Replace { old, new, name, .. } => {
                     for o in old {

@@ -48,6 +48,8 @@ const LIST_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the registry may take to say how big an image is before the pull goes ahead
 /// without knowing.
 const SIZE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a pass waits for more news while actions are under way.
+const SETTLE_MS: u64 = 50;
 /// First retry after the engine could not be listed or a stored offer could not be written.
 const RETRY_BASE_MS: u64 = 1_000;
 /// The longest wait between such retries.
@@ -350,11 +352,11 @@ impl<R: Runtime> Reconciler<R> {
                 _ = shutdown.cancelled() => break,
                 Some(req) = requests.recv() => self.handle(req, &ctx),
                 Some(done) = pull_rx.recv() => { self.pull_done(done).await; true }
-                Some(done) = action_rx.recv() => { self.action_done(done); true }
+                Some(done) = action_rx.recv() => { self.action_done(done); self.settle() }
                 Some(()) = event_rx.recv() => {
                     // A burst of events needs one pass.
                     while event_rx.try_recv().is_ok() {}
-                    true
+                    self.settle()
                 }
                 Ok(()) = changed(&mut conditions) => { self.publish(None); false }
                 _ = sleep_until(wake) => true,
@@ -608,6 +610,18 @@ impl<R: Runtime> Reconciler<R> {
         }
         let desired = desired_of(&stored, &self.settings.module_env);
         self.desired = Some((stored, desired));
+    }
+
+    /// Whether to pass now after an event or a finished action: at once when nothing else is
+    /// under way, else a moment later, so that ten actions finishing together (and their
+    /// engine events) make one pass rather than twenty, each listing every container.
+    fn settle(&mut self) -> bool {
+        if self.busy.is_empty() {
+            return true;
+        }
+        let at = self.clock.mono_ms() + SETTLE_MS;
+        self.wake(at);
+        false
     }
 
     fn wake(&mut self, at: u64) {
@@ -941,7 +955,11 @@ impl<R: Runtime> Reconciler<R> {
                 _ => {}
             }
             let step = match action {
-                Action::Create { module: m, name } => {
+                Action::Create {
+                    module: m,
+                    name,
+                    start,
+                } => {
                     let Some((stored, _)) = &self.desired else {
                         continue;
                     };
@@ -957,7 +975,7 @@ impl<R: Runtime> Reconciler<R> {
                         &self.settings.module_env.for_module(&m),
                     );
                     spec.name = name;
-                    Step::Create(Box::new(spec))
+                    Step::Create(Box::new(spec), start)
                 }
                 other => Step::Action(other),
             };
@@ -1456,7 +1474,8 @@ struct Ctx<'a> {
 
 /// One step of a module's actions.
 enum Step {
-    Create(Box<crate::runtime::ContainerSpec>),
+    /// Create from the spec; and start when the flag says so.
+    Create(Box<crate::runtime::ContainerSpec>, bool),
     Action(Action),
 }
 
@@ -1494,9 +1513,13 @@ impl<R: Runtime> ActionJob<R> {
     async fn step(&self, step: &Step) -> Result<bool, ActionError> {
         let (rt, grace, module) = (&self.runtime, self.grace, self.module.as_str());
         let action = match step {
-            Step::Create(spec) => {
-                info!(module, name = %spec.name, image = %spec.image, "creating (staged, not started)");
+            Step::Create(spec, start) => {
+                info!(module, name = %spec.name, image = %spec.image, start, "creating");
                 return match rt.create(spec).await {
+                    Ok(id) if *start => {
+                        rt.start(&id).await.map_err(ActionError::start)?;
+                        Ok(true)
+                    }
                     Ok(_) => Ok(false),
                     Err(RuntimeError::NotFound { .. }) => Err(ActionError {
                         message: format!(

@@ -32,6 +32,9 @@ const FALLBACK_API: bollard::ClientVersion = bollard::ClientVersion {
     minor_version: 41,
 };
 
+/// Containers inspected at once when listing.
+const INSPECT_AT_ONCE: usize = 8;
+
 /// Request timeout for engine calls, in seconds; pulls stream and are not bound by it.
 const TIMEOUT_SECS: u64 = 120;
 
@@ -500,11 +503,17 @@ impl Runtime for DockerRuntime {
             .list_containers(Some(options))
             .await
             .map_err(|e| engine("list", "containers", e))?;
-        let mut observed = Vec::with_capacity(summaries.len());
-        for s in summaries {
-            let Some(id) = s.id else { continue };
+        // Inspected a few at a time: a pass over ten containers costs one round trip, not ten.
+        let inspected: Vec<Result<Option<Observed>, RuntimeError>> =
+            futures_util::stream::iter(summaries.into_iter().filter_map(|s| s.id))
+                .map(|id| async move { self.observe(&id).await })
+                .buffered(INSPECT_AT_ONCE)
+                .collect()
+                .await;
+        let mut observed = Vec::with_capacity(inspected.len());
+        for o in inspected {
             // A container removed between list and inspect is simply gone.
-            if let Some(o) = self.observe(&id).await? {
+            if let Some(o) = o? {
                 observed.push(o);
             }
         }
