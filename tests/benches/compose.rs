@@ -182,10 +182,17 @@ impl Project {
     fn timed(&self, args: &[&str]) -> f64 {
         let mut cmd = self.command(args);
         let (secs, out) = timed(|| cmd.output().expect("run docker-compose"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Compose 1.29 sometimes fails to remove its network right after removing the
+        // containers ("has active endpoints", a race in the engine): the containers are gone, so
+        // the time stands; the network is removed by a second `down`, not timed.
+        if !out.status.success() && args == ["down"] && stderr.contains("has active endpoints") {
+            let _ = self.command(&["down"]).output();
+            return secs;
+        }
         assert!(
             out.status.success(),
-            "docker-compose {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "docker-compose {args:?} failed: {stderr}"
         );
         secs
     }
