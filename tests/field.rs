@@ -500,22 +500,18 @@ fn a_full_disk_under_the_state_folder_wedges_nothing_and_recovers_without_a_rest
         .arg(format!("of={}", refill.display()))
         .output();
     let kinds = |s: &Value| s["conditions"].to_string();
-    let mut last = Value::Null;
     let reported = Instant::now();
-    let state = loop {
-        let s = agent.try_state();
-        let k = kinds(&s);
+    loop {
+        let k = kinds(&agent.try_state());
         if k.contains("outbox-degraded") && k.contains("store-reserve-used") {
-            break s;
+            break;
         }
-        last = s;
         assert!(
             reported.elapsed() < MINUTE,
-            "the full disk was not reported within a minute; conditions: {}",
-            kinds(&last)
+            "the full disk was not reported within a minute; conditions: {k}"
         );
         std::thread::sleep(Duration::from_millis(200));
-    };
+    }
 
     // Space comes back: everything works again, without a restart.
     std::fs::remove_file(&filler).expect("free the disk");
