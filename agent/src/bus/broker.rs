@@ -560,6 +560,11 @@ impl<S: Stream> Conn<'_, S> {
         stop: &CancellationToken,
     ) -> Result<(), String> {
         let mut deadline = keep_alive.map(|k| tokio::time::Instant::now() + k);
+        // Packets that came in the same read as the CONNECT (a client need not wait for the
+        // CONNACK): handled now, not after the next read, which may never come.
+        if self.drain().await? {
+            return Ok(());
+        }
         loop {
             let reading = self.acks.len() < MAX_PENDING_ACKS;
             tokio::select! {
@@ -599,15 +604,22 @@ impl<S: Stream> Conn<'_, S> {
                         return Err("closed by the module".into());
                     }
                     deadline = keep_alive.map(|k| tokio::time::Instant::now() + k);
-                    loop {
-                        match Packet::read(&mut self.input, MAX_PACKET) {
-                            Ok(Packet::Disconnect) => return Ok(()),
-                            Ok(p) => self.handle(p).await?,
-                            Err(rumqttc::Error::InsufficientBytes(_)) => break,
-                            Err(e) => return Err(format!("bad packet: {e}")),
-                        }
+                    if self.drain().await? {
+                        return Ok(());
                     }
                 }
+            }
+        }
+    }
+
+    /// Handles the complete packets buffered in `input`; true after a DISCONNECT.
+    async fn drain(&mut self) -> Result<bool, String> {
+        loop {
+            match Packet::read(&mut self.input, MAX_PACKET) {
+                Ok(Packet::Disconnect) => return Ok(true),
+                Ok(p) => self.handle(p).await?,
+                Err(rumqttc::Error::InsufficientBytes(_)) => return Ok(false),
+                Err(e) => return Err(format!("bad packet: {e}")),
             }
         }
     }
@@ -848,6 +860,122 @@ mod tests {
         assert!(stored.is_err(), "nothing to read while the file is closed");
         stop.cancel();
         bus.await.unwrap();
+        writing.await.unwrap();
+    }
+
+    /// Found by the `bus` fuzz target: packets in the same read as the CONNECT waited for a
+    /// next read. A client that pipelined CONNECT and SUBSCRIBE got no SUBACK until it sent
+    /// something else, and one that sent CONNECT, PUBLISH, DISCONNECT and closed lost its
+    /// publish.
+    #[tokio::test]
+    async fn packets_pipelined_after_connect_are_handled_at_once() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(FakeClock::new(crate::clock::PLAUSIBLE_AFTER_MS + 1, 1_000));
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(3600),
+            disk_high_percent: 100,
+        };
+        let (outbox, writer) = Outbox::open(dir.path(), limits, clock).unwrap();
+        let stop = CancellationToken::new();
+        let writing = tokio::spawn(writer.run(stop.clone()));
+        let table = RouteTable::new(&[Route {
+            from: "modules/cam/outputs/#".into(),
+            to: "$upstream/s".into(),
+            priority: None,
+        }]);
+        let (_tx, routes) = watch::channel(Arc::new(table));
+        let secret = BusSecret::from_bytes(&[3; 32]);
+        let broker = Arc::new(Broker::new(
+            secret.clone(),
+            routes,
+            outbox.clone(),
+            Arc::new(BusCounters::default()),
+        ));
+        let mut login = rumqttc::Connect::new("cam-1");
+        login.set_login("cam", secret.password("cam"));
+        let mut input = BytesMut::new();
+        Packet::Connect(login)
+            .write(&mut input, MAX_PACKET)
+            .unwrap();
+        let mut subscribe = rumqttc::Subscribe::new("modules/cam/inputs/#", QoS::AtLeastOnce);
+        subscribe.pkid = 1;
+        Packet::Subscribe(subscribe)
+            .write(&mut input, MAX_PACKET)
+            .unwrap();
+        let mut publish = Publish::new("modules/cam/outputs/t", QoS::AtLeastOnce, "21.5");
+        publish.pkid = 7;
+        Packet::Publish(publish)
+            .write(&mut input, MAX_PACKET)
+            .unwrap();
+
+        // Pipelined, the client waiting for its SUBACK and PUBACK without sending more.
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let serving = {
+            let (broker, stop) = (broker.clone(), stop.clone());
+            tokio::spawn(
+                async move { broker.connection(server, [127, 0, 0, 1].into(), stop).await },
+            )
+        };
+        client.write_all(&input).await.unwrap();
+        let mut replies = BytesMut::new();
+        let mut kinds = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while kinds.len() < 3 {
+                match Packet::read(&mut replies, MAX_PACKET) {
+                    Ok(p) => kinds.push(p),
+                    Err(rumqttc::Error::InsufficientBytes(_)) => {
+                        assert!(client.read_buf(&mut replies).await.unwrap() > 0);
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        })
+        .await
+        .expect("CONNACK, SUBACK and PUBACK without a further packet from the client");
+        assert!(matches!(kinds[0], Packet::ConnAck(_)));
+        assert!(matches!(&kinds[1], Packet::SubAck(s) if s.pkid == 1));
+        assert!(matches!(&kinds[2], Packet::PubAck(a) if a.pkid == 7));
+        drop(client);
+        let _ = serving.await.unwrap();
+
+        // CONNECT, PUBLISH (QoS 0), DISCONNECT and close: the publish is stored.
+        let mut input = BytesMut::new();
+        let mut login = rumqttc::Connect::new("cam-2");
+        login.set_login("cam", secret.password("cam"));
+        Packet::Connect(login)
+            .write(&mut input, MAX_PACKET)
+            .unwrap();
+        let publish = Publish::new("modules/cam/outputs/t", QoS::AtMostOnce, "22.5");
+        Packet::Publish(publish)
+            .write(&mut input, MAX_PACKET)
+            .unwrap();
+        Packet::Disconnect.write(&mut input, MAX_PACKET).unwrap();
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        client.write_all(&input).await.unwrap();
+        client.shutdown().await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            broker.connection(server, [127, 0, 0, 1].into(), stop.clone()),
+        )
+        .await
+        .expect("the connection ends")
+        .expect("ended by its DISCONNECT");
+        let stored = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Ok(records) = outbox.read("s", 0, 10, 1 << 20)
+                    && records.len() == 2
+                {
+                    return records;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("both publishes stored");
+        assert_eq!(stored.len(), 2);
+        stop.cancel();
         writing.await.unwrap();
     }
 
