@@ -15,8 +15,8 @@ use tract_onnx::prelude::*;
 use crate::metrics::{Metrics, Source};
 use crate::model::{CheckedRequest, InferError, LoadedModel, ModelSlot};
 use crate::tensor::{
-    FlatData, InferRequest, InferResponse, RequestInput, RequestOutput, ResponseOutput, nest,
-    output_data, tensor_from_scalars,
+    FlatData, InferRequest, InferResponse, RequestInput, RequestOutput, ResponseOutput,
+    data_tensor, nest, output_data,
 };
 
 /// A request body that is either an Open Inference Protocol request or an Azure ML style
@@ -159,15 +159,7 @@ pub fn score_input(model: &LoadedModel, data: &FlatData) -> Result<Tensor, Infer
         )));
     }
     let spec = &model.inputs[0];
-    if let Some(what) = &data.non_scalar {
-        return Err(InferError::BadRequest(format!(
-            "'data' holds {what}; expected numbers or booleans"
-        )));
-    }
-    let shape = data.shape.clone().ok_or_else(|| {
-        InferError::BadRequest("'data' is ragged: every row must have the same length".into())
-    })?;
-    let t = tensor_from_scalars(&spec.name, spec.datatype, &shape, &data.values)?;
+    let t = data_tensor(&spec.name, spec.datatype, data)?;
     model.check_single(t)
 }
 

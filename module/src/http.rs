@@ -1,28 +1,33 @@
 //! The HTTP surface: Open Inference Protocol v2, Azure ML's `/score`, and `/metrics`.
 //!
 //! Owns the routes, the mapping of errors to status codes (the client's fault is 400 with a
-//! message naming the problem, never a dropped connection), the body size limit and the bound
-//! on requests in flight (beyond it, 503 at once rather than an unbounded queue).
+//! message naming the problem, never a dropped connection), the connection loop with its
+//! header and body read timeouts, and the bounds on what requests may hold: a body size limit,
+//! a count of requests in flight and a budget of body bytes in flight (beyond either, 503 with
+//! `Retry-After` at once rather than an unbounded queue).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{StatusCode, header};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::engine::Engine;
 use crate::metrics::Source;
 use crate::model::InferError;
-use crate::tensor::{FlatData, InferRequest};
+use crate::tensor::{parse_infer_request, parse_score_request};
 
 /// Limits of the HTTP server.
 #[derive(Debug, Clone)]
@@ -31,12 +36,37 @@ pub struct HttpLimits {
     pub max_body_bytes: usize,
     /// Inference requests in flight (waiting or running); more get 503.
     pub max_in_flight: usize,
+    /// Request body bytes held at once by all requests in flight; a request that would go
+    /// beyond it gets 503. The count alone lets 256 × 16 MiB bodies be buffered at once.
+    /// Must be at least `max_body_bytes`, or the largest bodies could never be accepted.
+    pub max_bytes_in_flight: usize,
+    /// Time a connection has to send a request's headers (and an idle keep-alive connection
+    /// to start its next request) before it is closed: slow-header (slowloris) clients.
+    pub header_timeout: Duration,
+    /// Time a request has to send its whole body once its headers are in; then 408 and the
+    /// connection is closed.
+    pub body_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    /// The command line's defaults.
+    fn default() -> Self {
+        HttpLimits {
+            max_body_bytes: 16 << 20,
+            max_in_flight: 256,
+            max_bytes_in_flight: 64 << 20,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 struct AppState {
     engine: Arc<Engine>,
     limits: HttpLimits,
     in_flight: Arc<Semaphore>,
+    /// One permit per body byte held by a request in flight.
+    body_bytes: Arc<Semaphore>,
 }
 
 type Shared = State<Arc<AppState>>;
@@ -59,6 +89,9 @@ pub fn router(engine: Arc<Engine>, limits: HttpLimits) -> Router {
     let state = Arc::new(AppState {
         engine,
         in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
+        body_bytes: Arc::new(Semaphore::new(
+            limits.max_bytes_in_flight.min(Semaphore::MAX_PERMITS),
+        )),
         limits: limits.clone(),
     });
     Router::new()
@@ -83,19 +116,75 @@ pub fn router(engine: Arc<Engine>, limits: HttpLimits) -> Router {
         .route("/score", post(score))
         .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
-        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .with_state(state)
 }
 
 /// Serves `router` on `listener` until `shutdown`, then lets requests in flight finish.
+///
+/// Our own accept loop rather than `axum::serve`, which cannot set hyper's header read
+/// timeout: every connection gets `limits.header_timeout` to send each request's headers
+/// (hyper closes it otherwise, which also ends idle keep-alive connections). Body timeouts
+/// are per request, in the handlers that read bodies.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    limits: &HttpLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    let connections = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!(error = %e, "accept failed; retrying in 1 s");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        // Small answers go out at once rather than waiting for Nagle's delayed ACK.
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let header_timeout = limits.header_timeout;
+        let token = shutdown.clone();
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = token.cancelled() => {
+                    // Finish the request in hand, take no new one.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection closed with an error");
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}
+
+/// Errors of one connection, not of the listener: accept the next one at once.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
 }
 
 async fn server_metadata() -> Response {
@@ -213,58 +302,156 @@ async fn model_metadata_versioned(
     model_metadata(State(state), Path(name)).await
 }
 
-fn body_error(state: &AppState, source: Source, rejection: BytesRejection) -> Response {
-    let status = rejection.status();
-    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        format!(
-            "request body is larger than the limit of {} bytes",
-            state.limits.max_body_bytes
-        )
-    } else {
-        format!("cannot read the request body: {}", rejection.body_text())
+/// Why a request body was not read whole.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("request body is larger than the limit of {0} bytes")]
+    TooLarge(usize),
+    #[error("too many request bytes in flight; try again")]
+    Busy,
+    #[error("the request body did not arrive within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot read the request body: {0}")]
+    Read(String),
+}
+
+/// A body read whole, and the share of the byte budget it holds until it is dropped (after
+/// the answer is built).
+struct Budgeted {
+    bytes: Bytes,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Reads a request body within the size limit, the byte budget and the body timeout.
+///
+/// With a `Content-Length`, its whole size is taken from the budget before a byte is read, so
+/// a refused body is never buffered; a chunked body takes its share chunk by chunk.
+async fn read_body(state: &AppState, request: Request) -> Result<Budgeted, BodyError> {
+    let max = state.limits.max_body_bytes;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut permit = None;
+    if let Some(len) = declared {
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&l| l <= max)
+            .ok_or(BodyError::TooLarge(max))?;
+        permit = take(&state.body_bytes, len, None)?;
+    }
+    let reserved = declared.is_some();
+    let read = async move {
+        let mut body: Body = request.into_body();
+        let mut buf = Vec::with_capacity(if reserved { permit_len(&permit) } else { 0 });
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if buf.len() + data.len() > max {
+                return Err(BodyError::TooLarge(max));
+            }
+            if !reserved {
+                permit = take(&state.body_bytes, data.len(), permit)?;
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(Budgeted {
+            bytes: Bytes::from(buf),
+            _permit: permit,
+        })
     };
+    tokio::time::timeout(state.limits.body_timeout, read)
+        .await
+        .map_err(|_| BodyError::Timeout(state.limits.body_timeout))?
+}
+
+fn permit_len(p: &Option<OwnedSemaphorePermit>) -> usize {
+    p.as_ref().map_or(0, |p| p.num_permits())
+}
+
+/// Takes `n` more bytes from the budget, at once or not at all (503: never wait holding a
+/// share, which is how a budget deadlocks).
+fn take(
+    budget: &Arc<Semaphore>,
+    n: usize,
+    held: Option<OwnedSemaphorePermit>,
+) -> Result<Option<OwnedSemaphorePermit>, BodyError> {
+    if n == 0 {
+        return Ok(held);
+    }
+    let n = u32::try_from(n).map_err(|_| BodyError::Busy)?;
+    let more = budget
+        .clone()
+        .try_acquire_many_owned(n)
+        .map_err(|_| BodyError::Busy)?;
+    Ok(Some(match held {
+        Some(mut p) => {
+            p.merge(more);
+            p
+        }
+        None => more,
+    }))
+}
+
+/// The answer for a body not read: 400, 503 with `Retry-After`, or 408 closing the
+/// connection (the rest of a late body may still be on its way).
+fn body_error(state: &AppState, source: Source, e: BodyError) -> Response {
+    match e {
+        BodyError::Busy => busy(state, e.to_string()),
+        BodyError::Timeout(_) => {
+            count_error(state, source);
+            let mut r = error(StatusCode::REQUEST_TIMEOUT, e.to_string());
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+        BodyError::TooLarge(_) | BodyError::Read(_) => {
+            count_error(state, source);
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
+    }
+}
+
+fn count_error(state: &AppState, source: Source) {
     state
         .engine
         .metrics
         .observe(source, std::time::Duration::ZERO, false);
-    error(StatusCode::BAD_REQUEST, message)
 }
 
-fn busy(state: &AppState) -> Response {
+/// 503 for a request refused for lack of room; `Retry-After` says when to try again.
+fn busy(state: &AppState, message: impl Into<String>) -> Response {
     state.engine.metrics.busy();
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "too many requests in flight; try again",
-    )
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, message);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 fn bad_json(state: &AppState, source: Source, e: serde_json::Error) -> Response {
-    state
-        .engine
-        .metrics
-        .observe(source, std::time::Duration::ZERO, false);
+    count_error(state, source);
     error(
         StatusCode::BAD_REQUEST,
         format!("invalid JSON request: {e}"),
     )
 }
 
-async fn infer(
-    State(state): Shared,
-    Path(name): Path<String>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn infer(State(state): Shared, Path(name): Path<String>, request: Request) -> Response {
     if let Some(r) = reject_model(&state, &name) {
         return r;
     }
-    let body = match body {
-        Ok(b) => b,
-        Err(rejection) => return body_error(&state, Source::V2, rejection),
-    };
+    // The count first: a request waiting for its body is in flight too.
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
-        return busy(&state);
+        return busy(&state, "too many requests in flight; try again");
     };
-    let request: InferRequest = match serde_json::from_slice(&body) {
+    let body = match read_body(&state, request).await {
+        Ok(b) => b,
+        Err(e) => return body_error(&state, Source::V2, e),
+    };
+    let request = match parse_infer_request(&body.bytes) {
         Ok(r) => r,
         Err(e) => return bad_json(&state, Source::V2, e),
     };
@@ -277,29 +464,24 @@ async fn infer(
 async fn infer_versioned(
     State(state): Shared,
     Path((name, version)): Path<(String, String)>,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Response {
     if let Some(r) = reject_version(&state, &version) {
         return r;
     }
-    infer(State(state), Path(name), body).await
+    infer(State(state), Path(name), request).await
 }
 
-#[derive(serde::Deserialize)]
-struct ScoreRequest {
-    data: FlatData,
-}
-
-async fn score(State(state): Shared, body: Result<Bytes, BytesRejection>) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(rejection) => return body_error(&state, Source::Score, rejection),
-    };
+async fn score(State(state): Shared, request: Request) -> Response {
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
-        return busy(&state);
+        return busy(&state, "too many requests in flight; try again");
+    };
+    let body = match read_body(&state, request).await {
+        Ok(b) => b,
+        Err(e) => return body_error(&state, Source::Score, e),
     };
     let started = Instant::now();
-    let request: ScoreRequest = match serde_json::from_slice(&body) {
+    let request = match parse_score_request(&body.bytes) {
         Ok(r) => r,
         Err(e) => return bad_json(&state, Source::Score, e),
     };

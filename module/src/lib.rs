@@ -134,7 +134,7 @@ impl Server {
             tracker.spawn(bus::run(engine.clone(), bus, shutdown.clone()));
         }
         let router = http::router(engine, config.limits.clone());
-        let result = http::serve(listener, router, shutdown.clone()).await;
+        let result = http::serve(listener, router, &config.limits, shutdown.clone()).await;
         // The HTTP server only returns early on an I/O error: stop the rest too.
         shutdown.cancel();
         tracker.close();

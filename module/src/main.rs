@@ -120,6 +120,16 @@ struct ServeArgs {
     /// HTTP inference requests in flight before new ones get 503.
     #[arg(long, default_value_t = 256, env = "OUTPOST_MAX_IN_FLIGHT")]
     max_in_flight: usize,
+    /// Request body bytes held by all HTTP requests in flight before new ones get 503
+    /// (at least --max-body-bytes).
+    #[arg(long, default_value_t = 64 << 20, env = "OUTPOST_MAX_BYTES_IN_FLIGHT")]
+    max_bytes_in_flight: usize,
+    /// Seconds a connection has to send a request's headers (also the idle keep-alive limit).
+    #[arg(long, default_value_t = 10, env = "OUTPOST_HEADER_TIMEOUT_SECS")]
+    header_timeout_secs: u64,
+    /// Seconds a request has to send its body once its headers are in; then 408.
+    #[arg(long, default_value_t = 30, env = "OUTPOST_BODY_TIMEOUT_SECS")]
+    body_timeout_secs: u64,
     /// How often to check the model file for replacement, in milliseconds; 0 turns it off.
     #[arg(long, default_value_t = 2000, env = "OUTPOST_RELOAD_INTERVAL_MS")]
     reload_interval_ms: u64,
@@ -210,6 +220,32 @@ fn serve_config(a: &ServeArgs) -> Result<ServeConfig, ConfigError> {
             "--name / OUTPOST_MODEL_NAME: '{name}' must be non-empty without '/', '+' or '#'"
         )));
     }
+    if a.max_body_bytes > u32::MAX as usize {
+        return Err(ConfigError(format!(
+            "--max-body-bytes / OUTPOST_MAX_BODY_BYTES: {} is above the 4 GiB this server can budget",
+            a.max_body_bytes
+        )));
+    }
+    if a.max_bytes_in_flight < a.max_body_bytes {
+        return Err(ConfigError(format!(
+            "--max-bytes-in-flight / OUTPOST_MAX_BYTES_IN_FLIGHT: {} is below --max-body-bytes ({}); the largest bodies could never be accepted",
+            a.max_bytes_in_flight, a.max_body_bytes
+        )));
+    }
+    for (flag, secs) in [
+        (
+            "--header-timeout-secs / OUTPOST_HEADER_TIMEOUT_SECS",
+            a.header_timeout_secs,
+        ),
+        (
+            "--body-timeout-secs / OUTPOST_BODY_TIMEOUT_SECS",
+            a.body_timeout_secs,
+        ),
+    ] {
+        if secs == 0 {
+            return Err(ConfigError(format!("{flag} must be at least 1")));
+        }
+    }
     let workers = a
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -238,6 +274,9 @@ fn serve_config(a: &ServeArgs) -> Result<ServeConfig, ConfigError> {
         limits: HttpLimits {
             max_body_bytes: a.max_body_bytes,
             max_in_flight: a.max_in_flight,
+            max_bytes_in_flight: a.max_bytes_in_flight,
+            header_timeout: Duration::from_secs(a.header_timeout_secs),
+            body_timeout: Duration::from_secs(a.body_timeout_secs),
         },
         workers,
         bus,
@@ -373,7 +412,7 @@ impl Rng {
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    use outpost_module::tensor::{DataType, Scalar, tensor_from_scalars};
+    use outpost_module::tensor::{DataType, Origin, Scalar, checked_len, tensor_from_scalars};
     let model = load(&args.model.model, &load_options(&args.model)?, 1)?;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let inputs: TVec<TValue> = match &args.input {
@@ -387,7 +426,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             .iter()
             .map(|spec| {
                 let shape: Vec<usize> = spec.shape.iter().map(|d| d.unwrap_or(1)).collect();
-                let n: usize = shape.iter().product();
+                let n = checked_len(&shape, spec.datatype.size()).ok_or_else(|| {
+                    anyhow::anyhow!("input '{}': shape {shape:?} is too large", spec.name)
+                })?;
                 let values: Vec<Scalar> = (0..n)
                     .map(|_| match spec.datatype {
                         DataType::Bool => Scalar::Bool(rng.next() & 1 == 1),
@@ -397,7 +438,10 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                         _ => Scalar::Int((rng.next() % 100) as i64),
                     })
                     .collect();
-                Ok(tensor_from_scalars(&spec.name, spec.datatype, &shape, &values)?.into_tvalue())
+                Ok(
+                    tensor_from_scalars(Origin::File, &spec.name, spec.datatype, &shape, &values)?
+                        .into_tvalue(),
+                )
             })
             .collect::<anyhow::Result<_>>()?,
     };
@@ -455,11 +499,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         return Err(ConfigError(format!("the model has no input '{name}'")).into());
     }
     let outputs = model.run(inputs)?;
-    std::fs::create_dir_all(&args.output).with_context(|| args.output.display().to_string())?;
+    let dir = batch::OutputDir::create(&args.output)
+        .with_context(|| args.output.display().to_string())?;
     for (i, t) in outputs.iter().enumerate() {
-        let path = args.output.join(format!("{i}.npy"));
-        std::fs::write(&path, outpost_module::npy::write(t)?)
-            .with_context(|| path.display().to_string())?;
+        dir.write(&format!("{i}.npy"), &outpost_module::npy::write(t)?)?;
     }
     Ok(())
 }

@@ -18,7 +18,9 @@ use tract_onnx::tract_core::runtime::RunOptions;
 use tract_onnx::tract_hir::internal::{DimLike, Factoid};
 
 use crate::metrics::Metrics;
-use crate::tensor::{DataType, InferRequest, TensorError, tensor_from_scalars};
+use crate::tensor::{
+    DataType, InferRequest, TensorError, request_datatype, request_shape, request_tensor,
+};
 
 /// Why a model could not be loaded. Causes are part of each message rather than a `#[source]`:
 /// the message is served whole on `/v2/health/ready`, and a source would print twice in a chain.
@@ -345,48 +347,34 @@ impl LoadedModel {
     /// Checks an OIP request against the model's inputs and builds its tensors. Every error
     /// names the input and the problem (unknown or missing name, datatype, shape, values).
     pub fn check(&self, request: &InferRequest) -> Result<CheckedRequest, InferError> {
-        let mut by_name: HashMap<&str, &crate::tensor::RequestInput> = HashMap::new();
-        for input in &request.inputs {
+        // Each input with its index in the request, for the field paths of errors.
+        let mut by_name: HashMap<&str, (usize, &crate::tensor::RequestInput)> = HashMap::new();
+        for (index, input) in request.inputs.iter().enumerate() {
             if !self.inputs.iter().any(|s| s.name == input.name) {
                 return Err(InferError::UnknownInput {
                     name: input.name.clone(),
                     known: self.input_names(),
                 });
             }
-            if by_name.insert(&input.name, input).is_some() {
+            if by_name.insert(&input.name, (index, input)).is_some() {
                 return Err(InferError::DuplicateInput(input.name.clone()));
             }
         }
         let mut tensors = TVec::new();
         for spec in &self.inputs {
-            let input = by_name
+            let &(index, input) = by_name
                 .get(spec.name.as_str())
                 .ok_or_else(|| InferError::MissingInput(spec.name.clone()))?;
-            match DataType::from_oip(&input.datatype) {
-                None => {
-                    return Err(TensorError::UnknownDatatype {
-                        name: input.name.clone(),
-                        datatype: input.datatype.clone(),
-                        supported: crate::tensor::SUPPORTED,
-                    }
-                    .into());
-                }
-                Some(dt) if dt != spec.datatype => {
-                    return Err(InferError::WrongDatatype {
-                        name: input.name.clone(),
-                        got: input.datatype.clone(),
-                        expected: spec.datatype,
-                    });
-                }
-                Some(_) => {}
-            }
-            if input.shape.iter().any(|&d| d < 0) {
-                return Err(TensorError::NegativeDim {
+            let dt = request_datatype(index, input)?;
+            if dt != spec.datatype {
+                return Err(InferError::WrongDatatype {
                     name: input.name.clone(),
-                    shape: input.shape.clone(),
-                }
-                .into());
+                    got: input.datatype.clone(),
+                    expected: spec.datatype,
+                });
             }
+            // Negative and overflowing shapes first: nothing below may multiply them.
+            request_shape(index, input, dt)?;
             if !spec.accepts(&input.shape) {
                 return Err(InferError::WrongShape {
                     name: input.name.clone(),
@@ -394,15 +382,7 @@ impl LoadedModel {
                     expected: spec.shape_text(),
                 });
             }
-            if let Some(what) = &input.data.non_scalar {
-                return Err(InferError::BadRequest(format!(
-                    "input '{}': data holds {what}; expected numbers or booleans",
-                    input.name
-                )));
-            }
-            let shape: Vec<usize> = input.shape.iter().map(|&d| d as usize).collect();
-            let t = tensor_from_scalars(&input.name, spec.datatype, &shape, &input.data.values)?;
-            tensors.push(t.into_tvalue());
+            tensors.push(request_tensor(index, input)?.into_tvalue());
         }
         let outputs = match &request.outputs {
             None => (0..self.outputs.len()).collect(),

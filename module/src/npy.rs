@@ -6,7 +6,7 @@
 
 use tract_onnx::prelude::{Tensor, f16};
 
-use crate::tensor::{DataType, OutputData, output_data};
+use crate::tensor::{DataType, OutputData, checked_len, output_data};
 
 const MAGIC: &[u8] = b"\x93NUMPY";
 /// A header larger than this is not a NumPy header (NumPy itself caps it near 64 KiB).
@@ -32,6 +32,10 @@ pub enum NpyError {
         expected: usize,
         got: usize,
     },
+    /// The header's shape multiplies out beyond what can be addressed: refused before the
+    /// product is used (a crafted header must not panic or wrap).
+    #[error(".npy header: shape {shape:?} of {dtype} has more elements than this server can hold")]
+    ShapeOverflow { shape: Vec<usize>, dtype: DataType },
     #[error(".npy bool element {0} is neither 0 nor 1")]
     BadBool(usize),
     #[error("tensor: {0}")]
@@ -130,8 +134,11 @@ pub fn read(bytes: &[u8]) -> Result<Tensor, NpyError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| NpyError::Header(format!("bad shape {shape_src}")))?;
     let data = &bytes[start + header_len..];
-    let count: usize = shape.iter().product();
-    let expected = count.checked_mul(dt.size()).ok_or(NpyError::Truncated)?;
+    let Some(count) = checked_len(&shape, dt.size()) else {
+        return Err(NpyError::ShapeOverflow { shape, dtype: dt });
+    };
+    // Cannot overflow: checked_len bounds count × size by isize::MAX.
+    let expected = count * dt.size();
     if data.len() != expected {
         return Err(NpyError::Size {
             shape,
@@ -215,7 +222,8 @@ pub fn write(t: &Tensor) -> Result<Vec<u8>, NpyError> {
     let total = MAGIC.len() + 4 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
     header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + t.len() * dt.size());
+    let mut out =
+        Vec::with_capacity((10 + header.len()).saturating_add(t.len().saturating_mul(dt.size())));
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[1, 0]);
     let hlen = u16::try_from(header.len()).map_err(|_| NpyError::Header("too long".into()))?;
@@ -280,7 +288,8 @@ mod tests {
             } else {
                 vec![Scalar::Int(1), Scalar::Int(2), Scalar::Int(3)]
             };
-            let t = tensor_from_scalars("x", dt, &[3, 1], &vals).unwrap();
+            let t =
+                tensor_from_scalars(crate::tensor::Origin::File, "x", dt, &[3, 1], &vals).unwrap();
             let bytes = write(&t).unwrap();
             assert_eq!(
                 (10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize) % 64,
@@ -289,6 +298,51 @@ mod tests {
             let back = read(&bytes).unwrap();
             assert_eq!(back, t, "{name}");
         }
+    }
+
+    /// A header in NumPy's own layout, with any shape text.
+    fn with_shape(descr: &str, shape: &str, payload: &[u8]) -> Vec<u8> {
+        let header =
+            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}\n");
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&[1, 0]);
+        out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn overflowing_header_shapes_are_errors_not_panics() {
+        let big = 1u64 << 62;
+        for (descr, shape) in [
+            ("<f4", format!("({big}, {big})")),
+            ("<f4", format!("(0, {big}, {big})")),
+            ("<f8", format!("({},)", 1u64 << 61)),
+            ("|u1", format!("({}, 2)", u64::MAX)),
+        ] {
+            let e = read(&with_shape(descr, &shape, &[0; 16])).unwrap_err();
+            assert!(matches!(e, NpyError::ShapeOverflow { .. }), "{shape}: {e}");
+            assert!(
+                e.to_string()
+                    .contains("more elements than this server can hold"),
+                "{e}"
+            );
+        }
+        // A dimension beyond usize does not parse at all.
+        assert!(matches!(
+            read(&with_shape("<f4", "(18446744073709551616,)", &[])),
+            Err(NpyError::Header(_))
+        ));
+        // Large but addressable: the size check refuses it, nothing is allocated.
+        assert!(matches!(
+            read(&with_shape("<f4", "(1048576, 1048576)", &[0; 8])),
+            Err(NpyError::Size { .. })
+        ));
+        assert_eq!(
+            read(&with_shape("<f4", "(2,)", &[0; 8])).unwrap().shape(),
+            &[2]
+        );
     }
 
     #[test]

@@ -11,36 +11,143 @@ use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::{DatumType, Tensor, f16};
 
-/// Why a tensor could not be built or read. Every message names the tensor and the problem,
+/// Why a tensor could not be built or read. Every message starts with the request field the
+/// client must fix (`inputs[0].shape`, `inputs[0].data[5]`, `data[3]`) and names the tensor,
 /// because it goes back to the client as the body of a 400.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TensorError {
-    #[error("input '{name}': datatype '{datatype}' is not supported (use one of {supported})")]
+    #[error(
+        "{field}: input '{name}': datatype '{datatype}' is not supported (use one of {supported})"
+    )]
     UnknownDatatype {
+        field: String,
         name: String,
         datatype: String,
         supported: &'static str,
     },
-    #[error("input '{name}': shape {shape:?} has a negative dimension")]
-    NegativeDim { name: String, shape: Vec<i64> },
-    #[error("input '{name}': shape {shape:?} holds {expected} elements but data has {got}")]
+    #[error("{field}: input '{name}': shape {shape:?} has a negative dimension")]
+    NegativeDim {
+        field: String,
+        name: String,
+        shape: Vec<i64>,
+    },
+    /// The product of the dimensions (or the bytes it needs) does not fit in memory's address
+    /// space; refused before anything multiplies it unchecked (tract and ndarray do).
+    #[error("{field}: input '{name}': shape {shape:?} has more elements than this server can hold")]
+    ShapeOverflow {
+        field: String,
+        name: String,
+        shape: Vec<u64>,
+    },
+    #[error(
+        "{field}: input '{name}': shape {shape:?} holds {expected} elements but data has {got}"
+    )]
     CountMismatch {
+        field: String,
         name: String,
         shape: Vec<i64>,
         expected: usize,
         got: usize,
     },
-    #[error("input '{name}': element {index} ({value}) is not a valid {datatype}")]
+    #[error("{field}: input '{name}': element {index} ({value}) is not a valid {datatype}")]
     BadValue {
+        field: String,
         name: String,
         index: usize,
         value: String,
         datatype: &'static str,
     },
-    #[error("input '{name}': nested data is ragged (rows of different lengths)")]
-    Ragged { name: String },
+    /// A number that is valid JSON but does not fit the datatype: refused rather than
+    /// wrapped (INT8 300), saturated or turned into infinity (FP32 1e39).
+    #[error(
+        "{field}: input '{name}': element {index} ({value}) is outside the range of {datatype}"
+    )]
+    OutOfRange {
+        field: String,
+        name: String,
+        index: usize,
+        value: String,
+        datatype: &'static str,
+    },
+    #[error("{field}: input '{name}': data holds {what}; expected numbers or booleans")]
+    NonScalar {
+        field: String,
+        name: String,
+        what: String,
+    },
+    #[error("{field}: input '{name}': nested data is ragged (rows of different lengths)")]
+    Ragged { field: String, name: String },
     #[error("tensor '{name}': {reason}")]
     Internal { name: String, reason: String },
+}
+
+/// Where a tensor sits in what the client sent, so that errors name the field to fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// `inputs[i]` of an Open Inference Protocol request.
+    Input(usize),
+    /// The `data` of a `{"data": ...}` request (`/score`, the bus, batch); its nesting is
+    /// its shape.
+    Data,
+    /// A tensor that came whole (a `.npy` file, generated inputs); no request field.
+    File,
+}
+
+impl Origin {
+    /// The field holding the shape: `inputs[0].shape`, `data` (its nesting) or `shape`.
+    pub fn shape_field(self) -> String {
+        match self {
+            Origin::Input(i) => format!("inputs[{i}].shape"),
+            Origin::Data => "data".into(),
+            Origin::File => "shape".into(),
+        }
+    }
+
+    /// The field holding the data as a whole.
+    pub fn data_field(self) -> String {
+        match self {
+            Origin::Input(i) => format!("inputs[{i}].data"),
+            Origin::Data => "data".into(),
+            Origin::File => "data".into(),
+        }
+    }
+
+    /// The field of one element, by its flat (row-major) index.
+    pub fn element_field(self, index: usize) -> String {
+        format!("{}[{index}]", self.data_field())
+    }
+
+    /// The field holding the datatype.
+    pub fn datatype_field(self) -> String {
+        match self {
+            Origin::Input(i) => format!("inputs[{i}].datatype"),
+            Origin::Data | Origin::File => "datatype".into(),
+        }
+    }
+}
+
+/// Elements in a tensor of `shape` whose elements take `size` bytes, or `None` when such a
+/// tensor cannot exist here.
+///
+/// Checks more than the element count: the product of the non-zero dimensions times `size`
+/// (the largest stride in bytes, which tract and ndarray compute with unchecked
+/// multiplication even for an empty tensor) must fit in `isize`, Rust's limit on one
+/// allocation. So `[2^62, 2^62]` and `[0, 2^62, 2^62]` are both refused.
+pub fn checked_len(shape: &[usize], size: usize) -> Option<usize> {
+    let mut nonzero: usize = 1;
+    let mut empty = false;
+    for &d in shape {
+        if d == 0 {
+            empty = true;
+        } else {
+            nonzero = nonzero.checked_mul(d)?;
+        }
+    }
+    let bytes = nonzero.checked_mul(size.max(1))?;
+    if isize::try_from(bytes).is_err() {
+        return None;
+    }
+    Some(if empty { 0 } else { nonzero })
 }
 
 /// The datatypes of the Open Inference Protocol that map onto tract datums. BYTES (strings)
@@ -172,7 +279,8 @@ impl fmt::Display for Scalar {
             Scalar::Bool(v) => write!(f, "{v}"),
             Scalar::Int(v) => write!(f, "{v}"),
             Scalar::UInt(v) => write!(f, "{v}"),
-            Scalar::Float(v) => write!(f, "{v}"),
+            // Debug keeps large and small floats short (1e39, not 40 digits).
+            Scalar::Float(v) => write!(f, "{v:?}"),
         }
     }
 }
@@ -375,57 +483,115 @@ pub struct InferResponse {
     pub outputs: Vec<ResponseOutput>,
 }
 
+/// Why one JSON scalar does not convert: the wrong kind (`true` for FP32, 1.5 for INT32) or
+/// a number out of the datatype's range.
+enum Unfit {
+    Kind,
+    Range,
+}
+
 fn convert<T>(
+    origin: Origin,
     name: &str,
     values: &[Scalar],
     datatype: &'static str,
-    f: impl Fn(Scalar) -> Option<T>,
+    f: impl Fn(Scalar) -> Result<T, Unfit>,
 ) -> Result<Vec<T>, TensorError> {
     values
         .iter()
         .enumerate()
         .map(|(index, &s)| {
-            f(s).ok_or_else(|| TensorError::BadValue {
-                name: name.to_string(),
-                index,
-                value: s.to_string(),
-                datatype,
+            f(s).map_err(|why| {
+                let (field, name, value) =
+                    (origin.element_field(index), name.to_string(), s.to_string());
+                match why {
+                    Unfit::Kind => TensorError::BadValue {
+                        field,
+                        name,
+                        index,
+                        value,
+                        datatype,
+                    },
+                    Unfit::Range => TensorError::OutOfRange {
+                        field,
+                        name,
+                        index,
+                        value,
+                        datatype,
+                    },
+                }
             })
         })
         .collect()
 }
 
-fn int<T: TryFrom<i64> + TryFrom<u64>>(s: Scalar) -> Option<T> {
+fn int<T: TryFrom<i64> + TryFrom<u64>>(s: Scalar) -> Result<T, Unfit> {
     match s {
-        Scalar::Int(v) => T::try_from(v).ok(),
-        Scalar::UInt(v) => T::try_from(v).ok(),
-        // Integral floats (1.0) are what some clients send for integer tensors.
-        Scalar::Float(v) if v.fract() == 0.0 && v.abs() < 9.0e15 => T::try_from(v as i64).ok(),
-        _ => None,
+        Scalar::Int(v) => T::try_from(v).map_err(|_| Unfit::Range),
+        Scalar::UInt(v) => T::try_from(v).map_err(|_| Unfit::Range),
+        // Integral floats (1.0) are what some clients send for integer tensors; beyond 2^53
+        // a float no longer says which integer it means.
+        Scalar::Float(v) if v.fract() == 0.0 && v.abs() < 9.0e15 => {
+            T::try_from(v as i64).map_err(|_| Unfit::Range)
+        }
+        _ => Err(Unfit::Kind),
     }
 }
 
-fn float(s: Scalar) -> Option<f64> {
+fn float(s: Scalar) -> Result<f64, Unfit> {
     match s {
-        Scalar::Int(v) => Some(v as f64),
-        Scalar::UInt(v) => Some(v as f64),
-        Scalar::Float(v) => Some(v),
-        Scalar::Bool(_) => None,
+        Scalar::Int(v) => Ok(v as f64),
+        Scalar::UInt(v) => Ok(v as f64),
+        // JSON cannot carry NaN or infinity (serde_json refuses them and numbers beyond f64),
+        // so a non-finite value here can only come from elsewhere: refuse it all the same.
+        Scalar::Float(v) if v.is_finite() => Ok(v),
+        Scalar::Float(_) => Err(Unfit::Range),
+        Scalar::Bool(_) => Err(Unfit::Kind),
     }
 }
 
-/// Builds a tract tensor of `dt` and `shape` from JSON scalars, checking the element count
-/// and that every value fits the type (300 is not a UINT8, `true` is not an FP32).
+/// A float narrowed to FP32: values beyond its range would silently become infinity.
+/// (Values too small for FP32 round towards zero, as in every float conversion.)
+fn fp32(s: Scalar) -> Result<f32, Unfit> {
+    let v = float(s)? as f32;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(Unfit::Range)
+    }
+}
+
+/// A float narrowed to FP16 (largest finite value 65504).
+fn fp16(s: Scalar) -> Result<f16, Unfit> {
+    let v = f16::from_f64(float(s)?);
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(Unfit::Range)
+    }
+}
+
+/// Builds a tract tensor of `dt` and `shape` from JSON scalars, checking that the shape can
+/// exist ([`checked_len`]), the element count, and that every value fits the type (300 is
+/// not a UINT8, 1e39 is not an FP32, `true` is not an FP32). Errors name the field by
+/// `origin`.
 pub fn tensor_from_scalars(
+    origin: Origin,
     name: &str,
     dt: DataType,
     shape: &[usize],
     values: &[Scalar],
 ) -> Result<Tensor, TensorError> {
-    let expected: usize = shape.iter().product();
+    let expected = checked_len(shape, dt.size()).ok_or_else(|| TensorError::ShapeOverflow {
+        field: origin.shape_field(),
+        name: name.to_string(),
+        shape: shape.iter().map(|&d| d as u64).collect(),
+    })?;
     if expected != values.len() {
         return Err(TensorError::CountMismatch {
+            field: origin.shape_field(),
             name: name.to_string(),
+            // Every dimension fits isize once checked_len has passed.
             shape: shape.iter().map(|&d| d as i64).collect(),
             expected,
             got: values.len(),
@@ -435,33 +601,130 @@ pub fn tensor_from_scalars(
     let t = match dt {
         DataType::Bool => Tensor::from_shape(
             shape,
-            &convert(name, values, dn, |s| match s {
-                Scalar::Bool(b) => Some(b),
-                _ => None,
+            &convert(origin, name, values, dn, |s| match s {
+                Scalar::Bool(b) => Ok(b),
+                _ => Err(Unfit::Kind),
             })?,
         ),
-        DataType::Uint8 => Tensor::from_shape(shape, &convert(name, values, dn, int::<u8>)?),
-        DataType::Uint16 => Tensor::from_shape(shape, &convert(name, values, dn, int::<u16>)?),
-        DataType::Uint32 => Tensor::from_shape(shape, &convert(name, values, dn, int::<u32>)?),
-        DataType::Uint64 => Tensor::from_shape(shape, &convert(name, values, dn, int::<u64>)?),
-        DataType::Int8 => Tensor::from_shape(shape, &convert(name, values, dn, int::<i8>)?),
-        DataType::Int16 => Tensor::from_shape(shape, &convert(name, values, dn, int::<i16>)?),
-        DataType::Int32 => Tensor::from_shape(shape, &convert(name, values, dn, int::<i32>)?),
-        DataType::Int64 => Tensor::from_shape(shape, &convert(name, values, dn, int::<i64>)?),
-        DataType::Fp16 => Tensor::from_shape(
-            shape,
-            &convert(name, values, dn, |s| float(s).map(f16::from_f64))?,
-        ),
-        DataType::Fp32 => Tensor::from_shape(
-            shape,
-            &convert(name, values, dn, |s| float(s).map(|v| v as f32))?,
-        ),
-        DataType::Fp64 => Tensor::from_shape(shape, &convert(name, values, dn, float)?),
+        DataType::Uint8 => {
+            Tensor::from_shape(shape, &convert(origin, name, values, dn, int::<u8>)?)
+        }
+        DataType::Uint16 => {
+            Tensor::from_shape(shape, &convert(origin, name, values, dn, int::<u16>)?)
+        }
+        DataType::Uint32 => {
+            Tensor::from_shape(shape, &convert(origin, name, values, dn, int::<u32>)?)
+        }
+        DataType::Uint64 => {
+            Tensor::from_shape(shape, &convert(origin, name, values, dn, int::<u64>)?)
+        }
+        DataType::Int8 => Tensor::from_shape(shape, &convert(origin, name, values, dn, int::<i8>)?),
+        DataType::Int16 => {
+            Tensor::from_shape(shape, &convert(origin, name, values, dn, int::<i16>)?)
+        }
+        DataType::Int32 => {
+            Tensor::from_shape(shape, &convert(origin, name, values, dn, int::<i32>)?)
+        }
+        DataType::Int64 => {
+            Tensor::from_shape(shape, &convert(origin, name, values, dn, int::<i64>)?)
+        }
+        DataType::Fp16 => Tensor::from_shape(shape, &convert(origin, name, values, dn, fp16)?),
+        DataType::Fp32 => Tensor::from_shape(shape, &convert(origin, name, values, dn, fp32)?),
+        DataType::Fp64 => Tensor::from_shape(shape, &convert(origin, name, values, dn, float)?),
     };
     t.map_err(|e| TensorError::Internal {
         name: name.to_string(),
         reason: e.to_string(),
     })
+}
+
+/// The datatype `inputs[index]` declares, or the 400 naming it.
+pub fn request_datatype(index: usize, input: &RequestInput) -> Result<DataType, TensorError> {
+    DataType::from_oip(&input.datatype).ok_or_else(|| TensorError::UnknownDatatype {
+        field: Origin::Input(index).datatype_field(),
+        name: input.name.clone(),
+        datatype: input.datatype.clone(),
+        supported: SUPPORTED,
+    })
+}
+
+/// The shape `inputs[index]` declares, checked: no negative dimension, and a tensor of that
+/// shape and datatype could exist ([`checked_len`]). Done before the shape is compared with
+/// the model's or multiplied anywhere.
+pub fn request_shape(
+    index: usize,
+    input: &RequestInput,
+    dt: DataType,
+) -> Result<Vec<usize>, TensorError> {
+    let field = Origin::Input(index).shape_field();
+    let shape = input
+        .shape
+        .iter()
+        .map(|&d| usize::try_from(d).ok())
+        .collect::<Option<Vec<usize>>>()
+        .ok_or_else(|| TensorError::NegativeDim {
+            field: field.clone(),
+            name: input.name.clone(),
+            shape: input.shape.clone(),
+        })?;
+    if checked_len(&shape, dt.size()).is_none() {
+        return Err(TensorError::ShapeOverflow {
+            field,
+            name: input.name.clone(),
+            shape: input.shape.iter().map(|&d| d as u64).collect(),
+        });
+    }
+    Ok(shape)
+}
+
+/// Builds the tensor of `inputs[index]` from what the request alone says (its datatype,
+/// shape and data), without a model: what the server does once the model has accepted the
+/// datatype and shape, and what the `oip` fuzz target drives.
+pub fn request_tensor(index: usize, input: &RequestInput) -> Result<Tensor, TensorError> {
+    let dt = request_datatype(index, input)?;
+    let shape = request_shape(index, input, dt)?;
+    let origin = Origin::Input(index);
+    if let Some(what) = &input.data.non_scalar {
+        return Err(TensorError::NonScalar {
+            field: origin.data_field(),
+            name: input.name.clone(),
+            what: what.clone(),
+        });
+    }
+    tensor_from_scalars(origin, &input.name, dt, &shape, &input.data.values)
+}
+
+/// Parses an Open Inference Protocol request body (`POST /v2/models/{name}/infer`).
+pub fn parse_infer_request(body: &[u8]) -> Result<InferRequest, serde_json::Error> {
+    serde_json::from_slice(body)
+}
+
+/// A `{"data": ...}` body (`/score`); other fields are ignored.
+#[derive(Debug, Deserialize)]
+pub struct ScoreRequest {
+    pub data: FlatData,
+}
+
+/// Parses a `/score` request body.
+pub fn parse_score_request(body: &[u8]) -> Result<ScoreRequest, serde_json::Error> {
+    serde_json::from_slice(body)
+}
+
+/// Builds the tensor of a `{"data": ...}` request for input `name` of type `dt`: the nesting
+/// gives the shape.
+pub fn data_tensor(name: &str, dt: DataType, data: &FlatData) -> Result<Tensor, TensorError> {
+    if let Some(what) = &data.non_scalar {
+        return Err(TensorError::NonScalar {
+            field: Origin::Data.data_field(),
+            name: name.to_string(),
+            what: what.clone(),
+        });
+    }
+    let shape = data.shape.as_ref().ok_or_else(|| TensorError::Ragged {
+        field: Origin::Data.data_field(),
+        name: name.to_string(),
+    })?;
+    tensor_from_scalars(Origin::Data, name, dt, shape, &data.values)
 }
 
 fn internal(name: &str, e: impl fmt::Display) -> TensorError {
@@ -553,16 +816,32 @@ mod tests {
     #[test]
     fn values_are_checked_against_the_datatype() {
         let v = flat("[1, 300]").values;
-        let e = tensor_from_scalars("x", DataType::Uint8, &[2], &v).unwrap_err();
+        let e = tensor_from_scalars(Origin::File, "x", DataType::Uint8, &[2], &v).unwrap_err();
         assert!(
             e.to_string()
-                .contains("element 1 (300) is not a valid UINT8"),
+                .contains("element 1 (300) is outside the range of UINT8"),
             "{e}"
         );
         let v = flat("[true, 1]").values;
-        assert!(tensor_from_scalars("x", DataType::Bool, &[2], &v).is_err());
-        assert!(tensor_from_scalars("x", DataType::Fp32, &[2], &flat("[true, 1]").values).is_err());
-        let e = tensor_from_scalars("x", DataType::Fp32, &[3], &flat("[1, 2]").values).unwrap_err();
+        assert!(tensor_from_scalars(Origin::File, "x", DataType::Bool, &[2], &v).is_err());
+        assert!(
+            tensor_from_scalars(
+                Origin::File,
+                "x",
+                DataType::Fp32,
+                &[2],
+                &flat("[true, 1]").values
+            )
+            .is_err()
+        );
+        let e = tensor_from_scalars(
+            Origin::File,
+            "x",
+            DataType::Fp32,
+            &[3],
+            &flat("[1, 2]").values,
+        )
+        .unwrap_err();
         assert!(matches!(
             e,
             TensorError::CountMismatch {
@@ -574,9 +853,134 @@ mod tests {
     }
 
     #[test]
+    fn overflowing_shapes_are_refused_with_the_field_path() {
+        assert_eq!(checked_len(&[2, 3], 4), Some(6));
+        assert_eq!(checked_len(&[], 4), Some(1));
+        assert_eq!(checked_len(&[0, 5], 4), Some(0));
+        let big = 1usize << 62;
+        assert_eq!(checked_len(&[big, big], 1), None);
+        // Empty, but its strides would still overflow inside tract.
+        assert_eq!(checked_len(&[0, big, big], 1), None);
+        // Fits as a count, not as bytes.
+        assert_eq!(checked_len(&[1 << 61], 8), None);
+        let e = tensor_from_scalars(Origin::Input(0), "x", DataType::Fp32, &[big, big], &[])
+            .unwrap_err();
+        assert!(matches!(e, TensorError::ShapeOverflow { .. }), "{e}");
+        assert!(e.to_string().starts_with("inputs[0].shape: "), "{e}");
+
+        let req: InferRequest = parse_infer_request(
+            br#"{"inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]},
+                {"name": "b", "shape": [4611686018427387904, 4611686018427387904],
+                 "datatype": "FP32", "data": [1]}]}"#,
+        )
+        .unwrap();
+        assert!(request_tensor(0, &req.inputs[0]).is_ok());
+        let e = request_tensor(1, &req.inputs[1]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "inputs[1].shape: input 'b': shape [4611686018427387904, 4611686018427387904] has more elements than this server can hold"
+        );
+    }
+
+    #[test]
+    fn values_outside_the_datatype_range_are_refused() {
+        let cases: [(DataType, &str, &str); 9] = [
+            (
+                DataType::Fp32,
+                "[1, 1e39]",
+                "inputs[2].data[1]: input 'x': element 1 (1e39) is outside the range of FP32",
+            ),
+            (DataType::Fp32, "[-3.5e38]", "data[0]"),
+            (DataType::Fp16, "[65504, 70000]", "inputs[2].data[1]"),
+            (
+                DataType::Int8,
+                "[300]",
+                "(300) is outside the range of INT8",
+            ),
+            (DataType::Int8, "[-129]", "outside the range of INT8"),
+            (DataType::Uint8, "[-1]", "outside the range of UINT8"),
+            (DataType::Uint64, "[-1]", "outside the range of UINT64"),
+            (
+                DataType::Int64,
+                "[18446744073709551615]",
+                "outside the range of INT64",
+            ),
+            (DataType::Int16, "[40000.0]", "outside the range of INT16"),
+        ];
+        for (dt, json, needle) in cases {
+            let v = flat(json).values;
+            let origin = if needle.starts_with("data") {
+                Origin::Data
+            } else {
+                Origin::Input(2)
+            };
+            let e = tensor_from_scalars(origin, "x", dt, &[v.len()], &v).unwrap_err();
+            assert!(
+                matches!(e, TensorError::OutOfRange { .. }),
+                "{dt} {json}: {e}"
+            );
+            assert!(
+                e.to_string().contains(needle),
+                "{dt} {json}: '{e}' lacks '{needle}'"
+            );
+        }
+        // The edges themselves fit.
+        let v = flat("[3.4028234663852886e38, -128, 127]").values;
+        assert!(tensor_from_scalars(Origin::File, "x", DataType::Fp32, &[3], &v).is_ok());
+        assert!(tensor_from_scalars(Origin::File, "x", DataType::Int8, &[2], &v[1..]).is_ok());
+        assert!(
+            tensor_from_scalars(
+                Origin::File,
+                "x",
+                DataType::Fp16,
+                &[1],
+                &flat("[65504]").values
+            )
+            .is_ok()
+        );
+        // A non-finite value can only come from outside JSON; refused all the same.
+        let e = tensor_from_scalars(
+            Origin::File,
+            "x",
+            DataType::Fp64,
+            &[1],
+            &[Scalar::Float(f64::NAN)],
+        )
+        .unwrap_err();
+        assert!(matches!(e, TensorError::OutOfRange { .. }), "{e}");
+        // JSON itself cannot say NaN, Infinity or 1e400: those are invalid JSON (a 400 too).
+        for body in ["[NaN]", "[Infinity]", "[1e400]", "[-1e400]"] {
+            assert!(serde_json::from_str::<FlatData>(body).is_err(), "{body}");
+        }
+    }
+
+    #[test]
+    fn data_requests_name_the_data_field() {
+        let d = parse_score_request(br#"{"data": [[1, 2], [3]]}"#)
+            .unwrap()
+            .data;
+        let e = data_tensor("x", DataType::Fp32, &d).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("data: input 'x': nested data is ragged"),
+            "{e}"
+        );
+        let d = parse_score_request(br#"{"data": [[1, "a"]]}"#)
+            .unwrap()
+            .data;
+        let e = data_tensor("x", DataType::Fp32, &d).unwrap_err();
+        assert!(e.to_string().contains("data holds string"), "{e}");
+        let d = parse_score_request(br#"{"data": [[1, 2]]}"#).unwrap().data;
+        assert_eq!(
+            data_tensor("x", DataType::Int32, &d).unwrap().shape(),
+            &[1, 2]
+        );
+    }
+
+    #[test]
     fn large_int64_values_survive() {
         let v = flat("[9007199254740993]").values;
-        let t = tensor_from_scalars("x", DataType::Int64, &[1], &v).unwrap();
+        let t = tensor_from_scalars(Origin::File, "x", DataType::Int64, &[1], &v).unwrap();
         let (_, data) = output_data("x", &t).unwrap();
         assert_eq!(data, OutputData::Int(vec![9_007_199_254_740_993]));
     }
@@ -591,7 +995,7 @@ mod tests {
             } else {
                 flat("[1, 2]").values
             };
-            let t = tensor_from_scalars("x", dt, &[2], &vals).unwrap();
+            let t = tensor_from_scalars(Origin::File, "x", dt, &[2], &vals).unwrap();
             assert_eq!(t.datum_type(), dt.datum());
             let (back, _) = output_data("x", &t).unwrap();
             assert_eq!(back, dt);

@@ -282,7 +282,7 @@ async fn every_datatype_over_http() {
         v["error"]
             .as_str()
             .unwrap()
-            .contains("(300) is not a valid UINT8"),
+            .contains("(300) is outside the range of UINT8"),
         "{v}"
     );
     s.stop().await;

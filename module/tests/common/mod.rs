@@ -159,6 +159,7 @@ pub fn config(model: &Path, name: &str) -> ServeConfig {
         limits: HttpLimits {
             max_body_bytes: 1 << 20,
             max_in_flight: 64,
+            ..HttpLimits::default()
         },
         workers: 2,
         bus: None,
