@@ -14,7 +14,8 @@ fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
         return;
     };
     let registry = Registry::start();
-    let image = test_image(&registry, "testmod-hub", "1");
+    // A device that trusts keys takes images pinned by digest only.
+    let image = test_image_pinned(&registry, "testmod-hub", "1");
     let dir = tempfile::tempdir().unwrap();
     // The operator's key; the device trusts only it.
     let keys = dir.path().join("ops");

@@ -116,6 +116,22 @@ struct RawPolicy {
     allow_host_network: bool,
     #[serde(default)]
     allowed_host_paths: Vec<PathBuf>,
+    #[serde(default)]
+    writable_host_paths: Vec<PathBuf>,
+    #[serde(default)]
+    allowed_capabilities: Vec<String>,
+    #[serde(default)]
+    allowed_devices: Vec<PathBuf>,
+    #[serde(default)]
+    allowed_volumes: Vec<String>,
+    allowed_host_ports: Option<Vec<String>>,
+    allowed_host_ips: Option<Vec<String>>,
+    default_memory_mb: Option<u64>,
+    max_memory_mb: Option<u64>,
+    default_pids_limit: Option<u64>,
+    max_pids_limit: Option<u64>,
+    #[serde(default)]
+    allow_image_tags: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -220,9 +236,11 @@ impl Default for DiskConfig {
     }
 }
 
-/// The default trusts no keys (unsigned deployments accepted), allows any registry and no
-/// privileged containers, host network or host paths.
-#[derive(Debug, Clone, Default)]
+/// What this device lets a deployment do, whatever the hub says: deny by default. The default
+/// trusts no keys (unsigned deployments accepted), allows any registry, and no privileged
+/// containers, host network, host paths, devices, added capabilities, shared volumes or ports
+/// outside 1024-65535 on loopback.
+#[derive(Debug, Clone)]
 pub struct PolicyConfig {
     pub trusted_key_files: Vec<PathBuf>,
     /// Loaded at start-up so a bad key file is a configuration error, not a refused deployment.
@@ -231,8 +249,77 @@ pub struct PolicyConfig {
     pub allowed_registries: Vec<String>,
     pub allow_privileged: bool,
     pub allow_host_network: bool,
-    /// Prefixes a bind mount's host path must be under; empty allows no host paths.
+    /// Prefixes a read-only bind's host path must be under; empty allows no host paths. No
+    /// module can write under them (they may not overlap `writable_host_paths`), so no module
+    /// can plant a link that a later bind would follow.
     pub allowed_host_paths: Vec<PathBuf>,
+    /// Each module may bind `PREFIX/<module name>` itself (read-write), and nothing else under
+    /// these prefixes.
+    pub writable_host_paths: Vec<PathBuf>,
+    /// Capabilities a module may add (`CapAdd`), without the `CAP_` prefix.
+    pub allowed_capabilities: Vec<String>,
+    /// Device nodes a module may be given, exactly.
+    pub allowed_devices: Vec<PathBuf>,
+    /// Engine volumes a module may mount by their own name; any other volume name is scoped
+    /// to this device (`outpost.<device>.<name>`).
+    pub allowed_volumes: Vec<String>,
+    /// Host port ranges a module may publish, inclusive.
+    pub allowed_host_ports: Vec<(u16, u16)>,
+    /// Host addresses a published port may bind; a port binding without one binds the first
+    /// (loopback unless configured otherwise).
+    pub allowed_host_ips: Vec<std::net::IpAddr>,
+    /// The memory limit of a module that sets none; `None`: no limit.
+    pub default_memory_mb: Option<u64>,
+    /// The highest memory limit a module may ask for; `None`: any.
+    pub max_memory_mb: Option<u64>,
+    pub default_pids_limit: u64,
+    pub max_pids_limit: u64,
+    /// With trusted keys, images must be pinned by digest unless this is set (labs).
+    pub allow_image_tags: bool,
+    /// Host paths no bind may reach, whatever the prefixes say: the agent's state and
+    /// configuration, the engine's socket, the API socket, /proc, /sys, /dev, /boot.
+    pub forbidden_host_paths: Vec<PathBuf>,
+}
+
+/// A port range is `N` or `N-M`.
+fn parse_port_range(s: &str) -> Option<(u16, u16)> {
+    let (lo, hi) = s.split_once('-').unwrap_or((s, s));
+    let (lo, hi) = (
+        lo.trim().parse::<u16>().ok()?,
+        hi.trim().parse::<u16>().ok()?,
+    );
+    (lo >= 1 && lo <= hi).then_some((lo, hi))
+}
+
+/// Paths no bind may reach on any device.
+const SYSTEM_PATHS: &[&str] = &["/proc", "/sys", "/dev", "/boot", "/var/run/docker.sock"];
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            trusted_key_files: Vec::new(),
+            trusted_keys: TrustedKeys::default(),
+            allowed_registries: Vec::new(),
+            allow_privileged: false,
+            allow_host_network: false,
+            allowed_host_paths: Vec::new(),
+            writable_host_paths: Vec::new(),
+            allowed_capabilities: Vec::new(),
+            allowed_devices: Vec::new(),
+            allowed_volumes: Vec::new(),
+            allowed_host_ports: vec![(1024, 65535)],
+            allowed_host_ips: vec![
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::Ipv6Addr::LOCALHOST.into(),
+            ],
+            default_memory_mb: Some(512),
+            max_memory_mb: None,
+            default_pids_limit: 1024,
+            max_pids_limit: 8192,
+            allow_image_tags: false,
+            forbidden_host_paths: SYSTEM_PATHS.iter().map(PathBuf::from).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -289,6 +376,12 @@ impl Config {
                     .with_list_parse_key("policy.trusted_keys")
                     .with_list_parse_key("policy.allowed_registries")
                     .with_list_parse_key("policy.allowed_host_paths")
+                    .with_list_parse_key("policy.writable_host_paths")
+                    .with_list_parse_key("policy.allowed_capabilities")
+                    .with_list_parse_key("policy.allowed_devices")
+                    .with_list_parse_key("policy.allowed_volumes")
+                    .with_list_parse_key("policy.allowed_host_ports")
+                    .with_list_parse_key("policy.allowed_host_ips")
                     .source(Some(env)),
             )
             .build()
@@ -477,19 +570,42 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
     } else {
         TrustedKeys::default()
     };
-    for (i, prefix) in p.allowed_host_paths.iter().enumerate() {
-        if prefix.is_relative()
-            || prefix
-                .components()
-                .any(|c| c == std::path::Component::ParentDir)
-        {
-            issues.push(
-                &format!("policy.allowed_host_paths[{i}]"),
-                format!(
-                    "`{}` must be an absolute path without `..`",
-                    prefix.display()
-                ),
-            );
+    for (key, prefixes) in [
+        ("allowed_host_paths", &p.allowed_host_paths),
+        ("writable_host_paths", &p.writable_host_paths),
+        ("allowed_devices", &p.allowed_devices),
+    ] {
+        for (i, prefix) in prefixes.iter().enumerate() {
+            if prefix.is_relative()
+                || prefix
+                    .components()
+                    .any(|c| c == std::path::Component::ParentDir)
+            {
+                issues.push(
+                    &format!("policy.{key}[{i}]"),
+                    format!(
+                        "`{}` must be an absolute path without `..`",
+                        prefix.display()
+                    ),
+                );
+            }
+        }
+    }
+    // A module writes under a writable prefix: if a read-only prefix could reach into it (or
+    // it into one), a module could plant a link there that a later bind follows.
+    for (i, w) in p.writable_host_paths.iter().enumerate() {
+        for r in &p.allowed_host_paths {
+            if w.starts_with(r) || r.starts_with(w) {
+                issues.push(
+                    &format!("policy.writable_host_paths[{i}]"),
+                    format!(
+                        "`{}` overlaps the read-only prefix `{}`: modules could plant links \
+                         where read-only binds resolve; keep them apart",
+                        w.display(),
+                        r.display()
+                    ),
+                );
+            }
         }
     }
     for (i, registry) in p.allowed_registries.iter().enumerate() {
@@ -500,13 +616,115 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
             );
         }
     }
-    let policy = PolicyConfig {
+    let defaults = PolicyConfig::default();
+    let mut allowed_capabilities = Vec::new();
+    for (i, cap) in p.allowed_capabilities.iter().enumerate() {
+        let upper = cap.to_ascii_uppercase();
+        let name = upper.trim_start_matches("CAP_").to_string();
+        if !crate::manifest::validate::is_capability(&name) {
+            issues.push(
+                &format!("policy.allowed_capabilities[{i}]"),
+                format!("`{cap}` is not a Linux capability name such as `NET_BIND_SERVICE`"),
+            );
+        }
+        allowed_capabilities.push(name);
+    }
+    for (i, v) in p.allowed_volumes.iter().enumerate() {
+        if v.is_empty()
+            || !v
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        {
+            issues.push(
+                &format!("policy.allowed_volumes[{i}]"),
+                format!("`{v}` is not a volume name"),
+            );
+        }
+    }
+    let allowed_host_ports = match p.allowed_host_ports {
+        None => defaults.allowed_host_ports.clone(),
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                let parsed = parse_port_range(r);
+                if parsed.is_none() {
+                    issues.push(
+                        &format!("policy.allowed_host_ports[{i}]"),
+                        format!(
+                            "`{r}` must be a port (`8080`) or a range (`8000-8099`) within 1-65535"
+                        ),
+                    );
+                }
+                parsed
+            })
+            .collect(),
+    };
+    let allowed_host_ips = match p.allowed_host_ips {
+        None => defaults.allowed_host_ips.clone(),
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, ip)| {
+                let parsed = ip.parse::<std::net::IpAddr>().ok();
+                if parsed.is_none() {
+                    issues.push(
+                        &format!("policy.allowed_host_ips[{i}]"),
+                        format!("`{ip}` is not an IP address"),
+                    );
+                }
+                parsed
+            })
+            .collect(),
+    };
+    let default_memory_mb = match p.default_memory_mb {
+        None => defaults.default_memory_mb,
+        Some(0) => None,
+        Some(mb) if mb < 6 => {
+            issues.push(
+                "policy.default_memory_mb",
+                "must be at least 6 (the engine's minimum), or 0 for no limit",
+            );
+            None
+        }
+        Some(mb) => Some(mb),
+    };
+    let max_memory_mb = p.max_memory_mb.filter(|mb| *mb > 0);
+    if let (Some(d), Some(m)) = (default_memory_mb, max_memory_mb)
+        && d > m
+    {
+        issues.push(
+            "policy.default_memory_mb",
+            format!("{d} is above policy.max_memory_mb ({m})"),
+        );
+    }
+    let default_pids_limit = p.default_pids_limit.unwrap_or(defaults.default_pids_limit);
+    let max_pids_limit = p.max_pids_limit.unwrap_or(defaults.max_pids_limit);
+    if default_pids_limit == 0 || default_pids_limit > max_pids_limit {
+        issues.push(
+            "policy.default_pids_limit",
+            format!("must be between 1 and policy.max_pids_limit ({max_pids_limit})"),
+        );
+    }
+    let mut policy = PolicyConfig {
         trusted_key_files,
         trusted_keys,
         allowed_registries: p.allowed_registries,
         allow_privileged: p.allow_privileged,
         allow_host_network: p.allow_host_network,
         allowed_host_paths: p.allowed_host_paths,
+        writable_host_paths: p.writable_host_paths,
+        allowed_capabilities,
+        allowed_devices: p.allowed_devices,
+        allowed_volumes: p.allowed_volumes,
+        allowed_host_ports,
+        allowed_host_ips,
+        default_memory_mb,
+        max_memory_mb,
+        default_pids_limit,
+        max_pids_limit,
+        allow_image_tags: p.allow_image_tags,
+        forbidden_host_paths: Vec::new(),
     };
 
     let api_socket = raw
@@ -519,6 +737,23 @@ fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
             format!("`{}` must be an absolute path", api_socket.display()),
         );
     }
+    policy.forbidden_host_paths = SYSTEM_PATHS
+        .iter()
+        .map(PathBuf::from)
+        .chain([
+            state_dir.clone(),
+            runtime.docker_socket.clone(),
+            api_socket.clone(),
+        ])
+        .chain(policy.trusted_key_files.iter().cloned())
+        .chain(hub.iter().flat_map(|h| {
+            h.client_auth
+                .iter()
+                .flat_map(|(cert, key)| [cert.clone(), key.clone()])
+                .chain(h.credentials.iter().map(|(_, file)| file.clone()))
+                .chain(h.ca_file.clone())
+        }))
+        .collect();
 
     let listen = raw
         .bus
@@ -813,6 +1048,57 @@ mod tests {
             }
             other => panic!("expected invalid, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn policy_keys_are_checked_and_default_to_deny() {
+        let c = load("device_id = \"cam-1\"\n", &[]).unwrap();
+        let p = &c.policy;
+        assert!(p.allowed_capabilities.is_empty() && p.allowed_devices.is_empty());
+        assert_eq!(p.allowed_host_ports, [(1024, 65535)]);
+        assert!(p.allowed_host_ips.iter().all(|ip| ip.is_loopback()));
+        assert_eq!(
+            (p.default_memory_mb, p.default_pids_limit),
+            (Some(512), 1024)
+        );
+        assert!(!p.allow_image_tags);
+        for forbidden in ["/var/lib/outpost", "/var/run/docker.sock", "/proc", "/sys"] {
+            assert!(
+                p.forbidden_host_paths.contains(&PathBuf::from(forbidden)),
+                "{forbidden} is not forbidden"
+            );
+        }
+        let found = issues(load(
+            "device_id = \"cam-1\"\n[policy]\nallowed_host_paths = [\"/srv\"]\n\
+             writable_host_paths = [\"/srv/data\"]\nallowed_capabilities = [\"CAP_SYS_ADMIN\", \"FLY\"]\n\
+             allowed_host_ports = [\"80\", \"90-70\"]\nallowed_host_ips = [\"lan\"]\n\
+             default_memory_mb = 2048\nmax_memory_mb = 1024\n",
+            &[],
+        ));
+        let keys: Vec<&str> = found
+            .iter()
+            .map(|i| i.split(':').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "policy.writable_host_paths[0]",
+                "policy.allowed_capabilities[1]",
+                "policy.allowed_host_ports[1]",
+                "policy.allowed_host_ips[0]",
+                "policy.default_memory_mb",
+            ],
+            "{found:?}"
+        );
+        let c = load(
+            "device_id = \"cam-1\"\n[policy]\nallowed_capabilities = [\"cap_net_admin\"]\n\
+             default_memory_mb = 0\n",
+            &[("OUTPOST__POLICY__ALLOWED_HOST_PORTS", "8000-8099,9000")],
+        )
+        .unwrap();
+        assert_eq!(c.policy.allowed_capabilities, ["NET_ADMIN"]);
+        assert_eq!(c.policy.default_memory_mb, None);
+        assert_eq!(c.policy.allowed_host_ports, [(8000, 8099), (9000, 9000)]);
     }
 
     #[test]

@@ -909,7 +909,10 @@ mod tests {
         let hashes = deployment
             .modules
             .iter()
-            .map(|(n, m)| (n.clone(), config_hash(m, &BTreeMap::new())))
+            .map(|(n, m)| {
+                let policy = crate::config::PolicyConfig::default();
+                (n.clone(), config_hash(m, &BTreeMap::new(), DEV, &policy))
+            })
             .collect();
         Desired { deployment, hashes }
     }

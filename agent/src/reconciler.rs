@@ -268,7 +268,7 @@ impl<R: Runtime> Reconciler<R> {
         let (progress, _) = broadcast::channel(256);
         let (requests_tx, requests) = mpsc::channel(REQUEST_CAPACITY);
         let desired = stored.map(|s| {
-            let d = desired_of(&s, &settings.module_env);
+            let d = desired_of(&s, &settings);
             (s, d)
         });
         if let (Some(tx), Some((s, _))) = (&settings.routes, &desired) {
@@ -608,7 +608,7 @@ impl<R: Runtime> Reconciler<R> {
                 &stored.deployment,
             )));
         }
-        let desired = desired_of(&stored, &self.settings.module_env);
+        let desired = desired_of(&stored, &self.settings);
         self.desired = Some((stored, desired));
     }
 
@@ -973,6 +973,7 @@ impl<R: Runtime> Reconciler<R> {
                         &m,
                         spec_module,
                         &self.settings.module_env.for_module(&m),
+                        &self.settings.policy,
                     );
                     spec.name = name;
                     Step::Create(Box::new(spec), start)
@@ -1787,12 +1788,16 @@ async fn read_logs(
 }
 
 /// The desired deployment with its config hashes.
-pub fn desired_of(stored: &StoredDeployment, env: &crate::bus::ModuleEnv) -> Desired {
+pub fn desired_of(stored: &StoredDeployment, settings: &Settings) -> Desired {
     let hashes = stored
         .deployment
         .modules
         .iter()
-        .map(|(name, m)| (name.clone(), config_hash(m, &env.for_module(name))))
+        .map(|(name, m)| {
+            let env = settings.module_env.for_module(name);
+            let hash = config_hash(m, &env, &settings.device, &settings.policy);
+            (name.clone(), hash)
+        })
         .collect();
     Desired {
         deployment: stored.deployment.clone(),

@@ -62,11 +62,16 @@ fn module() -> impl Strategy<Value = Module> {
                 startup_order: order,
                 env,
                 create_options: create,
-                resources: res.map(|(memory_mb, cpus)| Resources { memory_mb, cpus }),
+                resources: res.map(|(memory_mb, cpus)| Resources {
+                    memory_mb,
+                    cpus,
+                    pids_limit: None,
+                }),
                 requires: req.map(|(arch, min_memory_mb)| Requires {
                     arch,
                     min_memory_mb,
                 }),
+                security: None,
             },
         )
 }

@@ -236,6 +236,30 @@ pub fn test_image(registry: &Registry, repo: &str, tag: &str) -> String {
     test_image_with(registry, repo, tag, "USER 65532:65532\n")
 }
 
+/// As [`test_image`], but the reference is pinned by digest (`REGISTRY/REPO@sha256:...`), as
+/// a device that trusts signing keys requires.
+pub fn test_image_pinned(registry: &Registry, repo: &str, tag: &str) -> String {
+    let reference = format!("{}/{repo}:{tag}", registry.addr);
+    local_test_image(&reference, "USER 65532:65532\n");
+    run(Command::new("docker")
+        .env("DOCKER_CONFIG", &registry.docker_config)
+        .args(["push", "-q", &reference]));
+    let digest = run(Command::new("docker").args([
+        "inspect",
+        "--format",
+        "{{index .RepoDigests 0}}",
+        &reference,
+    ]))
+    .trim()
+    .to_string();
+    assert!(
+        digest.contains("@sha256:"),
+        "no digest for {reference}: {digest}"
+    );
+    remove_image(&reference);
+    digest
+}
+
 /// As [`test_image`], with `extra` Dockerfile instructions (a `HEALTHCHECK`, a `USER`).
 pub fn test_image_with(registry: &Registry, repo: &str, tag: &str, extra: &str) -> String {
     let reference = format!("{}/{repo}:{tag}", registry.addr);
@@ -492,6 +516,31 @@ impl Drop for Agent {
 }
 
 // ---- For the benchmarks against docker-compose and of the update gap -------------------------
+
+/// Builds, on the engine only, a FROM-scratch image of Debian's static busybox as its
+/// entrypoint, running as root: a module with a shell, for the attacks a foothold in a module
+/// tries (planting links, reading host files). The command comes from the manifest's `Cmd`.
+pub fn busybox_image(reference: &str) {
+    require_docker();
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.is_file(),
+        "/bin/busybox is required: apt-get install busybox-static (scripts/setup installs it)"
+    );
+    let ctx = tempfile::tempdir().expect("build context");
+    std::fs::copy(busybox, ctx.path().join("busybox")).expect("copy busybox");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!(
+            "FROM scratch\nCOPY busybox /busybox\nLABEL io.outpost.test-image=\"{reference}\"\n\
+             ENTRYPOINT [\"/busybox\"]\n"
+        ),
+    )
+    .expect("write Dockerfile");
+    run(Command::new("docker")
+        .args(["build", "-q", "-t", reference])
+        .arg(ctx.path()));
+}
 
 /// Builds, on the engine only, a FROM-scratch image whose PID 1 is Debian's static busybox
 /// running `sleep 3600`. It has no SIGTERM handler, and as PID 1 the kernel drops signals it

@@ -582,8 +582,11 @@ pub fn device_config(
         ));
     }
     if let Some(key) = &o.trusted_key {
+        // The fake engine's images are named by tag; that a device with keys takes images
+        // pinned by digest only is tested in `policy::tests` and, on the real engine and
+        // registry, in `tests/full_stack.rs`.
         text.push_str(&format!(
-            "[policy]\ntrusted_keys = [\"{}\"]\n",
+            "[policy]\ntrusted_keys = [\"{}\"]\nallow_image_tags = true\n",
             key.display()
         ));
     }

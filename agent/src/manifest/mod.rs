@@ -122,6 +122,8 @@ pub struct Module {
     /// What the device must have for this module; a device that lacks it refuses the deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requires: Option<Requires>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<Security>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -300,7 +302,7 @@ pub struct DeviceMapping {
     pub cgroup_permissions: Option<String>,
 }
 
-/// Resource limits; without them a module can take the whole device.
+/// Resource limits; what a module leaves out, the device policy's defaults fill in.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Resources {
@@ -312,6 +314,21 @@ pub struct Resources {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.01, max = 1024))]
     pub cpus: Option<f64>,
+    /// The most processes and threads the module may have at once (a fork bomb stops there);
+    /// without it, the device policy's `default_pids_limit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub pids_limit: Option<u64>,
+}
+
+/// How a module hardens itself beyond the device's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Security {
+    /// Drop every capability the engine grants by default; `CapAdd` then names all the module
+    /// keeps.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cap_drop_all: bool,
 }
 
 /// What a module needs from the device.

@@ -24,6 +24,11 @@ pub const RESERVED_STREAMS: &[&str] = &["metrics", "agent", "state"];
 /// Label prefix the agent uses to recognise its own containers.
 pub const RESERVED_LABEL_PREFIX: &str = "io.outpost.";
 
+/// Whether `name` (without `CAP_`) is a Linux capability.
+pub fn is_capability(name: &str) -> bool {
+    CAPABILITIES.contains(&name)
+}
+
 /// Linux capabilities a module may add or drop (without the `CAP_` prefix).
 const CAPABILITIES: &[&str] = &[
     "AUDIT_CONTROL",

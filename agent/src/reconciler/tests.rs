@@ -203,6 +203,7 @@ async fn with_keys_deployments_are_bound_to_their_device_and_time() {
     let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
     let agent = Agent::start_with(dir.path(), &clock, &fake, |s| {
         s.policy.trusted_keys = TrustedKeys::new([key.verifying_key()]);
+        s.policy.allow_image_tags = true;
     });
     let a = r#""a":{"image":"r.io/a:1"}"#;
     // Signed for another device (a replay onto this device's topic).
@@ -245,6 +246,7 @@ async fn with_keys_control_goes_back_to_an_older_group_only_after_a_signed_withd
     let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
     let agent = Agent::start_with(dir.path(), &clock, &fake, |s| {
         s.policy.trusted_keys = TrustedKeys::new([key.verifying_key()]);
+        s.policy.allow_image_tags = true;
     });
     let group = Source::Group {
         name: "line3".into(),
@@ -806,6 +808,7 @@ async fn after_a_reboot_at_1970_expiry_is_judged_by_the_last_time_the_device_kne
     let keys = TrustedKeys::new([key.verifying_key()]);
     let agent = Agent::start_with(dir.path(), &clock, &fake, |s| {
         s.policy.trusted_keys = keys.clone();
+        s.policy.allow_image_tags = true;
     });
     let a = r#""a":{"image":"r.io/a:1"}"#;
     agent
@@ -819,6 +822,7 @@ async fn after_a_reboot_at_1970_expiry_is_judged_by_the_last_time_the_device_kne
     clock.set_wall(0);
     let agent = Agent::start_with(dir.path(), &clock, &fake, |s| {
         s.policy.trusted_keys = keys.clone();
+        s.policy.allow_image_tags = true;
     });
     let stale = format!(
         r#"{{"schemaVersion":"1.0","id":"d","version":2,"target":{{"device":"dev1"}},"expiresAt":"{}","modules":{{{a}}}}}"#,

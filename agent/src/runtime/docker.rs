@@ -415,6 +415,8 @@ impl Runtime for DockerRuntime {
             // Equal to memory: no swap on top of the limit.
             memory_swap: spec.memory_bytes,
             nano_cpus: spec.nano_cpus,
+            pids_limit: spec.pids_limit,
+            security_opt: (!spec.security_opt.is_empty()).then(|| spec.security_opt.clone()),
             // The agent restarts modules itself, with its own backoff and reporting.
             restart_policy: Some(RestartPolicy {
                 name: Some(RestartPolicyNameEnum::NO),

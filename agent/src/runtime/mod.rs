@@ -110,6 +110,9 @@ pub struct ContainerSpec {
     pub extra_hosts: Vec<String>,
     pub memory_bytes: Option<i64>,
     pub nano_cpus: Option<i64>,
+    pub pids_limit: Option<i64>,
+    /// `no-new-privileges:true` for every module.
+    pub security_opt: Vec<String>,
     /// json-file log rotation: size of one file and how many are kept.
     pub log_max_size: String,
     pub log_max_files: u32,

@@ -6,8 +6,57 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::{ContainerSpec, labels};
+use crate::config::PolicyConfig;
 use crate::intake::hex_sha256;
+use crate::manifest::validate::Bind;
 use crate::manifest::{Module, NetworkMode};
+
+/// Raised when what the agent itself puts into every container changes, so that running
+/// containers are recreated with it (version 2: the policy's hardening defaults).
+const SPEC_VERSION: u32 = 2;
+
+/// What the device's policy fills in or rewrites for a module: its limits, where its named
+/// volumes live, the address its ports bind without one. Part of the config hash, so a
+/// changed default reaches the modules already running.
+#[derive(Serialize)]
+struct Effective {
+    spec_version: u32,
+    binds: Vec<String>,
+    memory_mb: Option<u64>,
+    pids_limit: u64,
+    default_host_ip: Option<String>,
+}
+
+impl Effective {
+    fn of(device: &str, module: &Module, policy: &PolicyConfig) -> Effective {
+        let host = module
+            .create_options
+            .as_ref()
+            .and_then(|o| o.host_config.as_ref());
+        let binds = host
+            .map(|h| {
+                h.binds
+                    .iter()
+                    .map(|b| match Bind::parse(b) {
+                        Ok(bind) if !bind.is_host_path() => {
+                            let volume = crate::policy::volume_name(policy, device, bind.source);
+                            format!("{volume}{}", &b[bind.source.len()..])
+                        }
+                        _ => b.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let resources = module.resources.clone().unwrap_or_default();
+        Effective {
+            spec_version: SPEC_VERSION,
+            binds,
+            memory_mb: resources.memory_mb.or(policy.default_memory_mb),
+            pids_limit: resources.pids_limit.unwrap_or(policy.default_pids_limit),
+            default_host_ip: policy.allowed_host_ips.first().map(ToString::to_string),
+        }
+    }
+}
 
 /// The inputs to a module's container that require recreating it when they change. Restart
 /// policy, desired status and startup order are the agent's business and are left out, so
@@ -18,17 +67,26 @@ struct HashInput<'a> {
     env: &'a BTreeMap<String, String>,
     create_options: &'a Option<crate::manifest::CreateOptions>,
     resources: &'a Option<crate::manifest::Resources>,
+    security: &'a Option<crate::manifest::Security>,
     extra_env: &'a BTreeMap<String, String>,
+    effective: Effective,
 }
 
 /// A stable hash of what the module's container is made from.
-pub fn config_hash(module: &Module, extra_env: &BTreeMap<String, String>) -> String {
+pub fn config_hash(
+    module: &Module,
+    extra_env: &BTreeMap<String, String>,
+    device: &str,
+    policy: &PolicyConfig,
+) -> String {
     let input = HashInput {
         image: &module.image,
         env: &module.env,
         create_options: &module.create_options,
         resources: &module.resources,
+        security: &module.security,
         extra_env,
+        effective: Effective::of(device, module, policy),
     };
     // Serializing plain data with string keys cannot fail.
     let bytes = serde_json::to_vec(&input).expect("hash input serializes");
@@ -51,7 +109,9 @@ pub fn container_spec(
     name: &str,
     module: &Module,
     extra_env: &BTreeMap<String, String>,
+    policy: &PolicyConfig,
 ) -> ContainerSpec {
+    let effective = Effective::of(device, module, policy);
     let mut env: Vec<String> = module.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.extend(extra_env.iter().map(|(k, v)| format!("{k}={v}")));
     let options = module.create_options.clone().unwrap_or_default();
@@ -63,7 +123,10 @@ pub fn container_spec(
         (labels::MODULE, name.to_string()),
         (labels::DEPLOYMENT, deployment_id.to_string()),
         (labels::VERSION, version.to_string()),
-        (labels::CONFIG_HASH, config_hash(module, extra_env)),
+        (
+            labels::CONFIG_HASH,
+            config_hash(module, extra_env, device, policy),
+        ),
         (
             labels::RESTART_POLICY,
             module.restart_policy.as_str().to_string(),
@@ -82,15 +145,24 @@ pub fn container_spec(
         entrypoint: options.entrypoint,
         user: options.user,
         working_dir: options.working_dir,
-        binds: host.binds,
+        binds: effective.binds,
+        // A port binding without an address binds the policy's first one (loopback by
+        // default), never every interface.
         port_bindings: host
             .port_bindings
             .into_iter()
             .map(|(port, b)| {
-                (
-                    port,
-                    b.into_iter().map(|b| (b.host_ip, b.host_port)).collect(),
-                )
+                let bindings = b
+                    .into_iter()
+                    .map(|b| {
+                        let ip = b
+                            .host_ip
+                            .filter(|ip| !ip.is_empty())
+                            .or_else(|| effective.default_host_ip.clone());
+                        (ip, b.host_port)
+                    })
+                    .collect();
+                (port, bindings)
             })
             .collect(),
         privileged: host.privileged,
@@ -117,10 +189,19 @@ pub fn container_spec(
             })
             .collect(),
         cap_add: host.cap_add,
-        cap_drop: host.cap_drop,
+        cap_drop: if module.security.as_ref().is_some_and(|s| s.cap_drop_all) {
+            vec!["ALL".to_string()]
+        } else {
+            host.cap_drop
+        },
+        // A setuid binary in the image never gains more than the module started with.
+        security_opt: vec!["no-new-privileges:true".to_string()],
+        pids_limit: i64::try_from(effective.pids_limit).ok(),
         readonly_rootfs: host.readonly_rootfs,
         extra_hosts: host.extra_hosts,
-        memory_bytes: resources.memory_mb.map(|mb| (mb * 1024 * 1024) as i64),
+        memory_bytes: effective
+            .memory_mb
+            .and_then(|mb| i64::try_from(mb.saturating_mul(1 << 20)).ok()),
         nano_cpus: resources.cpus.map(|c| (c * 1e9) as i64),
         log_max_size: "10m".into(),
         log_max_files: 3,
@@ -143,9 +224,25 @@ mod tests {
         b.startup_order = 9;
         b.status = crate::manifest::DesiredStatus::Stopped;
         let none = BTreeMap::new();
-        assert_eq!(config_hash(&a, &none), config_hash(&b, &none));
+        let p = PolicyConfig::default();
+        assert_eq!(
+            config_hash(&a, &none, "d", &p),
+            config_hash(&b, &none, "d", &p)
+        );
         b.env.insert("B".into(), "2".into());
-        assert_ne!(config_hash(&a, &none), config_hash(&b, &none));
+        assert_ne!(
+            config_hash(&a, &none, "d", &p),
+            config_hash(&b, &none, "d", &p)
+        );
+        // A changed default of the policy recreates the module.
+        let lower = PolicyConfig {
+            default_memory_mb: Some(64),
+            ..PolicyConfig::default()
+        };
+        assert_ne!(
+            config_hash(&a, &none, "d", &p),
+            config_hash(&a, &none, "d", &lower)
+        );
     }
 
     #[test]
@@ -154,12 +251,56 @@ mod tests {
         m.resources = Some(crate::manifest::Resources {
             memory_mb: Some(64),
             cpus: Some(0.5),
+            pids_limit: None,
         });
-        let spec = container_spec("dev1", "d", 3, "app", &m, &BTreeMap::new());
+        let spec = container_spec(
+            "dev1",
+            "d",
+            3,
+            "app",
+            &m,
+            &BTreeMap::new(),
+            &PolicyConfig::default(),
+        );
         assert_eq!(spec.name, "outpost.dev1.app");
         assert_eq!(spec.labels[labels::MODULE], "app");
         assert_eq!(spec.labels[labels::VERSION], "3");
         assert_eq!(spec.memory_bytes, Some(64 << 20));
         assert_eq!(spec.nano_cpus, Some(500_000_000));
+        assert_eq!(spec.pids_limit, Some(1024));
+        assert_eq!(spec.security_opt, ["no-new-privileges:true"]);
+    }
+
+    #[test]
+    fn defaults_fill_in_limits_scope_volumes_and_bind_loopback() {
+        let m: Module = serde_json::from_str(
+            r#"{"image": "r.io/a:1", "security": {"capDropAll": true},
+                "createOptions": {"HostConfig": {
+                    "Binds": ["data:/data", "shared:/shared:ro", "/srv/models:/m:ro"],
+                    "PortBindings": {"80/tcp": [{"HostPort": "8080"}, {"HostIp": "::1", "HostPort": "8081"}]}}}}"#,
+        )
+        .unwrap();
+        let policy = PolicyConfig {
+            allowed_volumes: vec!["shared".into()],
+            ..PolicyConfig::default()
+        };
+        let spec = container_spec("dev1", "d", 1, "app", &m, &BTreeMap::new(), &policy);
+        assert_eq!(
+            spec.binds,
+            [
+                "outpost.dev1.data:/data",
+                "shared:/shared:ro",
+                "/srv/models:/m:ro"
+            ]
+        );
+        assert_eq!(
+            spec.port_bindings["80/tcp"],
+            [
+                (Some("127.0.0.1".to_string()), "8080".to_string()),
+                (Some("::1".to_string()), "8081".to_string())
+            ]
+        );
+        assert_eq!(spec.memory_bytes, Some(512 << 20));
+        assert_eq!(spec.cap_drop, ["ALL"]);
     }
 }
