@@ -2,6 +2,7 @@
 //! at any level, the reported state or `outpost list --json`.
 
 use std::process::Command;
+use std::time::Duration;
 
 use outpost_e2e::*;
 use serde_json::json;
@@ -67,6 +68,55 @@ fn no_secret_reaches_the_log_at_trace_or_the_state() {
         ] {
             assert!(!text.contains(secret), "{what} appears in {place}");
         }
+    }
+}
+
+#[test]
+fn a_module_printing_its_secrets_does_not_leak_them_through_logs() {
+    let image = "outpost-test/busybox:sec-logs";
+    busybox_image(image);
+    let device = format!("sec-logs-{}", std::process::id());
+    let agent = Agent::start(&device, "");
+    let module_secret = "tok-9c2e-printed-secret";
+    // A careless module: prints its whole environment, bus password included.
+    let d = json!({
+        "schemaVersion": "1.0", "id": "sec-logs", "version": 1,
+        "modules": { "app": {
+            "image": image,
+            "env": { "API_TOKEN": module_secret },
+            "createOptions": { "Cmd": ["sh", "-c", "env; echo done printing; exec sleep 3600"] }
+        } }
+    });
+    let (code, out) = agent.deploy(&d, 120);
+    assert_eq!(code, 0, "{out}");
+    let env = run(Command::new("docker").args([
+        "inspect",
+        "--format",
+        "{{range .Config.Env}}{{println .}}{{end}}",
+        &format!("outpost.{device}.app"),
+    ]));
+    let bus_password = env
+        .lines()
+        .find_map(|l| l.strip_prefix("OUTPOST_BUS_PASSWORD="))
+        .expect("the module has a bus password")
+        .to_string();
+    let logs = wait_for("the module's output", Duration::from_secs(60), || {
+        let out = agent.outpost(&["logs", "app", "--tail", "100"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("done printing").then_some(text)
+    });
+    assert!(logs.contains("API_TOKEN="), "{logs}");
+    // The engine holds the raw output: the secrets are really there to leak.
+    let raw = run(Command::new("docker").args(["logs", &format!("outpost.{device}.app")]));
+    assert!(raw.contains(module_secret) && raw.contains(&bus_password));
+    for (what, secret) in [
+        ("an environment value", module_secret),
+        ("the bus password", bus_password.as_str()),
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "{what} appears in `outpost logs`: {logs}"
+        );
     }
 }
 

@@ -247,6 +247,16 @@ impl<R: Runtime> Ctx<R> {
                 follow,
                 since,
             } => {
+                // The module's secrets are taken out of what it printed, as for the hub's
+                // `logs` command. Whole lines are redacted and sent, so a secret the engine
+                // splits across two frames is still found.
+                let secrets = match self.handle.secrets(&module).await {
+                    Ok(secrets) => secrets,
+                    Err(e) => {
+                        let message = e.to_string();
+                        return send(&mut stream, &ApiEvent::Error { message }).await;
+                    }
+                };
                 let logs = self.runtime.logs(
                     &container_name(&self.device, &module),
                     LogOptions {
@@ -257,9 +267,19 @@ impl<R: Runtime> Ctx<R> {
                     },
                 );
                 tokio::pin!(logs);
+                let mut pending = String::new();
                 while let Some(chunk) = logs.next().await {
                     match chunk {
-                        Ok(text) => send(&mut stream, &ApiEvent::Log { text }).await?,
+                        Ok(text) => {
+                            pending.push_str(&text);
+                            let Some(end) = pending.rfind('\n') else {
+                                continue;
+                            };
+                            let rest = pending.split_off(end + 1);
+                            let text = crate::reconciler::redact(&pending, &secrets);
+                            pending = rest;
+                            send(&mut stream, &ApiEvent::Log { text }).await?;
+                        }
                         Err(e) => {
                             return send(
                                 &mut stream,
@@ -270,6 +290,10 @@ impl<R: Runtime> Ctx<R> {
                             .await;
                         }
                     }
+                }
+                if !pending.is_empty() {
+                    let text = crate::reconciler::redact(&pending, &secrets);
+                    send(&mut stream, &ApiEvent::Log { text }).await?;
                 }
                 send(&mut stream, &ApiEvent::Ok).await
             }

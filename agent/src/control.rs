@@ -40,6 +40,13 @@ pub enum Request {
         max_bytes: usize,
         reply: oneshot::Sender<Result<String, String>>,
     },
+    /// What a module's log output must not carry out of the agent (its environment's values,
+    /// its bus password, the deployment's registry passwords): for `outpost logs`, which
+    /// streams from the engine itself.
+    Secrets {
+        name: String,
+        reply: oneshot::Sender<Vec<String>>,
+    },
 }
 
 /// What a client of the agent holds: a way to ask, and the latest state.
@@ -119,6 +126,18 @@ impl AgentHandle {
                 name: name.to_string(),
                 tail,
                 max_bytes,
+                reply,
+            })
+            .await
+            .map_err(|_| ControlError::Closed)?;
+        rx.await.map_err(|_| ControlError::Closed)
+    }
+
+    pub async fn secrets(&self, name: &str) -> Result<Vec<String>, ControlError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Secrets {
+                name: name.to_string(),
                 reply,
             })
             .await

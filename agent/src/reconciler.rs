@@ -397,6 +397,10 @@ impl<R: Runtime> Reconciler<R> {
                 self.logs(&name, tail, max_bytes, reply, ctx);
                 false
             }
+            Request::Secrets { name, reply } => {
+                let _ = reply.send(self.secrets_of(&name));
+                false
+            }
         }
     }
 
@@ -1756,7 +1760,7 @@ pub fn verify_image(
 }
 
 /// `text` with every secret replaced by `[redacted]`.
-fn redact(text: &str, secrets: &[String]) -> String {
+pub fn redact(text: &str, secrets: &[String]) -> String {
     let mut out = text.to_string();
     for s in secrets {
         if out.contains(s.as_str()) {

@@ -163,7 +163,7 @@ pub fn big_test_image(reference: &str, mb: usize) {
     )
     .expect("write Dockerfile");
     run(Command::new("docker")
-        .args(["build", "-q", "-t", reference])
+        .args(["build", "-q", "--no-cache", "-t", reference])
         .arg(ctx.path()));
 }
 

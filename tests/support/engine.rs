@@ -273,6 +273,9 @@ pub fn test_image_with(registry: &Registry, repo: &str, tag: &str, extra: &str) 
 
 /// Builds the test module's FROM-scratch image as `reference` on the engine only (benchmarks
 /// use it as an image already present on the device).
+///
+/// Builds never use the engine's cache: tests run in parallel and remove their images, and a
+/// cached intermediate image another test just removed fails the build ("failed to get digest").
 pub fn local_test_image(reference: &str, extra: &str) {
     require_docker();
     let ctx = tempfile::tempdir().expect("build context");
@@ -288,7 +291,7 @@ pub fn local_test_image(reference: &str, extra: &str) {
     )
     .expect("write Dockerfile");
     run(Command::new("docker")
-        .args(["build", "-q", "-t", reference])
+        .args(["build", "-q", "--no-cache", "-t", reference])
         .arg(ctx.path()));
 }
 
@@ -538,7 +541,7 @@ pub fn busybox_image(reference: &str) {
     )
     .expect("write Dockerfile");
     run(Command::new("docker")
-        .args(["build", "-q", "-t", reference])
+        .args(["build", "-q", "--no-cache", "-t", reference])
         .arg(ctx.path()));
 }
 
@@ -565,7 +568,7 @@ pub fn sigterm_ignoring_image(reference: &str) {
     )
     .expect("write Dockerfile");
     run(Command::new("docker")
-        .args(["build", "-q", "-t", reference])
+        .args(["build", "-q", "--no-cache", "-t", reference])
         .arg(ctx.path()));
 }
 
@@ -600,7 +603,7 @@ pub fn test_image_with_random_layer(
     )
     .expect("write Dockerfile");
     run(Command::new("docker")
-        .args(["build", "-q", "-t", &reference])
+        .args(["build", "-q", "--no-cache", "-t", &reference])
         .arg(ctx.path()));
     run(Command::new("docker")
         .env("DOCKER_CONFIG", &registry.docker_config)
