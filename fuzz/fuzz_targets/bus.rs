@@ -97,7 +97,8 @@ fuzz_target!(|data: &[u8]| {
             .connection(server, IpAddr::from([127, 0, 0, 1]), CancellationToken::new());
         let both = async { tokio::join!(serve, feed) };
         // The broker must end the connection once the client is gone; a hang is a finding.
-        tokio::time::timeout(Duration::from_secs(10), both)
+        // How the connection ended (an I/O error on a closed pipe is fine) is not the point.
+        let _ended = tokio::time::timeout(Duration::from_secs(10), both)
             .await
             .expect("the broker did not let go of a closed connection");
     });
