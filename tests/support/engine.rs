@@ -524,25 +524,7 @@ impl Drop for Agent {
 /// entrypoint, running as root: a module with a shell, for the attacks a foothold in a module
 /// tries (planting links, reading host files). The command comes from the manifest's `Cmd`.
 pub fn busybox_image(reference: &str) {
-    require_docker();
-    let busybox = Path::new("/bin/busybox");
-    assert!(
-        busybox.is_file(),
-        "/bin/busybox is required: apt-get install busybox-static (scripts/setup installs it)"
-    );
-    let ctx = tempfile::tempdir().expect("build context");
-    std::fs::copy(busybox, ctx.path().join("busybox")).expect("copy busybox");
-    std::fs::write(
-        ctx.path().join("Dockerfile"),
-        format!(
-            "FROM scratch\nCOPY busybox /busybox\nLABEL io.outpost.test-image=\"{reference}\"\n\
-             ENTRYPOINT [\"/busybox\"]\n"
-        ),
-    )
-    .expect("write Dockerfile");
-    run(Command::new("docker")
-        .args(["build", "-q", "--no-cache", "-t", reference])
-        .arg(ctx.path()));
+    busybox_image_with(reference, r#"["/busybox"]"#);
 }
 
 /// Builds, on the engine only, a FROM-scratch image whose PID 1 is Debian's static busybox
@@ -551,6 +533,11 @@ pub fn busybox_image(reference: &str) {
 /// common real-world module the stop grace exists for (the test module exits on SIGTERM at
 /// once, which hides what serial stops cost).
 pub fn sigterm_ignoring_image(reference: &str) {
+    busybox_image_with(reference, r#"["/busybox", "sleep", "3600"]"#);
+}
+
+/// A FROM-scratch image of the static busybox with `entrypoint` (JSON form).
+fn busybox_image_with(reference: &str, entrypoint: &str) {
     require_docker();
     let busybox = Path::new("/bin/busybox");
     assert!(
@@ -563,7 +550,7 @@ pub fn sigterm_ignoring_image(reference: &str) {
         ctx.path().join("Dockerfile"),
         format!(
             "FROM scratch\nCOPY busybox /busybox\nLABEL io.outpost.test-image=\"{reference}\"\n\
-             ENTRYPOINT [\"/busybox\", \"sleep\", \"3600\"]\n"
+             ENTRYPOINT {entrypoint}\n"
         ),
     )
     .expect("write Dockerfile");
