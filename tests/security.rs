@@ -35,17 +35,7 @@ fn no_secret_reaches_the_log_at_trace_or_the_state() {
     let (code, out) = agent.deploy(&d, 120);
     assert_eq!(code, 0, "{out}");
     // The module's own bus password, as the engine holds it.
-    let env = run(Command::new("docker").args([
-        "inspect",
-        "--format",
-        "{{range .Config.Env}}{{println .}}{{end}}",
-        &format!("outpost.{device}.app"),
-    ]));
-    let bus_password = env
-        .lines()
-        .find_map(|l| l.strip_prefix("OUTPOST_BUS_PASSWORD="))
-        .expect("the module has a bus password")
-        .to_string();
+    let bus_password = env_var(&device, "app", "OUTPOST_BUS_PASSWORD");
     let bus_key = std::fs::read(agent.state_dir().join("bus.key")).expect("bus.key");
     let bus_key_hex: String = bus_key.iter().map(|b| format!("{b:02x}")).collect();
     let log = agent.log();
@@ -89,17 +79,7 @@ fn a_module_printing_its_secrets_does_not_leak_them_through_logs() {
     });
     let (code, out) = agent.deploy(&d, 120);
     assert_eq!(code, 0, "{out}");
-    let env = run(Command::new("docker").args([
-        "inspect",
-        "--format",
-        "{{range .Config.Env}}{{println .}}{{end}}",
-        &format!("outpost.{device}.app"),
-    ]));
-    let bus_password = env
-        .lines()
-        .find_map(|l| l.strip_prefix("OUTPOST_BUS_PASSWORD="))
-        .expect("the module has a bus password")
-        .to_string();
+    let bus_password = env_var(&device, "app", "OUTPOST_BUS_PASSWORD");
     let logs = wait_for("the module's output", Duration::from_secs(60), || {
         let out = agent.outpost(&["logs", "app", "--tail", "100"]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -166,17 +146,11 @@ fn bus_connect(
     }
 }
 
-fn module_env(device: &str, module: &str, name: &str) -> String {
-    let env = run(Command::new("docker").args([
-        "inspect",
-        "--format",
-        "{{range .Config.Env}}{{println .}}{{end}}",
-        &format!("outpost.{device}.{module}"),
-    ]));
-    env.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}=")))
+/// One variable of a module container's environment.
+fn env_var(device: &str, module: &str, name: &str) -> String {
+    outpost_e2e::telemetry::module_env(device, module)
+        .remove(name)
         .unwrap_or_else(|| panic!("{module} has no {name}"))
-        .to_string()
 }
 
 #[test]
@@ -199,11 +173,11 @@ fn one_module_cannot_lock_the_others_out_of_the_bus() {
     };
     let (code, out) = agent.deploy(&modules(&["noisy", "quiet"], 1), 120);
     assert_eq!(code, 0, "{out}");
-    let url = module_env(&device, "quiet", "OUTPOST_BUS_URL");
+    let url = env_var(&device, "quiet", "OUTPOST_BUS_URL");
     let addr = url.trim_start_matches("mqtt://").to_string();
     let (noisy_pw, quiet_pw) = (
-        module_env(&device, "noisy", "OUTPOST_BUS_PASSWORD"),
-        module_env(&device, "quiet", "OUTPOST_BUS_PASSWORD"),
+        env_var(&device, "noisy", "OUTPOST_BUS_PASSWORD"),
+        env_var(&device, "quiet", "OUTPOST_BUS_PASSWORD"),
     );
 
     // 128 idle logins as `noisy`, keep-alive 0: only a few are let in.
