@@ -489,6 +489,22 @@ fn prepare(
     }
 }
 
+/// The manifest in `retained` (the deployment already on the topic, signed) when it is the
+/// one in `ours` apart from its expiry, and that expiry is still an hour or more away.
+fn unchanged_binding(retained: &[u8], ours: &[u8], now_ms: u64) -> Option<Vec<u8>> {
+    let envelope: signing::Envelope = serde_json::from_slice(retained).ok()?;
+    let payload = signing::open(&envelope).ok()?;
+    let unbound = |bytes: &[u8]| {
+        let mut v: Value = serde_json::from_slice(bytes).ok()?;
+        let expires = v.as_object_mut()?.remove("expiresAt");
+        Some((v, expires))
+    };
+    let (theirs, expires) = unbound(&payload)?;
+    let (mine, _) = unbound(ours)?;
+    let expires_ms = crate::clock::parse_rfc3339(expires?.as_str()?)?.checked_mul(1000)?;
+    (theirs == mine && expires_ms > now_ms.saturating_add(3_600_000)).then_some(payload)
+}
+
 async fn deploy(
     mut op: Operator,
     target: Target,
@@ -509,22 +525,44 @@ async fn deploy(
             return Ok(EXIT_REFUSED);
         }
     };
-    let digest = hex_sha256(&manifest_bytes);
     let prefix = op.prefix().to_string();
     let fence_timeout = Duration::from_secs(10);
+    let deployment_topic = target.topic(&prefix);
     // Subscribe first, so no report between publishing and waiting is missed.
-    let filters = match &target {
+    let mut filters = match &target {
         Target::Device(d) => vec![
             topics::device_topic(&prefix, d, "state"),
             topics::device_topic(&prefix, d, "presence"),
         ],
         Target::Group(_) => vec![format!("{prefix}/+/state"), format!("{prefix}/+/presence")],
     };
+    filters.push(deployment_topic.clone());
     let mut seen = op.snapshot(&filters, fence_timeout).await?;
+    // Signing binds an expiry that moves with the clock, so the same manifest signed twice
+    // is two different deployments, and devices refuse the second (its version is not
+    // newer). Deploying an unchanged manifest again therefore keeps the one published.
+    let republished = sign.is_some().then(|| {
+        seen.iter()
+            .find(|m| m.topic == deployment_topic && m.retain)
+            .and_then(|m| unchanged_binding(&m.payload, &manifest_bytes, wall_ms()))
+    });
     let published_at = Instant::now();
-    op.publish(&target.topic(&prefix), true, wire).await?;
-    seen.extend(op.fence(fence_timeout).await?);
-    eprintln!("published {id} v{version} to {}", target.topic(&prefix));
+    let manifest_bytes = match republished.flatten() {
+        Some(existing) => {
+            eprintln!(
+                "{id} v{version} is already published to {deployment_topic}, unchanged; waiting for it"
+            );
+            existing
+        }
+        None => {
+            op.publish(&deployment_topic, true, wire).await?;
+            seen.extend(op.fence(fence_timeout).await?);
+            eprintln!("published {id} v{version} to {deployment_topic}");
+            manifest_bytes
+        }
+    };
+    seen.retain(|m| m.topic != deployment_topic);
+    let digest = hex_sha256(&manifest_bytes);
     if no_wait {
         return Ok(0);
     }
@@ -1078,5 +1116,48 @@ async fn cmd(
             );
         }
         return Ok(if ok { 0 } else { EXIT_REFUSED });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW_MS: u64 = 1_900_000_000_000;
+
+    fn bound(expires_in: Duration, manifest: &[u8]) -> Vec<u8> {
+        let target = Target::Device("cam-1".into());
+        crate::binding::bind(
+            manifest,
+            Some(&manifest_target(&target)),
+            &crate::binding::expiry_after(NOW_MS, expires_in),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_unchanged_manifest_keeps_the_published_deployment() {
+        let key = signing::generate_key().unwrap();
+        let manifest = br#"{"id":"vision","version":3,"modules":{}}"#;
+        let published = bound(Duration::from_secs(30 * 86_400), manifest);
+        let retained = serde_json::to_vec(&signing::sign(&published, &key)).unwrap();
+        // Signed again a minute later: a different expiry, the same deployment.
+        let ours = bound(Duration::from_secs(30 * 86_400 + 60), manifest);
+        assert_ne!(ours, published);
+        assert_eq!(
+            unchanged_binding(&retained, &ours, NOW_MS),
+            Some(published.clone())
+        );
+        // Anything else changed: published anew.
+        let changed = bound(
+            Duration::from_secs(30 * 86_400),
+            br#"{"id":"vision","version":4,"modules":{}}"#,
+        );
+        assert_eq!(unchanged_binding(&retained, &changed, NOW_MS), None);
+        // The published one about to expire: signed anew rather than left to lapse.
+        let soon = NOW_MS + 30 * 86_400 * 1000 - 60_000;
+        assert_eq!(unchanged_binding(&retained, &ours, soon), None);
+        // Not an envelope (say, a bare manifest someone published by hand): published anew.
+        assert_eq!(unchanged_binding(&published, &ours, NOW_MS), None);
     }
 }
