@@ -19,7 +19,7 @@ fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
     let dir = tempfile::tempdir().unwrap();
     // The operator's key; the device trusts only it.
     let keys = dir.path().join("ops");
-    run(Command::new(outpost_bin())
+    run(Command::new(ctl_bin())
         .args(["keys", "generate", "--out"])
         .arg(&keys));
     let public = format!("{}.pub", keys.display());
@@ -42,9 +42,9 @@ fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
     });
     let file = dir.path().join("fleet.json");
     std::fs::write(&file, manifest.to_string()).unwrap();
-    let mut args = vec!["hub".to_string()];
+    let mut args: Vec<String> = Vec::new();
     args.extend(broker.cli_flags(dir.path()).unwrap());
-    let out = Command::new(outpost_bin())
+    let out = Command::new(ctl_bin())
         .args(&args)
         .args(["deploy", "--device", &device])
         .arg(&file)
@@ -73,7 +73,7 @@ fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
     assert_eq!(running.len(), 2, "{running:?}");
 
     // The hub's retained state says applied, names the source, and holds no secret.
-    let status = Command::new(outpost_bin())
+    let status = Command::new(ctl_bin())
         .args(&args)
         .args(["status", "--device", &device, "--json"])
         .output()
@@ -97,7 +97,7 @@ fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
     let mut v2 = manifest.clone();
     v2["version"] = json!(2);
     std::fs::write(&unsigned, v2.to_string()).unwrap();
-    let out = Command::new(outpost_bin())
+    let out = Command::new(ctl_bin())
         .args(&args)
         .args(["deploy", "--device", &device])
         .arg(&unsigned)
@@ -111,7 +111,7 @@ fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
         String::from_utf8_lossy(&out.stdout)
     );
     // The refusal is in the hub's retained state, with its reason.
-    let status = Command::new(outpost_bin())
+    let status = Command::new(ctl_bin())
         .args(&args)
         .args(["status", "--device", &device, "--json"])
         .output()

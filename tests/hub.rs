@@ -10,7 +10,7 @@ use outpost_agent::intake::{MAX_MESSAGE_BYTES, hex_sha256};
 use outpost_agent::signing;
 use outpost_agent::state::{DeploymentStatus, ReportedState, Source};
 use outpost_e2e::{
-    Auth, Broker, Device, DeviceOptions, init, manifest, outpost, wait_for_message, wait_for_state,
+    Auth, Broker, Device, DeviceOptions, ctl, init, manifest, wait_for_message, wait_for_state,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -51,25 +51,23 @@ async fn deploy_over_mutual_tls_until_applied_and_commands_answer() {
 
     let file = dir.path().join("deploy.json");
     std::fs::write(&file, manifest("vision", 1, 0)).unwrap();
-    let mut args: Vec<String> = vec!["hub".into()];
+    let mut args: Vec<String> = Vec::new();
     args.extend(broker.cli_flags(dir.path()).unwrap());
     let started = std::time::Instant::now();
-    let code = outpost(
-        [
-            args.clone(),
-            vec![
-                "deploy".into(),
-                "--device".into(),
-                "cam-1".into(),
-                file.display().to_string(),
-                "--sign-key".into(),
-                private.display().to_string(),
-                "--timeout".into(),
-                "20".into(),
-            ],
-        ]
-        .concat(),
-    )
+    let code = ctl([
+        args.clone(),
+        vec![
+            "deploy".into(),
+            "--device".into(),
+            "cam-1".into(),
+            file.display().to_string(),
+            "--sign-key".into(),
+            private.display().to_string(),
+            "--timeout".into(),
+            "20".into(),
+        ],
+    ]
+    .concat())
     .await;
     assert_eq!(
         code,
@@ -97,7 +95,7 @@ async fn deploy_over_mutual_tls_until_applied_and_commands_answer() {
         if extra.first() == Some(&"cmd") {
             a.extend(["--sign-key".to_string(), private.display().to_string()]);
         }
-        outpost(a)
+        ctl(a)
     };
     assert_eq!(run(&["status"]).await, 0);
     assert_eq!(run(&["status", "--device", "cam-1", "--json"]).await, 0);
@@ -239,20 +237,18 @@ async fn deploy_over_mutual_tls_until_applied_and_commands_answer() {
 
     // The same deployment delivered again (a redelivery) changes nothing.
     let offers_before = device.agent.offers.lock().unwrap().len();
-    let code = outpost(
-        [
-            args.clone(),
-            vec![
-                "deploy".into(),
-                "--device".into(),
-                "cam-1".into(),
-                file.display().to_string(),
-                "--sign-key".into(),
-                private.display().to_string(),
-            ],
-        ]
-        .concat(),
-    )
+    let code = ctl([
+        args.clone(),
+        vec![
+            "deploy".into(),
+            "--device".into(),
+            "cam-1".into(),
+            file.display().to_string(),
+            "--sign-key".into(),
+            private.display().to_string(),
+        ],
+    ]
+    .concat())
     .await;
     assert_eq!(
         code, 0,
@@ -313,8 +309,7 @@ async fn a_wrong_server_ca_says_so() {
         "{err}"
     );
     // The operator's CLI says the same and exits 69.
-    let code = outpost(vec![
-        "hub".into(),
+    let code = ctl(vec![
         "--hub".into(),
         broker.url(),
         "--ca".into(),
@@ -423,7 +418,7 @@ async fn a_group_deployment_reaches_its_devices_and_a_device_deployment_override
     }
     let file = dir.path().join("group.json");
     std::fs::write(&file, manifest("fleet", 1, 0)).unwrap();
-    let mut args: Vec<String> = vec!["hub".into()];
+    let mut args: Vec<String> = Vec::new();
     args.extend(broker.cli_flags(dir.path()).unwrap());
     let mut deploy = args.clone();
     deploy.extend([
@@ -433,7 +428,7 @@ async fn a_group_deployment_reaches_its_devices_and_a_device_deployment_override
         file.display().to_string(),
     ]);
     assert_eq!(
-        outpost(deploy).await,
+        ctl(deploy).await,
         0,
         "every member applies the group deployment"
     );
@@ -490,7 +485,7 @@ async fn a_group_deployment_reaches_its_devices_and_a_device_deployment_override
         "line-3".into(),
         "--json".into(),
     ]);
-    assert_eq!(outpost(status).await, 0);
+    assert_eq!(ctl(status).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -711,7 +706,7 @@ async fn plaintext_on_loopback_works_and_the_last_will_says_offline() {
     wait_for_state(&mut op, "cam-8", WAIT, applied("plain", 1))
         .await
         .unwrap();
-    let mut args: Vec<String> = vec!["hub".into()];
+    let mut args: Vec<String> = Vec::new();
     args.extend(broker.cli_flags(dir.path()).unwrap());
     args.extend([
         "watch".into(),
@@ -721,7 +716,7 @@ async fn plaintext_on_loopback_works_and_the_last_will_says_offline() {
         "2".into(),
     ]);
     assert_eq!(
-        outpost(args).await,
+        ctl(args).await,
         0,
         "watch prints the retained state and presence"
     );
@@ -768,8 +763,7 @@ async fn a_wrong_password_is_refused_at_start_up() {
 #[tokio::test]
 async fn the_cli_refuses_plaintext_to_a_remote_hub() {
     init();
-    let code = outpost(vec![
-        "hub".into(),
+    let code = ctl(vec![
         "--hub".into(),
         "mqtt://hub.example.com".into(),
         "status".into(),
@@ -856,7 +850,7 @@ async fn signed_deployments_are_bound_to_their_device_time_and_version_floor() {
         devices.push(Device::start(&broker, dir.path(), &o).unwrap());
     }
     let mut op = broker.operator(dir.path()).await.unwrap();
-    let mut args: Vec<String> = vec!["hub".into()];
+    let mut args: Vec<String> = Vec::new();
     args.extend(broker.cli_flags(dir.path()).unwrap());
     let deploy = |target: &[&str], file: &std::path::Path| {
         let mut a = args.clone();
@@ -869,7 +863,7 @@ async fn signed_deployments_are_bound_to_their_device_time_and_version_floor() {
             "--timeout".into(),
             "20".into(),
         ]);
-        outpost(a)
+        ctl(a)
     };
     // The group's deployment v1, then b-1's own v10, both signed by the CLI (which binds them
     // to their target and an expiry).
@@ -951,7 +945,7 @@ async fn signed_deployments_are_bound_to_their_device_time_and_version_floor() {
         "--sign-key".into(),
         private.display().to_string(),
     ]);
-    assert_eq!(outpost(withdraw).await, 0);
+    assert_eq!(ctl(withdraw).await, 0);
     let s = wait_for_state(&mut op, "b-1", WAIT, applied("fleet", 1))
         .await
         .unwrap();

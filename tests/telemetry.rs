@@ -197,9 +197,9 @@ fn records_survive_a_hub_outage_and_kill_9_and_metrics_reach_the_hub() {
     });
     // The operator's view: `outpost hub telemetry` prints the next snapshot as a line.
     let dir = tempfile::tempdir().unwrap();
-    let mut args = vec!["hub".to_string()];
+    let mut args: Vec<String> = Vec::new();
     args.extend(broker.cli_flags(dir.path()).unwrap());
-    let out = std::process::Command::new(outpost_bin())
+    let out = std::process::Command::new(ctl_bin())
         .args(&args)
         .args([
             "telemetry",

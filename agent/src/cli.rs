@@ -2,22 +2,15 @@
 //! key tools). This is the program's edge, so errors here are `anyhow` with context; the
 //! binary maps the outcome to an exit code.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
-use serde_json::json;
-
-pub mod hub;
 
 use crate::api::{self, ApiEvent, ApiRequest};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
-use crate::intake::{self, Provenance};
 use crate::logging::{self, LogFormat};
-use crate::manifest::{self, Issue};
-use crate::signing::{self, TrustedKeys};
 use crate::state::{ModuleStatus, ReportedState};
 
 /// Exit code for a configuration error (sysexits' EX_CONFIG): the service unit tells systemd
@@ -80,22 +73,12 @@ pub enum Command {
     },
     /// Restart a module's container now.
     Restart { module: String },
-    /// Check, sign and inspect deployment manifests.
+    /// Check deployment manifests (signing and verifying is `outpost-ctl manifest`).
     #[command(subcommand)]
     Manifest(ManifestCommand),
-    /// Create signing keys.
-    #[command(subcommand)]
-    Keys(KeysCommand),
     /// Check the device configuration file and show what it resolves to.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// The operator's side of the hub: deploy, status, watch, commands.
-    Hub {
-        #[command(flatten)]
-        connection: Box<hub::HubConnection>,
-        #[command(subcommand)]
-        command: Box<hub::HubCommand>,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,43 +89,6 @@ pub enum ManifestCommand {
         files: Vec<PathBuf>,
         #[command(flatten)]
         output: Output,
-    },
-    /// Sign a manifest into a DSSE envelope. The manifest is validated first.
-    Sign {
-        file: PathBuf,
-        /// Private key (PKCS#8 PEM) from `outpost keys generate`.
-        #[arg(long)]
-        key: PathBuf,
-        /// Where to write the envelope; standard output when absent.
-        #[arg(long, short)]
-        out: Option<PathBuf>,
-        /// Bind the manifest to its target before signing: `device:ID` or `group:NAME`
-        /// (devices that trust keys require one).
-        #[arg(long, value_parser = parse_target)]
-        target: Option<manifest::Target>,
-        /// How long devices accept the signature, when the manifest names no `expiresAt`.
-        #[arg(long, default_value = "30d", value_parser = hub::parse_expiry)]
-        expires_in: std::time::Duration,
-    },
-    /// Verify a signed manifest against trusted public keys, then validate it.
-    Verify {
-        file: PathBuf,
-        /// Trusted public key (PEM); repeatable. Without any, the config's policy.trusted_keys.
-        #[arg(long = "trusted-key")]
-        trusted_keys: Vec<PathBuf>,
-        #[command(flatten)]
-        output: Output,
-    },
-    /// Print the manifest's JSON Schema.
-    Schema,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum KeysCommand {
-    /// Generate an Ed25519 key pair: PREFIX.key (private, mode 600) and PREFIX.pub.
-    Generate {
-        #[arg(long)]
-        out: PathBuf,
     },
 }
 
@@ -194,8 +140,6 @@ where
         Err(e) => {
             let code = if e.downcast_ref::<ConfigError>().is_some() {
                 EXIT_CONFIG
-            } else if e.downcast_ref::<crate::hub::HubError>().is_some() {
-                hub::EXIT_UNAVAILABLE
             } else {
                 EXIT_REFUSED
             };
@@ -299,46 +243,14 @@ fn run(cli: Cli) -> Result<u8> {
             }
             outcome
         }
-        Command::Hub {
-            connection,
-            command,
-        } => hub::run(&cli.config, &connection, *command),
         Command::Manifest(ManifestCommand::Validate { files, output }) => {
-            validate(&files, output.json)
-        }
-        Command::Manifest(ManifestCommand::Sign {
-            file,
-            key,
-            out,
-            target,
-            expires_in,
-        }) => sign(&file, &key, out.as_deref(), target.as_ref(), expires_in),
-        Command::Manifest(ManifestCommand::Verify {
-            file,
-            trusted_keys,
-            output,
-        }) => {
-            let trusted = if trusted_keys.is_empty() {
-                load_config(&cli.config)?.policy.trusted_keys
+            let v = outpost_core::present::validate_files(&files);
+            if output.json {
+                println!("{}", serde_json::to_string_pretty(&v.json)?);
             } else {
-                TrustedKeys::load(&trusted_keys)?
-            };
-            verify(&file, &trusted, output.json)
-        }
-        Command::Manifest(ManifestCommand::Schema) => {
-            print!("{}", manifest::schema::schema_text());
-            Ok(0)
-        }
-        Command::Keys(KeysCommand::Generate { out }) => {
-            let key = signing::generate_key()?;
-            let (private, public) = signing::write_key_pair(&key, &out)?;
-            println!("private key: {} (keep it secret)", private.display());
-            println!(
-                "public key:  {} (key id {})",
-                public.display(),
-                signing::key_id(&key.verifying_key())
-            );
-            Ok(0)
+                print!("{}", v.text);
+            }
+            Ok(if v.refused == 0 { 0 } else { EXIT_REFUSED })
         }
         Command::Config(ConfigCommand::Check) => {
             let config = load_config(&cli.config)?;
@@ -363,179 +275,7 @@ fn load_config(path: &Path) -> Result<Config, ConfigError> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if meta.len() > intake::MAX_MESSAGE_BYTES as u64 {
-        anyhow::bail!(
-            "{} is {} bytes, over the {}-byte limit",
-            path.display(),
-            meta.len(),
-            intake::MAX_MESSAGE_BYTES
-        );
-    }
-    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
-}
-
-fn validate(files: &[PathBuf], json: bool) -> Result<u8> {
-    let mut reports = Vec::new();
-    let mut refused = 0;
-    for file in files {
-        let outcome = read(file)
-            .map_err(|e| vec![Issue::new("", format!("{e:#}"))])
-            .and_then(|bytes| {
-                intake::intake(&bytes, &TrustedKeys::default()).map_err(|e| e.issues())
-            });
-        match outcome {
-            Ok(accepted) => {
-                let d = &accepted.deployment;
-                if json {
-                    reports.push(json!({"file": file, "valid": true, "id": d.id, "version": d.version, "modules": d.modules.len()}));
-                } else {
-                    println!(
-                        "{}: ok ({} v{}, {} module{})",
-                        file.display(),
-                        d.id,
-                        d.version,
-                        d.modules.len(),
-                        if d.modules.len() == 1 { "" } else { "s" }
-                    );
-                }
-            }
-            Err(issues) => {
-                refused += 1;
-                if json {
-                    reports.push(json!({"file": file, "valid": false, "issues": issues}));
-                } else {
-                    println!(
-                        "{}: invalid ({} issue{})",
-                        file.display(),
-                        issues.len(),
-                        if issues.len() == 1 { "" } else { "s" }
-                    );
-                    print_issues(&issues);
-                }
-            }
-        }
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
-    }
-    Ok(if refused == 0 { 0 } else { EXIT_REFUSED })
-}
-
-fn print_issues(issues: &[Issue]) {
-    for issue in issues {
-        let path = if issue.path.is_empty() {
-            "(document)"
-        } else {
-            issue.path.as_str()
-        };
-        println!("  {path}: {}", issue.message);
-    }
-}
-
-/// `--target device:ID` or `group:NAME`.
-fn parse_target(text: &str) -> Result<manifest::Target, String> {
-    match text.split_once(':') {
-        Some(("device", id)) if manifest::validate::is_topic_level(id) => {
-            Ok(manifest::Target::Device(id.to_string()))
-        }
-        Some(("group", name)) if manifest::validate::is_topic_level(name) => {
-            Ok(manifest::Target::Group(name.to_string()))
-        }
-        _ => Err(format!(
-            "`{text}` is not `device:ID` or `group:NAME` (letters, digits, `.`, `_`, `-`)"
-        )),
-    }
-}
-
-fn sign(
-    file: &Path,
-    key: &Path,
-    out: Option<&Path>,
-    target: Option<&manifest::Target>,
-    expires_in: std::time::Duration,
-) -> Result<u8> {
-    let bytes = read(file)?;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let bytes = crate::binding::bind(
-        &bytes,
-        target,
-        &crate::binding::expiry_after(now_ms, expires_in),
-    )
-    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    if let Err(e) = manifest::parse(&bytes) {
-        println!("{}: not signed, the manifest is invalid", file.display());
-        print_issues(&e.issues());
-        return Ok(EXIT_REFUSED);
-    }
-    let key = signing::load_signing_key(key)?;
-    let envelope = signing::sign(&bytes, &key);
-    let mut text = serde_json::to_string_pretty(&envelope)?;
-    text.push('\n');
-    match out {
-        Some(path) => {
-            // Whole or not at all: a half-written envelope would be refused on the device.
-            crate::fsutil::write_atomic(path, text.as_bytes(), 0o644)
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            eprintln!(
-                "signed {} with key {} -> {}",
-                file.display(),
-                envelope.signatures[0].keyid,
-                path.display()
-            );
-        }
-        None => std::io::stdout().write_all(text.as_bytes())?,
-    }
-    Ok(0)
-}
-
-fn verify(file: &Path, trusted: &TrustedKeys, json: bool) -> Result<u8> {
-    if trusted.is_empty() {
-        anyhow::bail!(
-            "no trusted keys: pass --trusted-key PUB or set policy.trusted_keys in the configuration"
-        );
-    }
-    let bytes = read(file)?;
-    // A bare manifest is refused by intake as unsigned, since keys are trusted here.
-    match intake::intake(&bytes, trusted) {
-        Ok(accepted) => {
-            let key = match &accepted.provenance {
-                Provenance::Signed { key_id } => key_id.clone(),
-                other => format!("{other:?}"),
-            };
-            let d = &accepted.deployment;
-            if json {
-                println!(
-                    "{}",
-                    json!({"file": file, "verified": true, "keyId": key, "id": d.id, "version": d.version, "digest": accepted.digest})
-                );
-            } else {
-                println!(
-                    "{}: verified, signed by key {key}; {} v{} is valid",
-                    file.display(),
-                    d.id,
-                    d.version
-                );
-            }
-            Ok(0)
-        }
-        Err(e) => {
-            let issues = e.issues();
-            if json {
-                println!(
-                    "{}",
-                    json!({"file": file, "verified": false, "issues": issues})
-                );
-            } else {
-                println!("{}: refused", file.display());
-                print_issues(&issues);
-            }
-            Ok(EXIT_REFUSED)
-        }
-    }
+    outpost_core::present::read_input(path).map_err(anyhow::Error::msg)
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -559,7 +299,7 @@ fn local_deploy(socket: &Path, manifest: String, wait_secs: u64) -> Result<u8> {
         ApiEvent::Accepted { id, version } => println!("accepted {id} v{version}; applying"),
         ApiEvent::Rejected { issues } => {
             println!("rejected:");
-            print_issues(&issues);
+            print!("{}", outpost_core::present::issue_lines(&issues));
         }
         ApiEvent::Progress {
             image,
@@ -583,7 +323,7 @@ fn local_deploy(socket: &Path, manifest: String, wait_secs: u64) -> Result<u8> {
         }
         ApiEvent::Done { status, reasons } => {
             println!("{status}");
-            print_issues(&reasons);
+            print!("{}", outpost_core::present::issue_lines(&reasons));
             code = if status == "applied" { 0 } else { EXIT_REFUSED };
         }
         ApiEvent::Error { message } => eprintln!("error: {message}"),
@@ -663,24 +403,7 @@ fn list(socket: &Path, json: bool) -> Result<u8> {
 
 /// Prints rows under a header, columns padded to their widest cell.
 pub fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
-    let mut widths = header.map(str::len);
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let text: Vec<String> = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", text.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
+    print!("{}", outpost_core::present::table(header, rows));
 }
 
 fn human_duration(secs: u64) -> String {

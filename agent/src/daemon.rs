@@ -14,7 +14,6 @@ use crate::bus::broker::BusCounters;
 use crate::bus::routes::RouteTable;
 use crate::bus::{BusError, BusSecret, ModuleEnv};
 use crate::config::{BusConfig, Config};
-use crate::policy::DeviceFacts;
 use crate::reconciler::DeploymentCounters;
 use crate::reconciler::{Reconciler, Settings};
 use crate::runtime::{DockerRuntime, RuntimeError};
@@ -93,7 +92,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let settings = Settings {
         device: config.device_id.clone(),
         policy: config.policy.clone(),
-        facts: DeviceFacts::detect(),
+        facts: crate::telemetry::metrics::device_facts(),
         stop_grace: config.runtime.stop_grace,
         max_concurrent_pulls: config.runtime.max_concurrent_pulls,
         max_parallel_actions: config.runtime.max_parallel_actions,
@@ -176,7 +175,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let (hub_tx, mut hub_rx) = tokio::sync::oneshot::channel();
     if let Some(hub) = &config.hub {
         let (session_tx, session_rx) = watch::channel(0u64);
-        let mut settings = crate::hub::link::Settings::from_hub_config(hub, &config.device_id)?;
+        let mut settings = crate::hub::link::settings(hub, &config.device_id)?;
         settings.client_id = format!("{}-telemetry", config.device_id);
         tasks.spawn(upstream::run(
             upstream::Context {

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Ends the name of every temporary file written here: what [`remove_stale_temps`] looks for.
-pub const TEMP_SUFFIX: &str = ".outpost-tmp";
+pub use outpost_core::files::TEMP_SUFFIX;
 
 /// What to do when the target already exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

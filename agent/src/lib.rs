@@ -2,10 +2,8 @@
 //!
 //! # Layout
 //!
-//! - [`manifest`]: the deployment manifest: types, schema, validation.
-//! - [`signing`]: Ed25519 keys and DSSE envelopes around manifests.
-//! - [`intake`]: the one path from untrusted bytes to an accepted deployment.
-//! - [`state`]: reported state, as the hub and `outpost list` see it.
+//! - [`manifest`], [`signing`], [`intake`], [`binding`], [`policy`], [`planner`], [`state`]:
+//!   the pure core, re-exported from `outpost-core` (see its documentation).
 //! - [`control`]: the handle through which the hub link and local API reach the reconciler.
 //! - [`hub`]: the hub link (MQTT with TLS: deployments in, state and presence out, commands)
 //!   and the operator's side of it.
@@ -14,7 +12,7 @@
 //! - [`cli`]: the `outpost` command line (the binary only calls [`cli::main`]).
 
 pub mod api;
-pub mod binding;
+pub use outpost_core::{binding, intake, manifest, planner, policy, signing, state};
 pub mod bus;
 pub mod cli;
 pub mod clock;
@@ -24,14 +22,8 @@ pub mod daemon;
 pub mod disk;
 pub mod fsutil;
 pub mod hub;
-pub mod intake;
 pub mod logging;
-pub mod manifest;
-pub mod planner;
-pub mod policy;
 pub mod reconciler;
 pub mod runtime;
-pub mod signing;
-pub mod state;
 pub mod store;
 pub mod telemetry;

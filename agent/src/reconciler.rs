@@ -88,7 +88,7 @@ impl Settings {
         Settings {
             device: device.to_string(),
             policy: crate::config::PolicyConfig::default(),
-            facts: DeviceFacts::detect(),
+            facts: crate::telemetry::metrics::device_facts(),
             stop_grace: Duration::from_secs(10),
             max_concurrent_pulls: 2,
             max_parallel_actions: 16,

@@ -102,22 +102,31 @@ pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
 
-/// The `outpost` binary, built if this test run did not build it already.
+/// The `outpost` binary (the device's), built if this test run did not build it already.
 pub fn outpost_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // Benchmarks measure the release build: OUTPOST_BIN names it.
-        if let Some(bin) = std::env::var_os("OUTPOST_BIN") {
-            return PathBuf::from(bin);
-        }
-        let bin = target_dir().join("debug/outpost");
-        run(Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "outpost-agent", "--bin", "outpost"])
-            .current_dir(workspace()));
-        assert!(bin.is_file(), "{} was not built", bin.display());
-        bin
-    })
-    .clone()
+    BIN.get_or_init(|| built("OUTPOST_BIN", "outpost-agent", "outpost"))
+        .clone()
+}
+
+/// The `outpost-ctl` binary (the operator's), built if this test run did not build it already.
+pub fn ctl_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| built("OUTPOST_CTL_BIN", "outpost-ctl", "outpost-ctl"))
+        .clone()
+}
+
+/// `bin` of `package`; benchmarks measure the release build, which `env` names.
+fn built(env: &str, package: &str, bin: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
+        return PathBuf::from(path);
+    }
+    let path = target_dir().join("debug").join(bin);
+    run(Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", package, "--bin", bin])
+        .current_dir(workspace()));
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
 }
 
 /// A distribution registry on loopback with one user.

@@ -20,9 +20,9 @@ use anyhow::{Context as _, Result, bail};
 use outpost_agent::control::{AgentHandle, REQUEST_CAPACITY, Request};
 use outpost_agent::hub::HubError;
 use outpost_agent::hub::link::Settings;
-use outpost_agent::hub::operator::Operator;
 use outpost_agent::hub::tls::TlsFiles;
 use outpost_agent::state::ReportedState;
+use outpost_ctl::hub::Operator;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
@@ -704,11 +704,11 @@ pub async fn wait_for_state(
     .await
 }
 
-/// Runs `outpost ARGS...` in-process (on a blocking thread, since the CLI makes its own
+/// Runs `outpost-ctl ARGS...` in-process (on a blocking thread, since the CLI makes its own
 /// runtime) and returns its exit code.
-pub async fn outpost(args: Vec<String>) -> u8 {
+pub async fn ctl(args: Vec<String>) -> u8 {
     tokio::task::spawn_blocking(move || {
-        outpost_agent::cli::run_args(std::iter::once("outpost".to_string()).chain(args))
+        outpost_ctl::run_args(std::iter::once("outpost-ctl".to_string()).chain(args))
     })
     .await
     .expect("the CLI panicked")

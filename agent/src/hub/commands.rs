@@ -15,10 +15,11 @@
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, QoS};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+
+pub use outpost_core::wire::command::{CommandRequest, SignedCommand};
 
 use super::report::merged;
 use super::topics::{Topics, is_level};
@@ -46,31 +47,11 @@ pub const MAX_COMMAND_LIFETIME: Duration = Duration::from_secs(3600);
 /// to expire.
 pub const MAX_REMEMBERED: usize = 4096;
 
-/// What a signed command says (the envelope's payload).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SignedCommand {
-    pub command: String,
-    pub device: String,
-    pub id: String,
-    pub expires_at: String,
-    #[serde(default)]
-    pub args: Value,
-}
-
 /// A command as it arrived.
 #[derive(Debug)]
 pub struct Command {
     pub name: String,
     pub payload: Vec<u8>,
-}
-
-/// A command as the device reads it: the request id to answer on and its arguments.
-#[derive(Debug, Deserialize)]
-pub struct CommandRequest {
-    pub id: String,
-    #[serde(default)]
-    pub args: Value,
 }
 
 pub struct Context {

@@ -19,13 +19,11 @@
 pub mod commands;
 pub mod deployments;
 pub mod link;
-pub mod operator;
 pub mod report;
-pub mod select;
-pub mod tls;
-pub mod topics;
+pub use outpost_core::select;
+pub use outpost_core::wire::topics;
+pub use outpost_mqtt::tls;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -41,75 +39,7 @@ pub use tls::install_crypto_provider;
 /// the disconnect are sent in that time).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
-/// Why the hub link (or an operator's connection) failed.
-#[derive(Debug, thiserror::Error)]
-pub enum HubError {
-    #[error("the device configuration has no [hub] section")]
-    NotConfigured,
-    #[error("cannot read {what} {path}: {source}")]
-    ReadFile {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path} holds no PEM {what}")]
-    NoCertificate { what: &'static str, path: PathBuf },
-    #[error("{path} holds no private key (PEM: PKCS#8, PKCS#1 or SEC1)")]
-    NoKey { path: PathBuf },
-    #[error("no system root certificates found; set hub.ca_file (or --ca)")]
-    NoSystemRoots,
-    #[error("the password file {path} is empty")]
-    EmptyPassword { path: PathBuf },
-    #[error("TLS set-up failed: {0}")]
-    TlsSetup(String),
-    #[error("server certificate is not signed by {trust} ({detail})")]
-    UntrustedServer { trust: String, detail: String },
-    #[error(
-        "server certificate is not valid for host `{host}` ({detail}); the URL's host must be in its subject alternative names"
-    )]
-    ServerName { host: String, detail: String },
-    #[error("server certificate is expired or not yet valid ({detail}); check the clocks")]
-    ServerCertificateTime { detail: String },
-    #[error("broker refused the client certificate ({detail}){}", if *.had_certificate { "" } else { "; it requires one: set hub.cert_file and hub.key_file (or --cert and --key)" })]
-    ClientCertificateRefused {
-        detail: String,
-        had_certificate: bool,
-    },
-    #[error("TLS error: {0}")]
-    Tls(String),
-    #[error("broker refused the connection: {0}")]
-    Refused(String),
-    #[error("cannot reach the broker at {addr}: {detail}")]
-    Connect { addr: String, detail: String },
-    #[error("timed out after {0:?} waiting for the broker")]
-    Timeout(Duration),
-    #[error("the MQTT client stopped: {0}")]
-    Client(String),
-}
-
-impl HubError {
-    /// Errors that retrying cannot fix without someone changing a file or the broker:
-    /// the device gives up on them at start-up (a misconfiguration should be seen, not
-    /// retried silently), but keeps retrying them once it was connected (certificates get
-    /// rotated on brokers).
-    pub fn is_configuration(&self) -> bool {
-        matches!(
-            self,
-            HubError::NotConfigured
-                | HubError::ReadFile { .. }
-                | HubError::NoCertificate { .. }
-                | HubError::NoKey { .. }
-                | HubError::NoSystemRoots
-                | HubError::EmptyPassword { .. }
-                | HubError::TlsSetup(_)
-                | HubError::UntrustedServer { .. }
-                | HubError::ServerName { .. }
-                | HubError::ClientCertificateRefused { .. }
-                | HubError::Refused(_)
-        )
-    }
-}
+pub use outpost_mqtt::HubError;
 
 /// Runs the device side of the hub link until `shutdown` is cancelled.
 ///
@@ -139,7 +69,7 @@ pub async fn run_with(
 ) -> Result<(), HubError> {
     let hub = config.hub.as_ref().ok_or(HubError::NotConfigured)?;
     let topics = topics::Topics::new(&hub.topic_prefix, &config.device_id);
-    let settings = link::Settings::from_hub_config(hub, &config.device_id)?;
+    let settings = link::settings(hub, &config.device_id)?;
     let (client, eventloop) = link::client(&settings, Some(report::last_will(&topics)))?;
 
     let tracker = TaskTracker::new();
@@ -217,10 +147,4 @@ pub async fn run_with(
     result
 }
 
-/// Seconds since the Unix epoch (0 if the clock is before it).
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use outpost_core::time::unix_now;

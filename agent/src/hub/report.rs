@@ -10,43 +10,15 @@
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, LastWill, QoS};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::topics::Topics;
-use super::unix_now;
 use crate::state::{DeploymentReport, ReportedState};
+pub use outpost_core::wire::presence::{Presence, presence};
 
 /// The shortest time between two state publications: changes within it are gathered.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
-
-/// The presence payload.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Presence {
-    pub online: bool,
-    /// Unix seconds when this was said.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent_version: Option<String>,
-    /// The groups whose deployments the device follows: `outpost hub status --group` counts
-    /// members from this.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub groups: Vec<String>,
-}
-
-pub fn presence(online: bool, groups: &[String]) -> Vec<u8> {
-    let p = Presence {
-        online,
-        since: Some(unix_now()),
-        agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
-        groups: groups.to_vec(),
-    };
-    // Serializing a struct of strings, numbers and bools cannot fail.
-    serde_json::to_vec(&p).unwrap_or_default()
-}
 
 /// The will the broker publishes when the device disappears without saying goodbye.
 pub fn last_will(topics: &Topics) -> LastWill {

@@ -62,9 +62,9 @@ impl DockerRuntime {
     /// Fails when the socket does not exist or the engine does not answer.
     pub async fn connect(socket: &std::path::Path) -> Result<DockerRuntime, RuntimeError> {
         let path = socket.display().to_string();
-        let connect_err = |source| RuntimeError::Connect {
+        let connect_err = |source: bollard::errors::Error| RuntimeError::Connect {
             socket: path.clone(),
-            source,
+            source: Box::new(source),
         };
         let docker =
             Docker::connect_with_unix(&path, TIMEOUT_SECS, &FALLBACK_API).map_err(connect_err)?;

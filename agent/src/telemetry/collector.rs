@@ -19,7 +19,7 @@ use crate::runtime::{DockerRuntime, Runtime as _};
 use crate::state::ReportedState;
 
 /// The outbox stream metrics go to.
-pub const STREAM: &str = "metrics";
+pub const STREAM: &str = outpost_core::wire::telemetry::METRICS_STREAM;
 /// The least important: metrics are the first dropped when the outbox is full.
 pub const PRIORITY: u8 = 9;
 /// How long the engine gets for the modules' usage.

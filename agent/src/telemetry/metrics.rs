@@ -168,6 +168,15 @@ fn cpu_percent(prev: CpuTimes, now: CpuTimes) -> Option<f64> {
 }
 
 /// `MemTotal` and `MemAvailable` of `/proc/meminfo`, in bytes; 0 for either when missing.
+/// This machine's architecture and total memory, for a deployment's `requires`.
+pub fn device_facts() -> crate::policy::DeviceFacts {
+    let (total, _) = read("/proc/meminfo").map_or((0, 0), |t| parse_meminfo(&t));
+    crate::policy::DeviceFacts {
+        arch: crate::manifest::Arch::current(),
+        memory_mb: total / (1024 * 1024),
+    }
+}
+
 fn parse_meminfo(text: &str) -> (u64, u64) {
     let (mut total, mut available) = (0, 0);
     for line in text.lines() {

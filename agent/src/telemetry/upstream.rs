@@ -365,40 +365,7 @@ pub fn encode_batch(stream: &str, records: &[Record]) -> Vec<u8> {
     out
 }
 
-/// A batch as the hub reads it (for the operator's side and tests).
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct ReceivedBatch {
-    pub stream: String,
-    pub records: Vec<ReceivedRecord>,
-}
-
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct ReceivedRecord {
-    pub id: u64,
-    pub ts: u64,
-    pub topic: String,
-    #[serde(default)]
-    pub body: Option<serde_json::Value>,
-    #[serde(default, rename = "bodyBase64")]
-    pub body_base64: Option<String>,
-}
-
-/// Per stream, the records with ids already seen removed: what a hub-side consumer does
-/// after a redelivery.
-pub fn dedup(
-    batches: impl IntoIterator<Item = ReceivedBatch>,
-) -> BTreeMap<String, Vec<ReceivedRecord>> {
-    let mut seen = std::collections::HashSet::new();
-    let mut out: BTreeMap<String, Vec<ReceivedRecord>> = BTreeMap::new();
-    for b in batches {
-        for r in b.records {
-            if seen.insert(r.id) {
-                out.entry(b.stream.clone()).or_default().push(r);
-            }
-        }
-    }
-    out
-}
+pub use outpost_core::wire::telemetry::{ReceivedBatch, ReceivedRecord, dedup};
 
 #[cfg(test)]
 mod tests {

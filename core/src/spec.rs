@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::{ContainerSpec, labels};
-use crate::config::PolicyConfig;
+use crate::container::{ContainerSpec, labels};
 use crate::intake::hex_sha256;
 use crate::manifest::validate::Bind;
 use crate::manifest::{Module, NetworkMode};
+use crate::policy::PolicyConfig;
 
 /// Raised when what the agent itself puts into every container changes, so that running
 /// containers are recreated with it (version 2: the policy's hardening defaults).

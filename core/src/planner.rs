@@ -26,9 +26,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::container::{ContainerState, Health, Observed, labels};
 use crate::manifest::{Deployment, DesiredStatus, Module, PullPolicy, RestartPolicy};
-use crate::runtime::spec::container_name;
-use crate::runtime::{ContainerState, Health, Observed, labels};
+use crate::spec::container_name;
 use crate::state::ModuleStatus;
 
 /// Restart backoff cap.
@@ -895,7 +895,7 @@ fn restart_after_backoff(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::spec::config_hash;
+    use crate::spec::config_hash;
     use proptest::prelude::*;
 
     const DEV: &str = "dev1";
@@ -910,7 +910,7 @@ mod tests {
             .modules
             .iter()
             .map(|(n, m)| {
-                let policy = crate::config::PolicyConfig::default();
+                let policy = crate::policy::PolicyConfig::default();
                 (n.clone(), config_hash(m, &BTreeMap::new(), DEV, &policy))
             })
             .collect();

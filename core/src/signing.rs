@@ -311,9 +311,9 @@ pub fn write_key_pair(key: &SigningKey, prefix: &Path) -> Result<(PathBuf, PathB
             }
         }
     };
-    crate::fsutil::write_new_atomic(&private, private_pem.as_bytes(), 0o600)
+    crate::files::write_new(&private, private_pem.as_bytes(), 0o600)
         .map_err(|e| write_err(&private, e))?;
-    if let Err(e) = crate::fsutil::write_new_atomic(&public, public_pem.as_bytes(), 0o644) {
+    if let Err(e) = crate::files::write_new(&public, public_pem.as_bytes(), 0o644) {
         // Half a pair is no use, and the private key is ours: it was created just now.
         if let Err(remove) = fs::remove_file(&private) {
             tracing::warn!(path = %private.display(), error = %remove, "cannot remove the private key of a pair not written");
@@ -459,7 +459,7 @@ mod tests {
         let names: Vec<String> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(crate::fsutil::TEMP_SUFFIX))
+            .filter(|n| n.ends_with(crate::files::TEMP_SUFFIX))
             .collect();
         assert!(names.is_empty(), "{names:?}");
     }

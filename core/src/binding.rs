@@ -3,16 +3,16 @@
 //! an envelope signed for one device cannot be replayed on another's topic, and an old envelope
 //! cannot be held back and delivered later (a freeze).
 //!
-//! Time on a device may lie (see [`crate::clock`]), so expiry is judged against a *trusted
+//! Time on a device may lie (see the agent's `clock`), so expiry is judged against a *trusted
 //! now*: the wall clock, but never earlier than the latest time the device has known to be
 //! good (stored), nor than this build's own date. A device booting at 1970 therefore still
 //! refuses an envelope that expired before it last knew the time; one whose expiry lies ahead
 //! of that is accepted, and the version floor (in the reconciler) still refuses anything older
 //! than what it runs.
 
-use crate::clock::{PLAUSIBLE_AFTER_MS, format_rfc3339, parse_rfc3339};
 use crate::manifest::{Deployment, Issue, Target};
 use crate::state::Source;
+use crate::time::{PLAUSIBLE_AFTER_MS, format_rfc3339, parse_rfc3339};
 
 /// Clock error tolerated on expiry: a device a few minutes behind or ahead of the operator.
 pub const EXPIRY_TOLERANCE_MS: u64 = 5 * 60 * 1000;

@@ -16,12 +16,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::HubError;
-use super::link::{Settings, client};
-use super::report::Presence;
-use super::topics::{self, device_of, is_level};
-use crate::manifest::Issue;
-use crate::state::{DeploymentStatus, ReportedState, Source};
+use outpost_core::manifest::Issue;
+use outpost_core::state::{DeploymentStatus, ReportedState, Source};
+use outpost_core::wire::presence::Presence;
+use outpost_core::wire::topics::{self, device_of, is_level};
+use outpost_mqtt::HubError;
+use outpost_mqtt::{Settings, client};
 
 /// Largest retained state or presence message the operator reads.
 pub const MAX_STATE_BYTES: usize = 1024 * 1024;
@@ -436,18 +436,18 @@ pub fn group_summary(
 /// The id, version and manifest digest of a retained deployment message (bare or enveloped),
 /// without verifying anything: for display only.
 pub fn describe_deployment(payload: &[u8]) -> Option<(String, u64, String)> {
-    if payload.is_empty() || payload.len() > crate::intake::MAX_MESSAGE_BYTES {
+    if payload.is_empty() || payload.len() > outpost_core::intake::MAX_MESSAGE_BYTES {
         return None;
     }
-    let manifest = serde_json::from_slice::<crate::signing::Envelope>(payload)
+    let manifest = serde_json::from_slice::<outpost_core::signing::Envelope>(payload)
         .ok()
-        .and_then(|e| crate::signing::open(&e).ok())
+        .and_then(|e| outpost_core::signing::open(&e).ok())
         .unwrap_or_else(|| payload.to_vec());
     let v: Value = serde_json::from_slice(&manifest).ok()?;
     Some((
         v.get("id")?.as_str()?.to_string(),
         v.get("version")?.as_u64()?,
-        crate::intake::hex_sha256(&manifest),
+        outpost_core::intake::hex_sha256(&manifest),
     ))
 }
 
@@ -459,7 +459,7 @@ pub fn request_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{AgentFacts, DeploymentReport};
+    use outpost_core::state::{AgentFacts, DeploymentReport};
 
     fn state(source: Source, digest: &str, status: DeploymentStatus) -> ReportedState {
         ReportedState {

@@ -12,9 +12,85 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::config::PolicyConfig;
 use crate::manifest::validate::{Bind, registry_of};
 use crate::manifest::{Arch, Deployment, ImageRef, Issue, Module, NetworkMode, pointer};
+use crate::signing::TrustedKeys;
+
+/// What this device lets a deployment do, whatever the hub says: deny by default. The default
+/// trusts no keys (unsigned deployments accepted), allows any registry, and no privileged
+/// containers, host network, host paths, devices, added capabilities, shared volumes or ports
+/// outside 1024-65535 on loopback.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub trusted_key_files: Vec<PathBuf>,
+    /// Loaded at start-up so a bad key file is a configuration error, not a refused deployment.
+    pub trusted_keys: TrustedKeys,
+    /// Empty means any registry.
+    pub allowed_registries: Vec<String>,
+    pub allow_privileged: bool,
+    pub allow_host_network: bool,
+    /// Prefixes a read-only bind's host path must be under; empty allows no host paths. No
+    /// module can write under them (they may not overlap `writable_host_paths`), so no module
+    /// can plant a link that a later bind would follow.
+    pub allowed_host_paths: Vec<PathBuf>,
+    /// Each module may bind `PREFIX/<module name>` itself (read-write), and nothing else under
+    /// these prefixes.
+    pub writable_host_paths: Vec<PathBuf>,
+    /// Capabilities a module may add (`CapAdd`), without the `CAP_` prefix.
+    pub allowed_capabilities: Vec<String>,
+    /// Device nodes a module may be given, exactly.
+    pub allowed_devices: Vec<PathBuf>,
+    /// Engine volumes a module may mount by their own name; any other volume name is scoped
+    /// to this device (`outpost.<device>.<name>`).
+    pub allowed_volumes: Vec<String>,
+    /// Host port ranges a module may publish, inclusive.
+    pub allowed_host_ports: Vec<(u16, u16)>,
+    /// Host addresses a published port may bind; a port binding without one binds the first
+    /// (loopback unless configured otherwise).
+    pub allowed_host_ips: Vec<std::net::IpAddr>,
+    /// The memory limit of a module that sets none; `None`: no limit.
+    pub default_memory_mb: Option<u64>,
+    /// The highest memory limit a module may ask for; `None`: any.
+    pub max_memory_mb: Option<u64>,
+    pub default_pids_limit: u64,
+    pub max_pids_limit: u64,
+    /// With trusted keys, images must be pinned by digest unless this is set (labs).
+    pub allow_image_tags: bool,
+    /// Host paths no bind may reach, whatever the prefixes say: the agent's state and
+    /// configuration, the engine's socket, the API socket, /proc, /sys, /dev, /boot.
+    pub forbidden_host_paths: Vec<PathBuf>,
+}
+
+/// Paths no bind may reach on any device.
+pub const SYSTEM_PATHS: &[&str] = &["/proc", "/sys", "/dev", "/boot", "/var/run/docker.sock"];
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            trusted_key_files: Vec::new(),
+            trusted_keys: TrustedKeys::default(),
+            allowed_registries: Vec::new(),
+            allow_privileged: false,
+            allow_host_network: false,
+            allowed_host_paths: Vec::new(),
+            writable_host_paths: Vec::new(),
+            allowed_capabilities: Vec::new(),
+            allowed_devices: Vec::new(),
+            allowed_volumes: Vec::new(),
+            allowed_host_ports: vec![(1024, 65535)],
+            allowed_host_ips: vec![
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::Ipv6Addr::LOCALHOST.into(),
+            ],
+            default_memory_mb: Some(512),
+            max_memory_mb: None,
+            default_pids_limit: 1024,
+            max_pids_limit: 8192,
+            allow_image_tags: false,
+            forbidden_host_paths: SYSTEM_PATHS.iter().map(PathBuf::from).collect(),
+        }
+    }
+}
 
 /// Capabilities that hand a container the host (or its kernel, or its network): each needs its
 /// own entry in `policy.allowed_capabilities`, and a refusal says why it is dangerous.
@@ -55,25 +131,6 @@ pub fn volume_name(policy: &PolicyConfig, device: &str, name: &str) -> String {
 pub struct DeviceFacts {
     pub arch: Option<Arch>,
     pub memory_mb: u64,
-}
-
-impl DeviceFacts {
-    /// This machine's architecture and total memory (from /proc/meminfo).
-    pub fn detect() -> DeviceFacts {
-        let memory_mb = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|text| {
-                text.lines()
-                    .find(|l| l.starts_with("MemTotal:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<u64>().ok())
-            })
-            .map_or(0, |kb| kb / 1024);
-        DeviceFacts {
-            arch: Arch::current(),
-            memory_mb,
-        }
-    }
 }
 
 /// Every way `d` breaks the device's policy or requirements.

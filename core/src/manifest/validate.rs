@@ -123,7 +123,7 @@ impl Validator {
             _ => {}
         }
         if let Some(at) = &d.expires_at
-            && crate::clock::parse_rfc3339(at).is_none()
+            && crate::time::parse_rfc3339(at).is_none()
         {
             self.push(
                 "/expiresAt",

@@ -9,7 +9,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{AlertDescription, CertificateError, RootCertStore};
 
-use super::HubError;
+use crate::HubError;
 
 /// Installs ring as the process-wide rustls crypto provider.
 ///

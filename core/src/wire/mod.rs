@@ -1,0 +1,7 @@
+//! What travels between a device and the hub, as both sides read it: topic names, presence,
+//! commands and telemetry batches. Reported state is [`crate::state`].
+
+pub mod command;
+pub mod presence;
+pub mod telemetry;
+pub mod topics;
