@@ -198,10 +198,7 @@ fn run(cli: Cli) -> Result<u8> {
         } => {
             let config = load_config(&cli.config)?;
             let since = since.map(|s| {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                now.saturating_sub(s) as i64
+                outpost_core::time::unix_now().saturating_sub(s) as i64
             });
             let request = ApiRequest::Logs {
                 module,
@@ -366,9 +363,7 @@ fn list(socket: &Path, json: bool) -> Result<u8> {
     for c in &state.conditions {
         println!("! {}: {}", c.kind, c.message);
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = outpost_core::time::unix_now();
     let rows: Vec<[String; 5]> = state
         .modules
         .iter()

@@ -10,11 +10,8 @@ use tracing::{error, info, warn};
 
 use tokio::sync::watch;
 
-use crate::bus::broker::BusCounters;
 use crate::bus::routes::RouteTable;
-use crate::bus::{BusError, BusSecret, ModuleEnv};
-use crate::config::{BusConfig, Config};
-use crate::reconciler::DeploymentCounters;
+use crate::config::Config;
 use crate::reconciler::{Reconciler, Settings};
 use crate::runtime::{DockerRuntime, RuntimeError};
 use crate::store::{Store, StoreError};
@@ -36,6 +33,8 @@ pub enum DaemonError {
     Api(#[from] crate::api::ApiError),
     #[error(transparent)]
     Bus(#[from] crate::bus::BusError),
+    #[error(transparent)]
+    BusStart(#[from] crate::bus::start::StartError),
     #[error("cannot serve metrics on {addr}: {source}")]
     Metrics {
         addr: std::net::SocketAddr,
@@ -76,7 +75,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     )?;
     let tasks = TaskTracker::new();
     tasks.spawn(outbox_writer.run(shutdown.clone()));
-    let counters = Counters::default();
+    let counters = crate::telemetry::counters::Counters::default();
     // The stored deployment's routes from the first moment the bus accepts a message: an
     // empty table would acknowledge what arrives before the reconciler starts, and route it
     // nowhere.
@@ -85,8 +84,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         .map(|d| RouteTable::for_deployment(&d.deployment))
         .unwrap_or_default();
     let (routes_tx, routes_rx) = watch::channel(Arc::new(stored_routes));
-    let module_env = start_bus(
-        &config, &runtime, routes_rx, &outbox, &counters, &tasks, &shutdown,
+    let module_env = crate::bus::start::start(
+        &config,
+        runtime.as_ref(),
+        routes_rx,
+        &outbox,
+        &counters.bus,
+        &tasks,
+        &shutdown,
     )
     .await?;
     let settings = Settings {
@@ -102,7 +107,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         routes: config.bus.enabled.then_some(routes_tx),
         deployments: counters.deployments.clone(),
         clock: Arc::new(crate::clock::SystemClock::new()),
-        conditions: Some(watch_outbox(&outbox, &tasks, &shutdown)),
+        conditions: Some(crate::telemetry::health::watch_outbox(
+            &outbox, &tasks, &shutdown,
+        )),
         store_recovery: recovery.map(|r| {
             format!(
                 "the store was damaged ({}) and was moved to {}; the device started with an empty store",
@@ -221,118 +228,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         return Err(e.into());
     }
     Ok(())
-}
-
-/// The agent's counters that metrics read, each owned by the part that counts.
-#[derive(Debug, Clone, Default)]
-pub struct Counters {
-    pub deployments: Arc<DeploymentCounters>,
-    pub upstream: Arc<upstream::LinkCounters>,
-    pub bus: Arc<BusCounters>,
-}
-
-/// Starts the embedded bus (unless it is off or an external broker is configured) and says
-/// what modules are told about it.
-async fn start_bus(
-    config: &Config,
-    runtime: &DockerRuntime,
-    routes: watch::Receiver<Arc<RouteTable>>,
-    outbox: &Outbox,
-    counters: &Counters,
-    tasks: &TaskTracker,
-    shutdown: &CancellationToken,
-) -> Result<ModuleEnv, DaemonError> {
-    if !config.bus.enabled {
-        info!("local bus off ([bus] enabled = false)");
-        return Ok(ModuleEnv::default());
-    }
-    if let Some(url) = &config.bus.external_url {
-        // Modules are told where the device's broker is; its own configuration holds their
-        // credentials and topic rules. The agent routes as a client of it.
-        let credentials = match &config.bus.external_credentials {
-            Some((user, file)) => Some((
-                user.clone(),
-                crate::hub::link::Password::read(file)
-                    .map_err(|e| BusError::Password(e.to_string()))?,
-            )),
-            None => None,
-        };
-        tasks.spawn(crate::bus::router::run(
-            crate::bus::router::Context {
-                url: url.clone(),
-                credentials,
-                client_id: format!("{}-router", config.device_id),
-                routes,
-                outbox: outbox.clone(),
-                counters: counters.bus.clone(),
-            },
-            shutdown.clone(),
-        ));
-        return Ok(ModuleEnv::external(url.to_string()));
-    }
-    let addr = match config.bus.listen {
-        Some(addr) => addr,
-        None => match runtime.bridge_gateway().await? {
-            Some(ip) => std::net::SocketAddr::new(ip, BusConfig::DEFAULT_PORT),
-            None => {
-                warn!(
-                    "no Docker bridge network found: the local bus listens on loopback, which modules on a bridge network cannot reach; set bus.listen"
-                );
-                std::net::SocketAddr::from(([127, 0, 0, 1], BusConfig::DEFAULT_PORT))
-            }
-        },
-    };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| BusError::Listen { addr, source })?;
-    let secret = BusSecret::load_or_create(&config.state_dir)?;
-    tasks.spawn(crate::bus::broker::serve(
-        listener,
-        secret.clone(),
-        routes,
-        outbox.clone(),
-        counters.bus.clone(),
-        shutdown.clone(),
-    ));
-    Ok(ModuleEnv::embedded(format!("mqtt://{addr}"), secret))
-}
-
-/// How often the outbox's health is looked at for the reported state.
-const HEALTH_EVERY: Duration = Duration::from_secs(2);
-
-/// The outbox's health as a condition of the reported state (`outbox-degraded`), kept current
-/// by a task of its own.
-fn watch_outbox(
-    outbox: &Outbox,
-    tasks: &TaskTracker,
-    shutdown: &CancellationToken,
-) -> watch::Receiver<Vec<crate::state::Condition>> {
-    let (tx, rx) = watch::channel(Vec::new());
-    let (outbox, shutdown) = (outbox.clone(), shutdown.clone());
-    tasks.spawn(async move {
-        let mut tick = tokio::time::interval(HEALTH_EVERY);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let now = match outbox.health() {
-                crate::telemetry::outbox::OutboxHealth::Ok => Vec::new(),
-                crate::telemetry::outbox::OutboxHealth::Degraded { reason, .. } => {
-                    vec![crate::state::Condition {
-                        kind: "outbox-degraded".into(),
-                        message: format!("telemetry outbox: {reason}"),
-                    }]
-                }
-            };
-            tx.send_if_modified(|c| {
-                let changed = *c != now;
-                *c = now.clone();
-                changed
-            });
-        }
-    });
-    rx
 }
 
 /// Resolves on SIGTERM or SIGINT, then cancels `token`.

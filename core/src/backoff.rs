@@ -3,6 +3,21 @@
 
 use std::time::Duration;
 
+/// The delay before attempt `attempt` (1 for the first retry): `base`, doubling with each
+/// attempt, never above `cap`. Attempt 0 is `base` too. Milliseconds, so that deadlines on the
+/// monotonic clock (which the agent keeps in milliseconds) can use it as it is.
+pub fn exponential_ms(base_ms: u64, attempt: u32, cap_ms: u64) -> u64 {
+    base_ms
+        .saturating_mul(1u64 << attempt.saturating_sub(1).min(30))
+        .min(cap_ms)
+}
+
+/// [`exponential_ms`] for [`Duration`]s.
+pub fn exponential(base: Duration, attempt: u32, cap: Duration) -> Duration {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(exponential_ms(ms(base), attempt, ms(cap)))
+}
+
 /// Capped exponential backoff with jitter: each delay is drawn from `[d/2, d]` where `d`
 /// doubles from `min` up to `max`, so a fleet that lost its broker does not come back in step.
 #[derive(Debug, Clone)]
@@ -23,9 +38,8 @@ impl Backoff {
 
     /// The next delay; `random` supplies the jitter (any `u64`).
     pub fn next_with(&mut self, random: u64) -> Duration {
-        let factor = 1u32 << self.attempt.min(16);
         self.attempt = self.attempt.saturating_add(1);
-        let ceiling = self.min.saturating_mul(factor).min(self.max);
+        let ceiling = exponential(self.min, self.attempt, self.max);
         let half = ceiling / 2;
         let span = (ceiling - half).as_millis() as u64;
         half + Duration::from_millis(if span == 0 { 0 } else { random % (span + 1) })
@@ -44,6 +58,17 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exponential_doubles_from_base_to_cap() {
+        let got: Vec<u64> = (0..=6).map(|a| exponential_ms(1_000, a, 10_000)).collect();
+        assert_eq!(got, [1_000, 1_000, 2_000, 4_000, 8_000, 10_000, 10_000]);
+        assert_eq!(exponential_ms(1_000, u32::MAX, u64::MAX), 1_000 << 30);
+        assert_eq!(
+            exponential(Duration::from_millis(100), 3, Duration::from_secs(1)),
+            Duration::from_millis(400)
+        );
+    }
 
     #[test]
     fn backoff_grows_is_capped_and_resets() {

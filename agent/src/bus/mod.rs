@@ -18,6 +18,7 @@
 pub mod broker;
 pub mod router;
 pub mod routes;
+pub mod start;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::broker::{BusCounters, MAX_PACKET};
 use super::routes::{RouteTable, Target};
-use crate::hub::link::Password;
+use outpost_core::backoff::exponential;
+use outpost_mqtt::Password;
 use crate::telemetry::outbox::{Outbox, OutboxError};
 
 pub struct Context {
@@ -73,7 +74,7 @@ pub fn options(ctx: &Context) -> Result<MqttOptions, String> {
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(MAX_PACKET, MAX_PACKET);
     if tls {
-        let config = crate::hub::tls::client_config(&crate::hub::tls::TlsFiles {
+        let config = outpost_mqtt::tls::client_config(&outpost_mqtt::tls::TlsFiles {
             ca_file: None,
             client_auth: None,
             ca_setting: "bus.external_url",
@@ -105,7 +106,7 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
     let mut generation = 0u64;
     // When to reconnect so that the broker sends again what the outbox refused.
     let mut redeliver_at: Option<tokio::time::Instant> = None;
-    let mut redeliver_delay = REDELIVER_MIN;
+    let mut redeliver_attempts = 0u32;
     let mut refused = 0u64;
     let mut last_warning: Option<(tokio::time::Instant, u64)> = None;
     // Changes when the outbox's file is back after an I/O error (and on every commit).
@@ -155,7 +156,7 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
             },
             Some((of, p, result)) = securing.next() => match result {
                 Ok(()) | Err(OutboxError::TooLarge { .. }) => {
-                    redeliver_delay = REDELIVER_MIN;
+                    redeliver_attempts = 0;
                     outgoing.push_back(Out::Ack(of, p));
                 }
                 // Stopping: the broker keeps it for the next start.
@@ -166,8 +167,11 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
                     refused += 1;
                     warn_unstored(&mut last_warning, &e, &p.topic);
                     if redeliver_at.is_none() {
-                        redeliver_at = Some(tokio::time::Instant::now() + redeliver_delay);
-                        redeliver_delay = (redeliver_delay * 2).min(REDELIVER_MAX);
+                        redeliver_attempts = redeliver_attempts.saturating_add(1);
+                        redeliver_at = Some(
+                            tokio::time::Instant::now()
+                                + exponential(REDELIVER_MIN, redeliver_attempts, REDELIVER_MAX),
+                        );
                     }
                 }
             },

@@ -35,9 +35,10 @@ use crate::control::AgentHandle;
 
 pub use tls::install_crypto_provider;
 
-/// How long the tasks get to finish after shutdown is asked for (the offline presence and
-/// the disconnect are sent in that time).
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How long the link's tasks get to finish after shutdown is asked for (the offline presence
+/// and the disconnect are sent in that time): a share of the agent's own grace.
+pub const LINK_GRACE: Duration = Duration::from_secs(3);
+const _: () = assert!(LINK_GRACE.as_secs() < crate::daemon::SHUTDOWN_GRACE.as_secs());
 
 pub use outpost_mqtt::HubError;
 
@@ -136,11 +137,11 @@ pub async fn run_with(
     )
     .await;
     stop.cancel();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+    if tokio::time::timeout(LINK_GRACE, tracker.wait())
         .await
         .is_err()
     {
-        tracing::warn!(grace = ?SHUTDOWN_GRACE, "hub link tasks did not stop in time");
+        tracing::warn!(grace = ?LINK_GRACE, "hub link tasks did not stop in time");
     } else {
         tracing::debug!("hub link stopped");
     }

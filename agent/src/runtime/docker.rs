@@ -72,49 +72,6 @@ impl DockerRuntime {
         Ok(DockerRuntime { docker })
     }
 
-    /// The gateway address of Docker's default `bridge` network: the host as containers on it
-    /// see it, where the local bus listens by default. `None` when there is no such network.
-    ///
-    /// Fails when the engine does not answer: falling back to another address then would
-    /// change every module's bus address (and so recreate them) over a passing error.
-    pub async fn bridge_gateway(&self) -> Result<Option<std::net::IpAddr>, RuntimeError> {
-        let network = match self.docker.inspect_network("bridge", None).await {
-            Ok(n) => n,
-            Err(e) if status_of(&e) == Some(404) => return Ok(None),
-            Err(e) => return Err(engine("inspect network", "bridge", e)),
-        };
-        Ok(network
-            .ipam
-            .and_then(|i| i.config)
-            .unwrap_or_default()
-            .into_iter()
-            .find_map(|c| gateway_of(c.gateway.as_deref(), c.subnet.as_deref())))
-    }
-
-    /// A container's CPU and memory use now, for telemetry. Takes about a second: the engine
-    /// waits for a second CPU reading to measure the time between the two.
-    ///
-    /// Fails with [`RuntimeError::NotFound`] when there is no such container, and with
-    /// [`RuntimeError::Engine`] when the engine fails or sends no sample. A container that is
-    /// not running gives a sample with nothing in it (every field `None`).
-    pub async fn usage(&self, container_id: &str) -> Result<ContainerUsage, RuntimeError> {
-        // Not one-shot: one-shot answers at once but leaves the previous CPU reading empty.
-        let options = StatsOptionsBuilder::default()
-            .stream(false)
-            .one_shot(false)
-            .build();
-        let mut stats = std::pin::pin!(self.docker.stats(container_id, Some(options)));
-        match stats.next().await {
-            Some(Ok(sample)) => Ok(usage_of(&sample)),
-            Some(Err(e)) => Err(engine("stats", container_id, e)),
-            None => Err(RuntimeError::Engine {
-                op: "stats",
-                target: container_id.to_string(),
-                message: "the engine sent no sample".into(),
-            }),
-        }
-    }
-
     async fn observe(&self, id: &str) -> Result<Option<Observed>, RuntimeError> {
         let info = match self.docker.inspect_container(id, None).await {
             Ok(info) => info,
@@ -256,6 +213,38 @@ fn outpost_filter(device: &str) -> HashMap<String, Vec<String>> {
 }
 
 impl Runtime for DockerRuntime {
+    async fn bridge_gateway(&self) -> Result<Option<std::net::IpAddr>, RuntimeError> {
+        let network = match self.docker.inspect_network("bridge", None).await {
+            Ok(n) => n,
+            Err(e) if status_of(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(engine("inspect network", "bridge", e)),
+        };
+        Ok(network
+            .ipam
+            .and_then(|i| i.config)
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|c| gateway_of(c.gateway.as_deref(), c.subnet.as_deref())))
+    }
+
+    async fn usage(&self, container_id: &str) -> Result<ContainerUsage, RuntimeError> {
+        // Not one-shot: one-shot answers at once but leaves the previous CPU reading empty.
+        let options = StatsOptionsBuilder::default()
+            .stream(false)
+            .one_shot(false)
+            .build();
+        let mut stats = std::pin::pin!(self.docker.stats(container_id, Some(options)));
+        match stats.next().await {
+            Some(Ok(sample)) => Ok(usage_of(&sample)),
+            Some(Err(e)) => Err(engine("stats", container_id, e)),
+            None => Err(RuntimeError::Engine {
+                op: "stats",
+                target: container_id.to_string(),
+                message: "the engine sent no sample".into(),
+            }),
+        }
+    }
+
     async fn info(&self) -> Result<EngineInfo, RuntimeError> {
         let v = self
             .docker

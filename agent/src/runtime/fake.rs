@@ -19,8 +19,8 @@ use futures_util::{Stream, StreamExt as _};
 use tokio::sync::{broadcast, mpsc};
 
 use super::{
-    ContainerSpec, ContainerState, EngineInfo, Health, ImageInfo, LogOptions, Observed,
-    PullProgress, Runtime, RuntimeError, RuntimeEvent, labels,
+    ContainerSpec, ContainerState, ContainerUsage, EngineInfo, Health, ImageInfo, LogOptions,
+    Observed, PullProgress, Runtime, RuntimeError, RuntimeEvent, labels,
 };
 use crate::clock::SharedClock;
 use crate::manifest::RegistryCredentials;
@@ -555,5 +555,20 @@ impl Runtime for FakeRuntime {
             Some(_) => Ok(()),
             None => Err(not_found(id)),
         }
+    }
+
+    async fn usage(&self, id: &str) -> Result<ContainerUsage, RuntimeError> {
+        self.check_up()?;
+        let inner = self.lock();
+        match inner.containers.get(id) {
+            Some(_) => Ok(ContainerUsage::default()),
+            None => Err(not_found(id)),
+        }
+    }
+
+    async fn bridge_gateway(&self) -> Result<Option<std::net::IpAddr>, RuntimeError> {
+        self.check_up()?;
+        // The fake engine has no networks: the bus falls back to loopback.
+        Ok(None)
     }
 }

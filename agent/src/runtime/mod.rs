@@ -89,4 +89,16 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> impl Stream<Item = Result<String, RuntimeError>> + Send + 'static;
     fn images(&self) -> impl Future<Output = Result<Vec<ImageInfo>, RuntimeError>> + Send;
     fn remove_image(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// A container's CPU and memory use now, for telemetry (may take about a second: CPU use
+    /// is measured between two readings). A container that is not running gives a sample
+    /// with nothing in it.
+    fn usage(&self, id: &str)
+    -> impl Future<Output = Result<ContainerUsage, RuntimeError>> + Send;
+    /// The host's address as containers on the engine's default network see it (where the
+    /// local bus listens by default); `None` when there is no such network. Fails when the
+    /// engine does not answer: falling back to another address then would change every
+    /// module's bus address (and so recreate them) over a passing error.
+    fn bridge_gateway(
+        &self,
+    ) -> impl Future<Output = Result<Option<std::net::IpAddr>, RuntimeError>> + Send;
 }

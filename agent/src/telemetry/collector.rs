@@ -14,8 +14,8 @@ use super::metrics::{
     AgentMetrics, DeviceSampler, ModuleMetrics, Snapshot, agent_rss_bytes, render_prometheus,
 };
 use super::outbox::{NewRecord, Outbox};
-use crate::daemon::Counters;
-use crate::runtime::{DockerRuntime, Runtime as _};
+use super::counters::Counters;
+use crate::runtime::Runtime;
 use crate::state::ReportedState;
 
 /// The outbox stream metrics go to.
@@ -25,11 +25,11 @@ pub const PRIORITY: u8 = 9;
 /// How long the engine gets for the modules' usage.
 const USAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub struct Context {
+pub struct Context<R> {
     pub device_id: String,
     pub interval: Duration,
     pub sampler: DeviceSampler,
-    pub runtime: Arc<DockerRuntime>,
+    pub runtime: Arc<R>,
     pub state: watch::Receiver<ReportedState>,
     pub outbox: Outbox,
     /// Whether snapshots go to the hub (through the outbox); without a hub they would only
@@ -41,7 +41,7 @@ pub struct Context {
 }
 
 /// Runs until `stop` is cancelled.
-pub async fn run(mut ctx: Context, stop: CancellationToken) {
+pub async fn run<R: Runtime>(mut ctx: Context<R>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(ctx.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -78,7 +78,7 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
     }
 }
 
-async fn snapshot(ctx: &mut Context) -> Snapshot {
+async fn snapshot<R: Runtime>(ctx: &mut Context<R>) -> Snapshot {
     let device = ctx.sampler.sample();
     let state = ctx.state.borrow().clone();
     let mut modules: BTreeMap<String, ModuleMetrics> = state
@@ -145,9 +145,7 @@ async fn snapshot(ctx: &mut Context) -> Snapshot {
     };
     Snapshot {
         device_id: ctx.device_id.clone(),
-        ts: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+        ts: crate::clock::wall_now_ms(),
         device,
         modules,
         agent,

@@ -27,8 +27,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::outbox::{Outbox, OutboxError, Record, StreamInfo};
-use crate::hub::link::{self, Backoff, Settings};
-use crate::hub::topics::Topics;
+use outpost_core::backoff::Backoff;
+use outpost_mqtt::{self as link, Settings};
+use outpost_core::wire::topics::Topics;
 
 /// Records per batch (one MQTT message).
 pub const BATCH_RECORDS: usize = 500;
