@@ -1,4 +1,4 @@
-//! The whole path with every real part: an operator runs `outpost hub deploy` against a real
+//! The whole path with every real part: an operator runs `outpost-ctl deploy` against a real
 //! Mosquitto hub (mutual TLS, certificates made by the test); the real agent (`outpost run`)
 //! takes the signed deployment from the hub, pulls from a real registry with credentials, runs
 //! the containers on the real Docker engine, and reports `applied` back through the hub.

@@ -195,7 +195,7 @@ fn records_survive_a_hub_outage_and_kill_9_and_metrics_reach_the_hub() {
             .then_some(())
         })
     });
-    // The operator's view: `outpost hub telemetry` prints the next snapshot as a line.
+    // The operator's view: `outpost-ctl telemetry` prints the next snapshot as a line.
     let dir = tempfile::tempdir().unwrap();
     let mut args: Vec<String> = Vec::new();
     args.extend(broker.cli_flags(dir.path()).unwrap());

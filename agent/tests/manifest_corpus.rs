@@ -102,7 +102,7 @@ fn the_committed_schema_is_the_generated_one() {
     assert!(
         committed == schema::schema_text(),
         "manifests/schema/deployment.schema.json is stale: run \
-         `outpost manifest schema > manifests/schema/deployment.schema.json`"
+         `outpost-ctl manifest schema > manifests/schema/deployment.schema.json`"
     );
 }
 

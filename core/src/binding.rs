@@ -39,7 +39,7 @@ pub fn check(d: &Deployment, source: &Source, rules: &Rules<'_>) -> Vec<Issue> {
     match &d.target {
         None if rules.require => issues.push(Issue::new(
             "/target",
-            "is required on this device (it trusts signing keys): sign the deployment for its device or group (`outpost hub deploy --device ID --sign-key KEY` does)",
+            "is required on this device (it trusts signing keys): sign the deployment for its device or group (`outpost-ctl deploy --device ID --sign-key KEY` does)",
         )),
         None => {}
         Some(target) => {
@@ -90,7 +90,7 @@ pub fn expiry_issue(expires_at: Option<&str>, rules: &Rules<'_>) -> Option<Issue
         return rules.require.then(|| {
             Issue::new(
                 "/expiresAt",
-                "is required on this device (it trusts signing keys): sign with an expiry (`outpost hub deploy` sets one; `outpost manifest sign --expires-in 30d`)",
+                "is required on this device (it trusts signing keys): sign with an expiry (`outpost-ctl deploy` sets one; `outpost-ctl manifest sign --expires-in 30d`)",
             )
         });
     };

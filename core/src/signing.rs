@@ -93,7 +93,7 @@ pub enum SignatureError {
     )]
     BadSignature { keyid: String },
     #[error(
-        "this device accepts only signed deployments (it has {count} trusted key(s)); sign it with `outpost manifest sign`"
+        "this device accepts only signed deployments (it has {count} trusted key(s)); sign it with `outpost-ctl manifest sign`"
     )]
     Unsigned { count: usize },
 }

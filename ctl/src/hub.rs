@@ -1,5 +1,5 @@
 //! The operator's side of the hub: publish deployments, read the fleet's retained state and
-//! presence, watch changes, send commands. The CLI (`outpost hub ...`) prints what these return.
+//! presence, watch changes, send commands. The CLI (`outpost-ctl ...`) prints what these return.
 //!
 //! Reading "everything retained" has no end marker in MQTT. [`Operator::snapshot`] uses a
 //! fence instead of a guessed quiet period: after subscribing it publishes a marker to a topic

@@ -187,13 +187,16 @@ async fn body_bytes_in_flight_are_bounded_and_the_rest_get_503() {
         t.write_all(&body[..MIB / 2]).await.unwrap();
         holders.push(t);
     }
-    // Wait until their reservations are in: then even a tiny request is refused.
+    // Wait until their reservations are in: then even a tiny request is refused. The probe
+    // sends its whole (2-byte) body, so a probe admitted before the budget is taken gets its
+    // answer (400) instead of waiting for a body that never comes.
     wait_for(
         "the byte budget to be taken",
         Duration::from_secs(10),
         || async move {
             let mut t = connect(a).await;
             t.write_all(infer_head(Some(2)).as_bytes()).await.unwrap();
+            t.write_all(b"{}").await.unwrap();
             read_head(&mut t).await.starts_with("HTTP/1.1 503")
         },
     )

@@ -374,7 +374,7 @@ impl Broker {
         .await?)
     }
 
-    /// `outpost hub` connection flags for this broker.
+    /// `outpost-ctl` connection flags for this broker.
     pub fn cli_flags(&self, dir: &Path) -> Result<Vec<String>> {
         let mut flags = vec!["--hub".to_string(), self.url()];
         if self.auth != Auth::Plain {

@@ -170,7 +170,7 @@ pub fn screen(
         // Unsigned: answer (if it has an id) that it is refused, and why.
         return (
             parse(payload),
-            Err("unsigned command refused: this device trusts signing keys, so commands must be signed (`outpost hub cmd --sign-key KEY`)".into()),
+            Err("unsigned command refused: this device trusts signing keys, so commands must be signed (`outpost-ctl cmd --sign-key KEY`)".into()),
         );
     };
     // The id to reply to comes from the payload even when the signature is bad, so the

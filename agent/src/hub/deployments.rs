@@ -241,7 +241,7 @@ fn withdrawal(
         return if keys {
             Err(vec![Issue::new(
                 "",
-                "an unsigned withdrawal (an empty retained message) is refused: this device trusts signing keys; publish a signed one with `outpost hub withdraw --sign-key KEY`",
+                "an unsigned withdrawal (an empty retained message) is refused: this device trusts signing keys; publish a signed one with `outpost-ctl withdraw --sign-key KEY`",
             )])
         } else {
             Ok(())

@@ -11,7 +11,7 @@
 //! - [`select`]: the pure precedence rule between the device's and its groups' deployments.
 //! - [`report`]: reported state (retained, debounced) and presence (retained, last will).
 //! - [`commands`]: `restart-module`, `logs`, `ping`, `state`, answered on the responses topic.
-//! - [`operator`]: the operator's side (`outpost hub deploy | status | watch | cmd`).
+//! - [`operator`]: the operator's side (`outpost-ctl deploy | status | watch | cmd`).
 //!
 //! The tasks talk through bounded channels and `watch`es, each is owned by a
 //! [`TaskTracker`] and stopped by the [`CancellationToken`] handed to [`run`].

@@ -1,5 +1,5 @@
 //! Reported state and presence, both retained so that anyone subscribing later (the
-//! operator's `outpost hub status`) sees the latest.
+//! operator's `outpost-ctl status`) sees the latest.
 //!
 //! State is published when the agent's state changes, when the hub link records a refusal,
 //! and after every reconnect; at most once per [`DEBOUNCE`] (the first change after a quiet

@@ -189,7 +189,7 @@ async fn one_version_floor_for_the_device_and_control_handed_back_only_as_allowe
     agent.stop().await;
 }
 
-/// A far-off expiry, as `outpost hub deploy` sets.
+/// A far-off expiry, as `outpost-ctl deploy` sets.
 fn bound(version: u64, target: &str, modules: &str) -> String {
     format!(
         r#"{{"schemaVersion":"1.0","id":"d","version":{version},"target":{target},"expiresAt":"2099-01-01T00:00:00Z","modules":{{{modules}}}}}"#

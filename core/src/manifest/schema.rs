@@ -2,7 +2,7 @@
 //! structural pass that checks a JSON value against it.
 //!
 //! `manifests/schema/deployment.schema.json` is this schema written out for editors; a test
-//! keeps the file and the types equal (`outpost manifest schema` prints it).
+//! keeps the file and the types equal (`outpost-ctl manifest schema` prints it).
 
 use std::sync::LazyLock;
 

@@ -13,7 +13,7 @@ pub struct Presence {
     pub since: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
-    /// The groups whose deployments the device follows: `outpost hub status --group` counts
+    /// The groups whose deployments the device follows: `outpost-ctl status --group` counts
     /// members from this.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
