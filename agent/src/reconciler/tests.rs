@@ -11,8 +11,11 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::clock::FakeClock;
 use crate::control::AgentHandle;
+use crate::manifest::Issue;
+use crate::runtime::ContainerState;
 use crate::runtime::fake::{Behaviour, FakeRuntime};
 use crate::signing::TrustedKeys;
+use crate::state::{DeploymentStatus, ModuleStatus, Source};
 
 const DEV: &str = "dev1";
 /// 2026-11-28, in Unix ms.
