@@ -5,7 +5,6 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::Database;
 use tracing::{info, warn};
@@ -145,9 +144,7 @@ pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// Unix ms by the wall clock: only for what people read (health, file names).
 pub(super) fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    crate::clock::wall_now_ms()
 }
 
 pub(super) fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
