@@ -19,6 +19,6 @@ mod snapshot;
 
 pub use endpoint::serve_prometheus;
 pub use procfs::{agent_rss_bytes, device_facts};
-pub use prometheus::{DROP_REASONS, render_prometheus};
+pub use prometheus::render_prometheus;
 pub use sampler::DeviceSampler;
 pub use snapshot::{AgentMetrics, DeviceMetrics, ModuleMetrics, Snapshot};

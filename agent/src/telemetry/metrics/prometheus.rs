@@ -5,9 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 
 use super::snapshot::Snapshot;
-
-/// The reasons the outbox drops records for; each is always rendered, at 0 until it happens.
-pub const DROP_REASONS: [&str; 3] = ["expired", "full", "too-large"];
+use crate::telemetry::outbox::DropReason;
 
 /// The snapshot in the Prometheus text exposition format 0.0.4. Every sample carries a
 /// `device` label; a value that is `None` is left out (with its `HELP` and `TYPE` when it was the
@@ -149,7 +147,9 @@ pub fn render_prometheus(s: &Snapshot) -> String {
         "Records the hub acknowledged.",
         a.delivered_total,
     );
-    let mut dropped: BTreeMap<&str, u64> = DROP_REASONS.iter().map(|r| (*r, 0)).collect();
+    // Every reason the outbox drops records for is rendered, at 0 until it happens.
+    let mut dropped: BTreeMap<&str, u64> =
+        DropReason::ALL.iter().map(|r| (r.as_str(), 0)).collect();
     dropped.extend(a.dropped_total.iter().map(|(r, n)| (r.as_str(), *n)));
     e.family(
         "outpost_outbox_dropped_total",
@@ -523,7 +523,12 @@ mod tests {
             .unwrap();
         assert_eq!(status.labels["status"], "exited");
         assert_eq!(value(&samples, "outpost_outbox_records", None), Some(3.0));
-        for (reason, n) in [("full", 4.0), ("expired", 0.0), ("too-large", 0.0)] {
+        for (reason, n) in [
+            ("full", 4.0),
+            ("expired", 0.0),
+            ("too-large", 0.0),
+            ("disk", 0.0),
+        ] {
             assert_eq!(
                 value(
                     &samples,

@@ -72,9 +72,9 @@ pub struct AgentMetrics {
     pub enqueued_total: u64,
     /// Records the hub acknowledged since the outbox was created.
     pub delivered_total: u64,
-    /// Records dropped since the outbox was created, by reason (see [`DROP_REASONS`]).
+    /// Records dropped since the outbox was created, by reason (see [`DropReason`]).
     ///
-    /// [`DROP_REASONS`]: super::DROP_REASONS
+    /// [`DropReason`]: crate::telemetry::outbox::DropReason
     pub dropped_total: BTreeMap<String, u64>,
     pub hub_connected: bool,
     pub hub_reconnects_total: u64,
