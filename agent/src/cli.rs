@@ -197,9 +197,7 @@ fn run(cli: Cli) -> Result<u8> {
             since,
         } => {
             let config = load_config(&cli.config)?;
-            let since = since.map(|s| {
-                outpost_core::time::unix_now().saturating_sub(s) as i64
-            });
+            let since = since.map(|s| outpost_core::time::unix_now().saturating_sub(s) as i64);
             let request = ApiRequest::Logs {
                 module,
                 tail,

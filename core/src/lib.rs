@@ -13,6 +13,7 @@
 //! - [`select`]: which of the deployments aimed at a device applies.
 //! - [`state`]: reported state, as the hub and `outpost list` see it.
 //! - [`wire`]: topics, presence, commands and telemetry batches on the hub.
+//! - [`prometheus`]: the Prometheus text format, for the agent and `outpost-infer`.
 //! - [`present`]: what both command lines print alike (issues, tables, validation).
 //! - [`time`]: RFC 3339 timestamps.
 //! - [`backoff`]: the one retry rule (capped, exponential, jittered).
@@ -27,6 +28,7 @@ pub mod manifest;
 pub mod planner;
 pub mod policy;
 pub mod present;
+pub mod prometheus;
 pub mod select;
 pub mod signing;
 pub mod spec;

@@ -1,11 +1,13 @@
 //! Counters and the latency histogram, rendered in the Prometheus text format.
 //!
 //! Owns every number `/metrics` serves. Plain atomics: a metrics crate would bring a registry
-//! and an exporter for a dozen series.
+//! and an exporter for a dozen series. The text is written by the agent's renderer
+//! (`outpost_core::prometheus`), so both speak the format the same way.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
+
+use outpost_core::prometheus::{Exposition, Kind, Value};
 
 /// Where a request came from; one label value per entry point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,104 +94,67 @@ impl Metrics {
 
     /// The Prometheus text exposition (version 0.0.4).
     pub fn render(&self, model: &str) -> String {
-        let mut o = String::new();
-        let m = model.replace('\\', "\\\\").replace('"', "\\\"");
-        // Writing to a String cannot fail; the results are ignored for that reason.
-        let _ = writeln!(
-            o,
-            "# HELP outpost_infer_requests_total Inference requests received."
-        );
-        let _ = writeln!(o, "# TYPE outpost_infer_requests_total counter");
-        for (s, name) in SOURCES {
-            let v = self.per[ix(s)].requests.load(Relaxed);
-            let _ = writeln!(
-                o,
-                "outpost_infer_requests_total{{model=\"{m}\",source=\"{name}\"}} {v}"
+        let mut e = Exposition::new(("model", model));
+        let per_source = |e: &mut Exposition<'_>, name, help, value: &dyn Fn(&PerSource) -> u64| {
+            e.family(
+                name,
+                Kind::Counter,
+                help,
+                SOURCES.map(|(s, label)| {
+                    (
+                        vec![("source", label)],
+                        Some(Value::Int(value(&self.per[ix(s)]))),
+                    )
+                }),
             );
-        }
-        let _ = writeln!(
-            o,
-            "# HELP outpost_infer_errors_total Inference requests that failed (bad input or model error)."
+        };
+        per_source(
+            &mut e,
+            "outpost_infer_requests_total",
+            "Inference requests received.",
+            &|p| p.requests.load(Relaxed),
         );
-        let _ = writeln!(o, "# TYPE outpost_infer_errors_total counter");
-        for (s, name) in SOURCES {
-            let v = self.per[ix(s)].errors.load(Relaxed);
-            let _ = writeln!(
-                o,
-                "outpost_infer_errors_total{{model=\"{m}\",source=\"{name}\"}} {v}"
-            );
-        }
-        let _ = writeln!(
-            o,
-            "# HELP outpost_infer_request_duration_seconds Time from receiving a request to having its answer."
+        per_source(
+            &mut e,
+            "outpost_infer_errors_total",
+            "Inference requests that failed (bad input or model error).",
+            &|p| p.errors.load(Relaxed),
         );
-        let _ = writeln!(o, "# TYPE outpost_infer_request_duration_seconds histogram");
-        for (s, name) in SOURCES {
+        let duration = "outpost_infer_request_duration_seconds";
+        e.header(
+            duration,
+            Kind::Histogram,
+            "Time from receiving a request to having its answer.",
+        );
+        for (s, label) in SOURCES {
             let p = &self.per[ix(s)];
-            let mut cum = 0;
-            for (i, le) in BUCKETS.iter().enumerate() {
-                cum += p.buckets[i].load(Relaxed);
-                let _ = writeln!(
-                    o,
-                    "outpost_infer_request_duration_seconds_bucket{{model=\"{m}\",source=\"{name}\",le=\"{le}\"}} {cum}"
-                );
-            }
-            cum += p.buckets[BUCKETS.len()].load(Relaxed);
-            let _ = writeln!(
-                o,
-                "outpost_infer_request_duration_seconds_bucket{{model=\"{m}\",source=\"{name}\",le=\"+Inf\"}} {cum}"
-            );
+            let counts: Vec<u64> = p.buckets.iter().map(|b| b.load(Relaxed)).collect();
             let sum = p.sum_nanos.load(Relaxed) as f64 / 1e9;
-            let _ = writeln!(
-                o,
-                "outpost_infer_request_duration_seconds_sum{{model=\"{m}\",source=\"{name}\"}} {sum}"
-            );
-            let _ = writeln!(
-                o,
-                "outpost_infer_request_duration_seconds_count{{model=\"{m}\",source=\"{name}\"}} {cum}"
-            );
+            e.histogram(duration, &[("source", label)], &BUCKETS, &counts, sum);
         }
-        let _ = writeln!(
-            o,
-            "# HELP outpost_infer_busy_rejections_total Requests refused at the concurrency limit."
+        e.counter(
+            "outpost_infer_busy_rejections_total",
+            "Requests refused at the concurrency limit.",
+            self.rejected_busy.load(Relaxed),
         );
-        let _ = writeln!(o, "# TYPE outpost_infer_busy_rejections_total counter");
-        let _ = writeln!(
-            o,
-            "outpost_infer_busy_rejections_total{{model=\"{m}\"}} {}",
-            self.rejected_busy.load(Relaxed)
+        e.gauge(
+            "outpost_infer_model_load_seconds",
+            "Time the last successful model load took.",
+            Some(Value::Float(
+                self.load_seconds_micros.load(Relaxed) as f64 / 1e6,
+            )),
         );
-        let _ = writeln!(
-            o,
-            "# HELP outpost_infer_model_load_seconds Time the last successful model load took."
+        e.counter(
+            "outpost_infer_model_loads_total",
+            "Successful model loads (first load and reloads).",
+            self.loads.load(Relaxed),
         );
-        let _ = writeln!(o, "# TYPE outpost_infer_model_load_seconds gauge");
-        let load = self.load_seconds_micros.load(Relaxed) as f64 / 1e6;
-        let _ = writeln!(
-            o,
-            "outpost_infer_model_load_seconds{{model=\"{m}\"}} {load}"
+        e.counter(
+            "outpost_infer_model_load_failures_total",
+            "Model loads that failed.",
+            self.load_failures.load(Relaxed),
         );
-        let _ = writeln!(
-            o,
-            "# HELP outpost_infer_model_loads_total Successful model loads (first load and reloads)."
-        );
-        let _ = writeln!(o, "# TYPE outpost_infer_model_loads_total counter");
-        let _ = writeln!(
-            o,
-            "outpost_infer_model_loads_total{{model=\"{m}\"}} {}",
-            self.loads.load(Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "# HELP outpost_infer_model_load_failures_total Model loads that failed."
-        );
-        let _ = writeln!(o, "# TYPE outpost_infer_model_load_failures_total counter");
-        let _ = writeln!(
-            o,
-            "outpost_infer_model_load_failures_total{{model=\"{m}\"}} {}",
-            self.load_failures.load(Relaxed)
-        );
-        o
+        e.out
     }
 }
 

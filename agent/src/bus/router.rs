@@ -29,9 +29,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::broker::{BusCounters, MAX_PACKET};
 use super::routes::{RouteTable, Target};
+use crate::telemetry::outbox::{Outbox, OutboxError};
 use outpost_core::backoff::exponential;
 use outpost_mqtt::Password;
-use crate::telemetry::outbox::{Outbox, OutboxError};
 
 pub struct Context {
     pub url: url::Url,

@@ -92,8 +92,7 @@ pub trait Runtime: Send + Sync + 'static {
     /// A container's CPU and memory use now, for telemetry (may take about a second: CPU use
     /// is measured between two readings). A container that is not running gives a sample
     /// with nothing in it.
-    fn usage(&self, id: &str)
-    -> impl Future<Output = Result<ContainerUsage, RuntimeError>> + Send;
+    fn usage(&self, id: &str) -> impl Future<Output = Result<ContainerUsage, RuntimeError>> + Send;
     /// The host's address as containers on the engine's default network see it (where the
     /// local bus listens by default); `None` when there is no such network. Fails when the
     /// engine does not answer: falling back to another address then would change every

@@ -10,11 +10,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::counters::Counters;
 use super::metrics::{
     AgentMetrics, DeviceSampler, ModuleMetrics, Snapshot, agent_rss_bytes, render_prometheus,
 };
 use super::outbox::{NewRecord, Outbox};
-use super::counters::Counters;
 use crate::runtime::Runtime;
 use crate::state::ReportedState;
 

@@ -28,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::outbox::{Outbox, OutboxError, Record, StreamInfo};
 use outpost_core::backoff::Backoff;
-use outpost_mqtt::{self as link, Settings};
 use outpost_core::wire::topics::Topics;
+use outpost_mqtt::{self as link, Settings};
 
 /// Records per batch (one MQTT message).
 pub const BATCH_RECORDS: usize = 500;

@@ -2,7 +2,8 @@
 //! 0.0.4).
 
 use std::collections::BTreeMap;
-use std::fmt::{self, Write as _};
+
+use outpost_core::prometheus::{Exposition, Kind, Labels, Value};
 
 use super::snapshot::Snapshot;
 use crate::telemetry::outbox::DropReason;
@@ -11,10 +12,7 @@ use crate::telemetry::outbox::DropReason;
 /// `device` label; a value that is `None` is left out (with its `HELP` and `TYPE` when it was the
 /// family's only sample).
 pub fn render_prometheus(s: &Snapshot) -> String {
-    let mut e = Exposition {
-        out: String::with_capacity(4096),
-        device: &s.device_id,
-    };
+    let mut e = Exposition::new(("device", &s.device_id));
     let d = &s.device;
     e.gauge(
         "outpost_device_cpu_percent",
@@ -212,126 +210,9 @@ pub fn render_prometheus(s: &Snapshot) -> String {
     e.out
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    Gauge,
-    Counter,
-    Summary,
-}
-
-impl Kind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Kind::Gauge => "gauge",
-            Kind::Counter => "counter",
-            Kind::Summary => "summary",
-        }
-    }
-}
-
-/// A sample's value: integers stay exact (an `f64` is not past 2^53).
-#[derive(Debug, Clone, Copy)]
-enum Value {
-    Int(u64),
-    Float(f64),
-}
-
-impl Value {
-    fn from_usize(n: usize) -> Value {
-        Value::Int(u64::try_from(n).unwrap_or(u64::MAX))
-    }
-}
-
-impl fmt::Display for Value {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Value::Int(n) => write!(f, "{n}"),
-            Value::Float(v) if v.is_nan() => f.write_str("NaN"),
-            Value::Float(v) if v.is_infinite() => {
-                f.write_str(if v > 0.0 { "+Inf" } else { "-Inf" })
-            }
-            // Rust prints finite floats without an exponent, which Prometheus parses.
-            Value::Float(v) => write!(f, "{v}"),
-        }
-    }
-}
-
-/// A label value with `\`, `"` and newlines escaped.
-struct Escaped<'a>(&'a str);
-
-impl fmt::Display for Escaped<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for c in self.0.chars() {
-            match c {
-                '\\' => f.write_str("\\\\")?,
-                '"' => f.write_str("\\\"")?,
-                '\n' => f.write_str("\\n")?,
-                c => f.write_char(c)?,
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Labels of a sample besides `device`.
-type Labels<'a> = Vec<(&'static str, &'a str)>;
-
+/// Labels of a module's samples.
 fn module_label(name: &str) -> Labels<'_> {
     vec![("module", name)]
-}
-
-/// The text being written. `write!` to a `String` cannot fail, so its results are ignored.
-struct Exposition<'a> {
-    out: String,
-    device: &'a str,
-}
-
-impl Exposition<'_> {
-    /// One metric family; nothing at all when every value is `None`.
-    fn family<'v>(
-        &mut self,
-        name: &str,
-        kind: Kind,
-        help: &str,
-        samples: impl IntoIterator<Item = (Labels<'v>, Option<Value>)>,
-    ) {
-        let mut started = false;
-        for (labels, value) in samples {
-            let Some(value) = value else { continue };
-            if !started {
-                self.header(name, kind, help);
-                started = true;
-            }
-            self.sample(name, &labels, value);
-        }
-    }
-
-    fn gauge(&mut self, name: &str, help: &str, value: Option<Value>) {
-        self.family(name, Kind::Gauge, help, [(Vec::new(), value)]);
-    }
-
-    fn counter(&mut self, name: &str, help: &str, value: u64) {
-        self.family(
-            name,
-            Kind::Counter,
-            help,
-            [(Vec::new(), Some(Value::Int(value)))],
-        );
-    }
-
-    /// `HELP` and `TYPE`; the help texts are constants without backslashes or newlines.
-    fn header(&mut self, name: &str, kind: Kind, help: &str) {
-        let _ = writeln!(self.out, "# HELP {name} {help}");
-        let _ = writeln!(self.out, "# TYPE {name} {}", kind.as_str());
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: Value) {
-        let _ = write!(self.out, "{name}{{device=\"{}\"", Escaped(self.device));
-        for (key, v) in labels {
-            let _ = write!(self.out, ",{key}=\"{}\"", Escaped(v));
-        }
-        let _ = writeln!(self.out, "}} {value}");
-    }
 }
 
 #[cfg(test)]
