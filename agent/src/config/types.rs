@@ -1,0 +1,108 @@
+//! The validated form: the configuration the agent runs with, section by section.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::PolicyConfig;
+use crate::logging::LogFormat;
+
+/// The configuration the agent runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration came from, for messages.
+    pub source: PathBuf,
+    pub device_id: String,
+    pub state_dir: PathBuf,
+    /// A `tracing` filter directive; `RUST_LOG` overrides it.
+    pub log_level: String,
+    pub log_format: LogFormat,
+    /// `None` runs the device without a hub (local deployments only).
+    pub hub: Option<HubConfig>,
+    pub runtime: RuntimeConfig,
+    pub policy: PolicyConfig,
+    /// The local API's Unix socket (owner-only), used by `outpost deploy --local`, `list`, `logs`.
+    pub api_socket: PathBuf,
+    pub bus: BusConfig,
+    pub telemetry: TelemetryConfig,
+    pub disk: DiskConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub url: url::Url,
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    /// Without it, the system's root certificates are used.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS.
+    pub client_auth: Option<(PathBuf, PathBuf)>,
+    /// User name and the file holding the password; the password is read when connecting.
+    pub credentials: Option<(String, PathBuf)>,
+    pub topic_prefix: String,
+    pub groups: Vec<String>,
+    pub keep_alive: Duration,
+    /// The longest wait between reconnect attempts (the backoff's cap).
+    pub reconnect_max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub docker_socket: PathBuf,
+    pub stop_grace: Duration,
+    pub max_concurrent_pulls: usize,
+    /// Container operations (stop, remove, create, start) carried out at once when a
+    /// deployment switches: ten modules that ignore SIGTERM then cost one stop grace, not ten.
+    pub max_parallel_actions: usize,
+    /// Images no deployment uses are removed after this long.
+    pub image_gc_after: Duration,
+}
+
+/// What the agent does as disks fill up.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    /// Above this share of a filesystem in use, the outbox sheds its least important streams
+    /// first (state directory's filesystem) and image pulls are refused (the engine's).
+    pub high_watermark_percent: u8,
+    /// Free space a pull must leave on the engine's filesystem, beyond the image's size.
+    pub pull_reserve_bytes: u64,
+    /// An emergency reserve kept as a file in the state directory and given back when the disk
+    /// is full, so the store can still commit the deployment that fixes the device.
+    pub store_reserve_bytes: u64,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        DiskConfig {
+            high_watermark_percent: 90,
+            pull_reserve_bytes: 256 << 20,
+            store_reserve_bytes: 2 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    pub enabled: bool,
+    /// `None`: the Docker bridge's gateway address (what containers on the default network
+    /// reach), port [`BusConfig::DEFAULT_PORT`]; loopback when there is no bridge.
+    pub listen: Option<SocketAddr>,
+    /// An external broker (e.g. the device's Mosquitto) instead of the embedded one.
+    pub external_url: Option<url::Url>,
+    /// The agent's user name and password file on the external broker.
+    pub external_credentials: Option<(String, PathBuf)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    pub interval: Duration,
+    pub outbox_max_bytes: u64,
+    pub outbox_max_age: Duration,
+    /// Prometheus endpoint; loopback only.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl BusConfig {
+    pub const DEFAULT_PORT: u16 = 1884;
+}
