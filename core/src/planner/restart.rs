@@ -22,16 +22,13 @@ pub const PULL_RETRY_BASE_MS: u64 = 2_000;
 pub fn backoff_delay(failures: u32) -> u64 {
     match failures {
         0 => 0,
-        n => 1_000u64
-            .saturating_mul(1u64 << (n - 1).min(20))
-            .min(BACKOFF_CAP_MS),
+        n => crate::backoff::exponential_ms(1_000, n, BACKOFF_CAP_MS),
     }
 }
 
 /// Delay before retrying something that failed `attempts` times, starting at `base`.
 pub fn retry_delay(base: u64, attempts: u32) -> u64 {
-    base.saturating_mul(1u64 << attempts.saturating_sub(1).min(20))
-        .min(BACKOFF_CAP_MS)
+    crate::backoff::exponential_ms(base, attempts, BACKOFF_CAP_MS)
 }
 
 /// The wait before the next create or start of a module that failed to start; reports it.

@@ -14,7 +14,6 @@ use super::format::{
     DELIVERED, ENQUEUED, FORMAT2_FROM, Format, LEGACY_ODO, META, NEXT_SEQ, NEXT_STREAM, ODO_BOOT,
     ODO_MONO, ODO_VALUE, Odometer, RECORDS, STREAMS, TEXT, key, record_size, seq_of,
 };
-use super::recovery::REOPEN_MIN;
 use super::shared::{Condition, Shared};
 use super::stats::DropReason;
 use super::writer::{QUEUE, QUEUED_KIB, Writer};
@@ -282,7 +281,7 @@ impl Outbox {
             next_stream: loaded.next_stream,
             pending_acks: Vec::new(),
             reopen_at_mono: 0,
-            reopen_backoff: REOPEN_MIN,
+            reopen_attempts: 0,
             recovered_at_mono: None,
             down_since_mono: 0,
             last_expiry_mono: mono,

@@ -115,14 +115,15 @@ impl Writer {
                 .recovered_at_mono
                 .is_none_or(|at| mono.saturating_sub(at) > REOPEN_MAX.as_millis() as u64)
         {
-            self.reopen_backoff = REOPEN_MIN;
+            self.reopen_attempts = 0;
         }
-        self.reopen_at_mono = mono + self.reopen_backoff.as_millis() as u64;
+        self.reopen_attempts = self.reopen_attempts.saturating_add(1);
+        let retry_in =
+            outpost_core::backoff::exponential(REOPEN_MIN, self.reopen_attempts, REOPEN_MAX);
+        self.reopen_at_mono = mono + retry_in.as_millis() as u64;
         self.shared
             .reopen_at_mono
             .store(self.reopen_at_mono, Ordering::Relaxed);
-        let retry_in = self.reopen_backoff;
-        self.reopen_backoff = (self.reopen_backoff * 2).min(REOPEN_MAX);
         let since = c
             .down
             .as_ref()

@@ -68,7 +68,8 @@ pub struct Writer {
     /// Acknowledgements that arrived while the file was closed, applied when it is back.
     pub(super) pending_acks: Vec<Ack>,
     pub(super) reopen_at_mono: u64,
-    pub(super) reopen_backoff: Duration,
+    /// Reopens tried in this outage: the next waits `exponential(REOPEN_MIN, n, REOPEN_MAX)`.
+    pub(super) reopen_attempts: u32,
     /// When the file last came back (monotonic ms): a failure soon after keeps the backoff.
     pub(super) recovered_at_mono: Option<u64>,
     /// When the current outage began (monotonic ms), for the log line when it ends.
