@@ -592,6 +592,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(unix)]
     fn links_in_a_host_path_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");

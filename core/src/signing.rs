@@ -423,6 +423,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(unix)]
     fn keys_survive_pem_files() {
         let dir = tempfile::tempdir().unwrap();
         let k = generate_key().unwrap();
