@@ -20,6 +20,8 @@ use crate::telemetry::upstream;
 
 /// How long tasks get to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+// The hub link stops within its own share of the agent's grace.
+const _: () = assert!(crate::hub::LINK_GRACE.as_secs() < SHUTDOWN_GRACE.as_secs());
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {

@@ -115,14 +115,7 @@ impl Settings {
     }
 }
 
-/// How long deployments took from acceptance to applied, for metrics.
-#[derive(Debug, Default)]
-pub struct DeploymentCounters {
-    pub applied_total: std::sync::atomic::AtomicU64,
-    /// Milliseconds.
-    pub last_ms: std::sync::atomic::AtomicU64,
-    pub sum_ms: std::sync::atomic::AtomicU64,
-}
+pub use crate::telemetry::counters::DeploymentCounters;
 
 pub struct Reconciler<R: Runtime> {
     settings: Settings,

@@ -81,20 +81,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// about at most this often; the refusals in between are logged at debug level and counted.
 const UNSTORED_WARN_EVERY: Duration = Duration::from_secs(30);
 
-/// Counters for metrics.
-#[derive(Debug, Default)]
-pub struct BusCounters {
-    pub clients: AtomicU64,
-    /// Connections refused (credentials) or closed for a publish outside the module's topics,
-    /// and refused subscriptions.
-    pub refused: AtomicU64,
-    /// Messages routed to a module input that was not connected or could not keep up.
-    pub dropped: AtomicU64,
-    pub received: AtomicU64,
-    /// Publishes routed upstream that the outbox could not store (a QoS 1 one is then not
-    /// acknowledged and its connection closed).
-    pub unstored: AtomicU64,
-}
+pub use crate::telemetry::counters::BusCounters;
 
 /// Serves the bus on `listener` until `stop` is cancelled.
 pub async fn serve(
