@@ -13,16 +13,7 @@ pub const TEMP_SUFFIX: &str = ".outpost-tmp";
 /// [`io::ErrorKind::AlreadyExists`] when `path` exists. The content goes to a temporary file
 /// first, which is then hard-linked to `path`: the link is atomic and refuses an existing name.
 pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} names no file", path.display()),
-        )
-    })?;
+    let (dir, name) = split(path)?;
     if path.symlink_metadata().is_ok() {
         // Checked again, atomically, by the link; this only saves writing the content.
         return Err(io::Error::new(
@@ -30,7 +21,7 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
             format!("{} already exists", path.display()),
         ));
     }
-    let temp = temp_name(&dir, &name.to_string_lossy());
+    let temp = temp_name(&dir, &name);
     let result = (|| {
         let mut file = create(&temp, mode)?;
         file.write_all(bytes)?;
@@ -47,17 +38,8 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 /// Writes `bytes` to `path` with `mode`, replacing what is there, whole or not at all (a
 /// temporary file renamed over it).
 pub fn write_replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} names no file", path.display()),
-        )
-    })?;
-    let temp = temp_name(&dir, &name.to_string_lossy());
+    let (dir, name) = split(path)?;
+    let temp = temp_name(&dir, &name);
     let result = (|| {
         let mut file = create(&temp, mode)?;
         file.write_all(bytes)?;
@@ -70,6 +52,21 @@ pub fn write_replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         let _ = fs::remove_file(&temp);
     }
     result
+}
+
+/// The folder `path` is in (`.` for a bare name) and its file name.
+fn split(path: &Path) -> io::Result<(PathBuf, String)> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} names no file", path.display()),
+        )
+    })?;
+    Ok((dir, name.to_string_lossy().into_owned()))
 }
 
 fn temp_name(dir: &Path, name: &str) -> PathBuf {
