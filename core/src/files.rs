@@ -13,7 +13,6 @@ pub const TEMP_SUFFIX: &str = ".outpost-tmp";
 /// [`io::ErrorKind::AlreadyExists`] when `path` exists. The content goes to a temporary file
 /// first, which is then hard-linked to `path`: the link is atomic and refuses an existing name.
 pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let (dir, name) = split(path)?;
     if path.symlink_metadata().is_ok() {
         // Checked again, atomically, by the link; this only saves writing the content.
         return Err(io::Error::new(
@@ -21,15 +20,8 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
             format!("{} already exists", path.display()),
         ));
     }
-    let temp = temp_name(&dir, &name);
-    let result = (|| {
-        let mut file = create(&temp, mode)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::hard_link(&temp, path)?;
-        sync_dir(&dir)
-    })();
+    let (dir, temp) = write_temp(path, bytes, mode)?;
+    let result = fs::hard_link(&temp, path).and_then(|()| sync_dir(&dir));
     // The temporary name is ours alone; once linked (or failed) it is of no use.
     let _ = fs::remove_file(&temp);
     result
@@ -38,20 +30,29 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 /// Writes `bytes` to `path` with `mode`, replacing what is there, whole or not at all (a
 /// temporary file renamed over it).
 pub fn write_replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let (dir, name) = split(path)?;
-    let temp = temp_name(&dir, &name);
-    let result = (|| {
-        let mut file = create(&temp, mode)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&temp, path)?;
-        sync_dir(&dir)
-    })();
+    let (dir, temp) = write_temp(path, bytes, mode)?;
+    let result = fs::rename(&temp, path).and_then(|()| sync_dir(&dir));
     if result.is_err() {
         let _ = fs::remove_file(&temp);
     }
     result
+}
+
+/// `bytes` in a new temporary file beside `path`, synced; returns the folder and the file.
+/// Nothing is left behind when writing fails.
+fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> io::Result<(PathBuf, PathBuf)> {
+    let (dir, name) = split(path)?;
+    let temp = temp_name(&dir, &name);
+    // A failed create leaves nothing of ours to remove.
+    let mut file = create(&temp, mode)?;
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    match written {
+        Ok(()) => Ok((dir, temp)),
+        Err(e) => {
+            let _ = fs::remove_file(&temp);
+            Err(e)
+        }
+    }
 }
 
 /// The folder `path` is in (`.` for a bare name) and its file name.
