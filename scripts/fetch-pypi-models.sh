@@ -39,12 +39,15 @@ import os, sys
 import numpy as np, onnxruntime as ort
 dest = sys.argv[1]
 rng = np.random.default_rng(20261127)
+# name -> (model file, input maker); `_b4` cases use the symbolic batch dimension.
 cases = {
-    "magika": lambda: rng.integers(0, 257, (1, 2048)).astype(np.int32),
-    "ppocr_cls": lambda: rng.uniform(-1, 1, (1, 3, 48, 192)).astype(np.float32),
+    "magika": ("magika", lambda: rng.integers(0, 257, (1, 2048)).astype(np.int32)),
+    "ppocr_cls": ("ppocr_cls", lambda: rng.uniform(-1, 1, (1, 3, 48, 192)).astype(np.float32)),
+    "magika_b4": ("magika", lambda: rng.integers(0, 257, (4, 2048)).astype(np.int32)),
+    "ppocr_cls_b4": ("ppocr_cls", lambda: rng.uniform(-1, 1, (4, 3, 48, 192)).astype(np.float32)),
 }
-for name, make in cases.items():
-    ref = os.path.join(dest, "reference", name)
+for case, (name, make) in cases.items():
+    ref = os.path.join(dest, "reference", case)
     if os.path.isdir(ref):
         continue
     opts = ort.SessionOptions(); opts.intra_op_num_threads = 1

@@ -70,6 +70,7 @@ pub struct Engine {
     pub metrics: Arc<Metrics>,
     /// Inferences running at once; more wait here rather than oversubscribe the CPU.
     workers: Arc<Semaphore>,
+    worker_count: usize,
 }
 
 impl Engine {
@@ -78,7 +79,13 @@ impl Engine {
             slot,
             metrics,
             workers: Arc::new(Semaphore::new(workers.max(1))),
+            worker_count: workers.max(1),
         }
+    }
+
+    /// How many inferences may run at once.
+    pub fn workers(&self) -> usize {
+        self.worker_count
     }
 
     /// Runs checked inputs on a blocking thread once a worker permit is free.
@@ -199,7 +206,8 @@ pub fn respond(
             name: spec.name.clone(),
             datatype: dt.oip_name(),
             shape: t.shape().to_vec(),
-            data,
+            data: Some(data),
+            parameters: None,
         });
     }
     Ok(InferResponse {

@@ -21,6 +21,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod npy;
+pub mod plans;
 pub mod tensor;
 
 use std::net::SocketAddr;

@@ -13,7 +13,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use outpost_module::bus::BusConfig;
 use outpost_module::http::HttpLimits;
 use outpost_module::metrics::Metrics;
-use outpost_module::model::{LoadOptions, load};
+use outpost_module::model::{Dim, LoadOptions, load};
+use outpost_module::plans::PlanMode;
 use outpost_module::{ServeConfig, batch};
 use tokio_util::sync::CancellationToken;
 use tract_onnx::prelude::*;
@@ -75,8 +76,10 @@ struct ModelArgs {
     /// The ONNX model file.
     #[arg(long, env = "OUTPOST_MODEL")]
     model: PathBuf,
-    /// Shape of an input the model leaves symbolic, `NAME=D,D,...` (repeatable). Fixing
-    /// shapes also lets tract optimize further. In the environment: `;`-separated.
+    /// Shape of an input, `NAME=D,D,...` (repeatable): a number fixes a dimension, a name
+    /// makes it symbolic (`bytes=N,2048`: any batch). Symbolic dimensions the model declares
+    /// need no flag; fixing one trades generality for a plan made once, at load.
+    /// In the environment: `;`-separated.
     #[arg(
         long = "input-shape",
         value_name = "NAME=DIMS",
@@ -87,6 +90,13 @@ struct ModelArgs {
     /// Threads for matrix products inside one inference (tract's multithread-mm).
     #[arg(long, default_value_t = 1, env = "OUTPOST_THREADS")]
     threads: usize,
+    /// How a model with symbolic input dimensions is planned: a plan per input shape made on
+    /// first use (faster), or one symbolic plan for all.
+    #[arg(long, value_enum, default_value = "per-shape", env = "OUTPOST_PLANS")]
+    plans: PlanMode,
+    /// Plans kept for different input shapes; the least recently used is dropped beyond it.
+    #[arg(long, default_value_t = 8, env = "OUTPOST_PLAN_CACHE")]
+    plan_cache: usize,
 }
 
 #[derive(Args, Debug)]
@@ -166,6 +176,9 @@ struct BenchArgs {
     /// `.npy` input for a single-input model (random, seeded, otherwise).
     #[arg(long)]
     input: Option<PathBuf>,
+    /// Shape of a random input, `NAME=D,D,...`, for symbolic dimensions (default: 1).
+    #[arg(long = "run-shape", value_name = "NAME=DIMS")]
+    run_shapes: Vec<String>,
     /// Also print the time per operator on stderr.
     #[arg(long)]
     profile: bool,
@@ -176,18 +189,35 @@ struct BenchArgs {
 #[error("{0}")]
 struct ConfigError(String);
 
-fn parse_shapes(specs: &[String]) -> Result<HashMap<String, Vec<usize>>, ConfigError> {
+fn parse_shapes(specs: &[String]) -> Result<HashMap<String, Vec<Dim>>, ConfigError> {
     let mut shapes = HashMap::new();
     for spec in specs.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
         let bad = || {
             ConfigError(format!(
-                "--input-shape / OUTPOST_INPUT_SHAPES: '{spec}' is not NAME=D,D,... with positive integers"
+                "--input-shape / OUTPOST_INPUT_SHAPES: '{spec}' is not NAME=D,D,... with positive integers or names (N,2048)"
             ))
         };
         let (name, dims) = spec.rsplit_once('=').ok_or_else(bad)?;
-        let dims = dims
-            .split([',', 'x'])
-            .map(|d| d.trim().parse::<usize>().ok().filter(|&d| d > 0))
+        let numeric = |d: &str| d.trim().chars().all(|c| c.is_ascii_digit());
+        // `2x3` is two numbers; `max_x,3` is a name and a number.
+        let parts: Vec<&str> = if !dims.contains(',') && dims.split('x').all(numeric) {
+            dims.split('x').collect()
+        } else {
+            dims.split(',').collect()
+        };
+        let dims = parts
+            .into_iter()
+            .map(|d| {
+                let d = d.trim();
+                if numeric(d) {
+                    d.parse::<usize>().ok().filter(|&d| d > 0).map(Dim::Fixed)
+                } else {
+                    let symbol = !d.is_empty()
+                        && d.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                        && !d.starts_with(|c: char| c.is_ascii_digit());
+                    symbol.then(|| Dim::Symbolic(d.to_string()))
+                }
+            })
             .collect::<Option<Vec<_>>>()
             .ok_or_else(bad)?;
         shapes.insert(name.trim().to_string(), dims);
@@ -201,9 +231,16 @@ fn load_options(m: &ModelArgs) -> Result<LoadOptions, ConfigError> {
             "--threads / OUTPOST_THREADS must be at least 1".into(),
         ));
     }
+    if m.plan_cache == 0 {
+        return Err(ConfigError(
+            "--plan-cache / OUTPOST_PLAN_CACHE must be at least 1".into(),
+        ));
+    }
     Ok(LoadOptions {
         shapes: parse_shapes(&m.input_shapes)?,
         threads: m.threads,
+        plan_mode: m.plans,
+        plan_cache: m.plan_cache,
     })
 }
 
@@ -414,6 +451,7 @@ impl Rng {
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
     use outpost_module::tensor::{DataType, Origin, Scalar, checked_len, tensor_from_scalars};
     let model = load(&args.model.model, &load_options(&args.model)?, 1)?;
+    let run_shapes = parse_shapes(&args.run_shapes)?;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let inputs: TVec<TValue> = match &args.input {
         Some(p) => tvec![
@@ -425,7 +463,10 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             .inputs
             .iter()
             .map(|spec| {
-                let shape: Vec<usize> = spec.shape.iter().map(|d| d.unwrap_or(1)).collect();
+                let shape: Vec<usize> = match run_shapes.get(&spec.name) {
+                    Some(dims) => dims.iter().map(|d| d.fixed().unwrap_or(1)).collect(),
+                    None => spec.shape.iter().map(|d| d.fixed().unwrap_or(1)).collect(),
+                };
                 let n = checked_len(&shape, spec.datatype.size()).ok_or_else(|| {
                     anyhow::anyhow!("input '{}': shape {shape:?} is too large", spec.name)
                 })?;
@@ -542,11 +583,21 @@ mod tests {
 
     #[test]
     fn input_shapes_parse() {
-        let s = parse_shapes(&["x=1,3,48,192".into(), " y = 2x3 ".into(), "".into()]).unwrap();
-        assert_eq!(s["x"], vec![1, 3, 48, 192]);
-        assert_eq!(s["y"], vec![2, 3]);
-        assert!(parse_shapes(&["x=1,0".into()]).is_err());
-        assert!(parse_shapes(&["x".into()]).is_err());
-        assert!(parse_shapes(&["x=a".into()]).is_err());
+        let s = parse_shapes(&[
+            "x=1,3,48,192".into(),
+            " y = 2x3 ".into(),
+            "".into(),
+            "bytes=N,2048".into(),
+            "z=max_x".into(),
+        ])
+        .unwrap();
+        let f = Dim::Fixed;
+        assert_eq!(s["x"], vec![f(1), f(3), f(48), f(192)]);
+        assert_eq!(s["y"], vec![f(2), f(3)]);
+        assert_eq!(s["bytes"], vec![Dim::Symbolic("N".into()), f(2048)]);
+        assert_eq!(s["z"], vec![Dim::Symbolic("max_x".into())]);
+        for bad in ["x=1,0", "x", "x=1,,2", "x=2y", "x=N-1", "x=-1"] {
+            assert!(parse_shapes(&[bad.into()]).is_err(), "{bad}");
+        }
     }
 }

@@ -38,6 +38,19 @@ struct PerSource {
     /// Cumulative bucket counts are computed when rendering; these are per-bucket.
     buckets: [AtomicU64; BUCKETS.len() + 1],
     sum_nanos: AtomicU64,
+    /// The share of `sum_nanos` spent on requests that succeeded.
+    ok_nanos: AtomicU64,
+}
+
+/// Every source together: what Triton's statistics endpoint reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    pub ok: u64,
+    pub ok_nanos: u64,
+    pub failed: u64,
+    pub failed_nanos: u64,
+    /// Wall-clock milliseconds since the epoch of the last request; 0 before the first.
+    pub last_ms: u64,
 }
 
 /// All the module's metrics; shared by reference between every entry point.
@@ -48,6 +61,7 @@ pub struct Metrics {
     loads: AtomicU64,
     load_failures: AtomicU64,
     rejected_busy: AtomicU64,
+    last_ms: AtomicU64,
 }
 
 fn ix(s: Source) -> usize {
@@ -68,8 +82,33 @@ impl Metrics {
             .position(|&le| secs <= le)
             .unwrap_or(BUCKETS.len());
         p.buckets[b].fetch_add(1, Relaxed);
-        p.sum_nanos
-            .fetch_add(latency.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+        let nanos = latency.as_nanos().min(u64::MAX as u128) as u64;
+        p.sum_nanos.fetch_add(nanos, Relaxed);
+        if ok {
+            p.ok_nanos.fetch_add(nanos, Relaxed);
+        }
+        self.last_ms
+            .store(outpost_core::time::wall_now_ms(), Relaxed);
+    }
+
+    /// Requests of every source, split into succeeded and failed.
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals {
+            ok: 0,
+            ok_nanos: 0,
+            failed: 0,
+            failed_nanos: 0,
+            last_ms: self.last_ms.load(Relaxed),
+        };
+        for p in &self.per {
+            let (requests, errors) = (p.requests.load(Relaxed), p.errors.load(Relaxed));
+            let (sum, ok) = (p.sum_nanos.load(Relaxed), p.ok_nanos.load(Relaxed));
+            t.ok += requests.saturating_sub(errors);
+            t.failed += errors;
+            t.ok_nanos += ok;
+            t.failed_nanos += sum.saturating_sub(ok);
+        }
+        t
     }
 
     /// Counts a request refused because the server was at its concurrency limit.

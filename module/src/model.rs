@@ -18,6 +18,7 @@ use tract_onnx::tract_core::runtime::RunOptions;
 use tract_onnx::tract_hir::internal::{DimLike, Factoid};
 
 use crate::metrics::Metrics;
+use crate::plans::{Plan, PlanMode, Plans};
 use crate::tensor::{
     DataType, InferRequest, TensorError, request_datatype, request_shape, request_tensor,
 };
@@ -48,6 +49,12 @@ pub enum LoadError {
         name: String,
         datum: String,
     },
+    #[error("{path}: input '{input}': {reason}")]
+    Shape {
+        path: PathBuf,
+        input: String,
+        reason: String,
+    },
     #[error("{path}: cannot optimize the model: {reason}")]
     Optimize { path: PathBuf, reason: String },
 }
@@ -77,6 +84,16 @@ pub enum InferError {
         got: Vec<i64>,
         expected: String,
     },
+    #[error(
+        "dimension {symbol} is {first_size} in input '{first}' but {second_size} in input '{second}'; inputs sharing it must agree"
+    )]
+    SymbolMismatch {
+        symbol: String,
+        first: String,
+        first_size: i64,
+        second: String,
+        second_size: i64,
+    },
     #[error("unknown output '{name}'; the model's outputs are {known:?}")]
     UnknownOutput { name: String, known: Vec<String> },
     #[error("{0}")]
@@ -94,20 +111,62 @@ impl InferError {
 }
 
 /// How to load models: what the command line and environment declare.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Shapes for inputs the model leaves symbolic (or that should be fixed for speed).
-    pub shapes: HashMap<String, Vec<usize>>,
+    /// Shapes declared for inputs, fixed or symbolic per dimension (`--input-shape`): to fix
+    /// what the model leaves open (faster), or to name dimensions it leaves unknown.
+    pub shapes: HashMap<String, Vec<Dim>>,
     /// Threads for tract's matrix products; 1 keeps everything on the calling thread.
     pub threads: usize,
+    /// How models with symbolic input dimensions are planned.
+    pub plan_mode: PlanMode,
+    /// Plans kept for different input shapes (per-shape mode); the least recently used goes.
+    pub plan_cache: usize,
 }
 
-/// One input or output as served in metadata; `None` dimensions are symbolic (sent as -1).
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            shapes: HashMap::new(),
+            threads: 1,
+            plan_mode: PlanMode::PerShape,
+            plan_cache: 8,
+        }
+    }
+}
+
+/// One dimension of a tensor: a fixed size, or a symbol every request may choose (its name
+/// in the model, or `input_axis` for dimensions the model leaves unnamed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dim {
+    Fixed(usize),
+    Symbolic(String),
+}
+
+impl Dim {
+    pub fn fixed(&self) -> Option<usize> {
+        match self {
+            Dim::Fixed(n) => Some(*n),
+            Dim::Symbolic(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Dim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbolic(s) => f.write_str(s),
+        }
+    }
+}
+
+/// One input or output as served in metadata; symbolic dimensions are sent as -1.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorSpec {
     pub name: String,
     pub datatype: DataType,
-    pub shape: Vec<Option<usize>>,
+    pub shape: Vec<Dim>,
 }
 
 impl TensorSpec {
@@ -115,28 +174,25 @@ impl TensorSpec {
     pub fn oip_shape(&self) -> Vec<i64> {
         self.shape
             .iter()
-            .map(|d| d.map_or(-1, |d| d as i64))
+            .map(|d| d.fixed().map_or(-1, |d| d as i64))
             .collect()
     }
 
     fn shape_text(&self) -> String {
-        let dims: Vec<String> = self
-            .shape
-            .iter()
-            .map(|d| d.map_or("?".to_string(), |d| d.to_string()))
-            .collect();
+        let dims: Vec<String> = self.shape.iter().map(Dim::to_string).collect();
         format!("[{}]", dims.join(", "))
     }
 
-    /// Accepts `shape` when rank and every fixed dimension agree.
+    /// Accepts `shape` when rank and every fixed dimension agree, and every symbolic one is
+    /// at least 1 (an empty batch is nothing to run, and not every operator survives it).
     fn accepts(&self, shape: &[i64]) -> bool {
         shape.len() == self.shape.len()
             && shape
                 .iter()
                 .zip(&self.shape)
                 .all(|(&got, want)| match want {
-                    Some(w) => got == *w as i64,
-                    None => got >= 0,
+                    Dim::Fixed(w) => got == *w as i64,
+                    Dim::Symbolic(_) => got >= 1,
                 })
     }
 }
@@ -170,9 +226,8 @@ pub struct LoadedModel {
     pub stamp: FileStamp,
     /// Counts loads in this process, served as the model version.
     pub version: u64,
-    plan: Arc<TypedSimplePlan>,
-    /// Run states kept between requests: spawning one allocates every intermediate buffer.
-    states: Mutex<Vec<TypedSimpleState>>,
+    /// The plan (fixed inputs) or the plans per input shape (symbolic inputs).
+    pub plans: Plans,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -211,19 +266,30 @@ impl FileStamp {
     }
 }
 
-fn spec_of(
+/// The shape of a typed fact, symbolic dimensions by their expression.
+fn dims_of(shape: &ShapeFact) -> Vec<Dim> {
+    shape
+        .iter()
+        .map(|d| match d.to_usize() {
+            Ok(n) => Dim::Fixed(n),
+            Err(_) => Dim::Symbolic(d.to_string()),
+        })
+        .collect()
+}
+
+fn spec(
     path: &Path,
     what: &'static str,
     name: String,
-    fact: &TypedFact,
+    datum: DatumType,
+    shape: Vec<Dim>,
 ) -> Result<TensorSpec, LoadError> {
-    let datatype = DataType::from_datum(fact.datum_type).ok_or_else(|| LoadError::Datatype {
+    let datatype = DataType::from_datum(datum).ok_or_else(|| LoadError::Datatype {
         path: path.to_path_buf(),
         what,
         name: name.clone(),
-        datum: format!("{:?}", fact.datum_type),
+        datum: format!("{datum:?}"),
     })?;
-    let shape = fact.shape.iter().map(|d| d.to_usize().ok()).collect();
     Ok(TensorSpec {
         name,
         datatype,
@@ -231,11 +297,52 @@ fn spec_of(
     })
 }
 
-/// Loads `path` into a runnable plan: parse, apply declared shapes, type, optimize.
+/// The outputs of a typed model, by label (the ONNX output name) or node name.
+fn typed_outputs(path: &Path, model: &TypedModel) -> Result<Vec<TensorSpec>, LoadError> {
+    let mut outputs = Vec::new();
+    for outlet in &model.outputs {
+        let name = model
+            .outlet_label(*outlet)
+            .map(str::to_string)
+            .unwrap_or_else(|| model.node(outlet.node).name.clone());
+        let fact = model
+            .outlet_fact(*outlet)
+            .map_err(|e| LoadError::Optimize {
+                path: path.to_path_buf(),
+                reason: format!("{e:#}"),
+            })?;
+        outputs.push(spec(
+            path,
+            "output",
+            name,
+            fact.datum_type,
+            dims_of(&fact.shape),
+        )?);
+    }
+    Ok(outputs)
+}
+
+/// A name made of what a symbol may hold: `x.1` becomes `x_1`.
+fn symbol_name(input: &str, axis: usize) -> String {
+    let clean: String = input
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("{clean}_{axis}")
+}
+
+/// Loads `path` into runnable plans: parse, apply declared shapes, name every unknown input
+/// dimension, type, optimize.
+///
+/// Inputs with symbolic dimensions load without flags: the model is typed with its symbols
+/// where tract can, and planned per request shape (or once, symbolically, in
+/// [`PlanMode::Symbolic`]); the shape with every symbol at 1 is planned at load, so a model
+/// that cannot run at all fails here, not at its first request.
 ///
 /// Fails when the file cannot be read or parsed, when a declared shape names an input the
-/// model does not have, when an input or output has a datatype the protocols cannot carry,
-/// or when tract cannot type or optimize the graph (usually an unsupported operator).
+/// model does not have or disagrees with its rank, when an input has no datatype or rank,
+/// when an input or output has a datatype the protocols cannot carry, or when tract cannot
+/// type or optimize the graph (usually an unsupported operator).
 pub fn load(path: &Path, options: &LoadOptions, version: u64) -> Result<LoadedModel, LoadError> {
     let start = Instant::now();
     let stamp = FileStamp::of(path).map_err(|error| LoadError::Read {
@@ -269,53 +376,153 @@ pub fn load(path: &Path, options: &LoadOptions, version: u64) -> Result<LoadedMo
             });
         }
     }
+    let shape_error = |input: &str, reason: String| LoadError::Shape {
+        path: path.to_path_buf(),
+        input: input.to_string(),
+        reason,
+    };
+    let mut inputs = Vec::new();
+    let mut symbols = Vec::new();
     for (ix, name) in names.iter().enumerate() {
-        if let Some(shape) = options.shapes.get(name) {
-            let dt = model.input_fact(ix).map_err(parse)?.datum_type.concretize();
-            let fact = match dt {
-                Some(dt) => InferenceFact::dt_shape(dt, shape.clone()),
-                None => InferenceFact::default().with_shape(shape.clone()),
-            };
-            model.set_input_fact(ix, fact).map_err(parse)?;
+        let fact = model.input_fact(ix).map_err(parse)?.clone();
+        let datum = fact
+            .datum_type
+            .concretize()
+            .ok_or_else(|| shape_error(name, "the model declares no datatype".into()))?;
+        let rank = (!fact.shape.is_open()).then(|| fact.shape.dims().count());
+        let dims: Vec<TDim> = match options.shapes.get(name) {
+            Some(declared) => {
+                if let Some(rank) = rank.filter(|&r| r != declared.len()) {
+                    return Err(shape_error(
+                        name,
+                        format!(
+                            "the declared shape has {} dimensions but the model's input has {rank}",
+                            declared.len()
+                        ),
+                    ));
+                }
+                declared
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Fixed(n) => n.to_dim(),
+                        Dim::Symbolic(s) => model.symbols.sym(s).to_dim(),
+                    })
+                    .collect()
+            }
+            None if rank.is_none() => {
+                return Err(shape_error(
+                    name,
+                    format!(
+                        "the model declares no rank; give its shape with --input-shape {name}=D,D,..."
+                    ),
+                ));
+            }
+            None => fact
+                .shape
+                .dims()
+                .enumerate()
+                .map(|(axis, d)| match d.concretize() {
+                    Some(d @ (TDim::Val(_) | TDim::Sym(_))) => d,
+                    // Unknown, or an expression of symbols: a symbol of its own.
+                    _ => model.symbols.sym(&symbol_name(name, axis)).to_dim(),
+                })
+                .collect(),
+        };
+        if dims.iter().any(|d| matches!(d, TDim::Val(v) if *v < 1)) {
+            return Err(shape_error(
+                name,
+                format!("the shape {dims:?} has a dimension below 1"),
+            ));
         }
+        symbols.push(
+            dims.iter()
+                .map(|d| match d {
+                    TDim::Sym(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+        );
+        let shape = dims
+            .iter()
+            .map(|d| match d.to_usize() {
+                Ok(n) => Dim::Fixed(n),
+                Err(_) => Dim::Symbolic(d.to_string()),
+            })
+            .collect();
+        inputs.push(spec(path, "input", name.clone(), datum, shape)?);
+        model
+            .set_input_fact(ix, InferenceFact::dt_shape(datum, dims))
+            .map_err(parse)?;
     }
+
     let optimize = |e: TractError| LoadError::Optimize {
         path: path.to_path_buf(),
         reason: format!("{e:#}"),
     };
-    let typed = model.into_optimized().map_err(optimize)?;
-
-    let mut inputs = Vec::new();
-    for (ix, outlet) in typed.input_outlets().map_err(optimize)?.iter().enumerate() {
-        let name = typed.node(outlet.node).name.clone();
-        inputs.push(spec_of(
-            path,
-            "input",
-            name,
-            typed.input_fact(ix).map_err(optimize)?,
-        )?);
-    }
-    let mut outputs = Vec::new();
-    for outlet in typed.output_outlets().map_err(optimize)? {
-        let name = typed
-            .outlet_label(*outlet)
-            .map(str::to_string)
-            .unwrap_or_else(|| typed.node(outlet.node).name.clone());
-        outputs.push(spec_of(
-            path,
-            "output",
-            name,
-            typed.outlet_fact(*outlet).map_err(optimize)?,
-        )?);
-    }
     let run_options = RunOptions {
         executor: (options.threads > 1)
             .then(|| tract_linalg::multithread::Executor::multithread(options.threads)),
         ..RunOptions::default()
     };
-    let plan = typed
-        .into_runnable_with_options(&run_options)
-        .map_err(optimize)?;
+    let symbolic = symbols.iter().flatten().any(Option::is_some);
+    let (plans, outputs) = if !symbolic {
+        let typed = model.into_optimized().map_err(optimize)?;
+        let outputs = typed_outputs(path, &typed)?;
+        let plan = Plan::new(typed, &run_options).map_err(optimize)?;
+        (Plans::single(plan), outputs)
+    } else {
+        // The shape planned at load: every symbol at 1.
+        let probe: Vec<Vec<usize>> = inputs
+            .iter()
+            .map(|s| s.shape.iter().map(|d| d.fixed().unwrap_or(1)).collect())
+            .collect();
+        let probe: Vec<&[usize]> = probe.iter().map(Vec::as_slice).collect();
+        let refused = |e: InferError| LoadError::Optimize {
+            path: path.to_path_buf(),
+            reason: format!(
+                "planning it with every symbolic input dimension at 1 failed ({e}); if it needs larger sizes, give them with --input-shape (numbers fix a dimension, names keep it symbolic)"
+            ),
+        };
+        match model
+            .clone()
+            .into_typed()
+            .and_then(|t| t.into_decluttered())
+        {
+            Ok(typed) => {
+                let outputs = typed_outputs(path, &typed)?;
+                let plans = match options.plan_mode {
+                    PlanMode::Symbolic => Plans::single(
+                        Plan::new(typed.into_optimized().map_err(optimize)?, &run_options)
+                            .map_err(optimize)?,
+                    ),
+                    PlanMode::PerShape => {
+                        Plans::typed(typed, symbols, run_options, options.plan_cache)
+                    }
+                };
+                plans.get(&probe).map_err(refused)?;
+                (plans, outputs)
+            }
+            Err(typing) if options.plan_mode == PlanMode::Symbolic => {
+                return Err(LoadError::Optimize {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "tract cannot type this model with symbolic dimensions ({typing:#}); plan it per shape (the default)"
+                    ),
+                });
+            }
+            Err(typing) => {
+                tracing::debug!(
+                    error = format!("{typing:#}"),
+                    "typing with symbols failed; planning per shape from the parsed model"
+                );
+                let analysed = parsed_outputs(path, &model)?;
+                let plans = Plans::parsed(model, symbols, run_options, options.plan_cache);
+                let plan = plans.get(&probe).map_err(refused)?;
+                let outputs = probe_outputs(path, plan.model(), analysed)?;
+                (plans, outputs)
+            }
+        }
+    };
     Ok(LoadedModel {
         path: path.to_path_buf(),
         inputs,
@@ -323,9 +530,84 @@ pub fn load(path: &Path, options: &LoadOptions, version: u64) -> Result<LoadedMo
         load_time: start.elapsed(),
         stamp,
         version,
-        plan,
-        states: Mutex::new(Vec::new()),
+        plans,
     })
+}
+
+/// The outputs of a model tract cannot type with symbols, from its plan at the probe shape
+/// (every symbol at 1) and what shape inference found: a dimension inference knows is kept, a
+/// dimension of 1 it does not know is taken as following a symbol (the batch, most often) and
+/// served as -1, any other is fixed.
+fn probe_outputs(
+    path: &Path,
+    probe: &TypedModel,
+    analysed: Vec<TensorSpec>,
+) -> Result<Vec<TensorSpec>, LoadError> {
+    let planned = typed_outputs(path, probe)?;
+    Ok(planned
+        .into_iter()
+        .zip(analysed)
+        .map(|(planned, analysed)| {
+            let shape = planned
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(axis, dim)| match (dim, analysed.shape.get(axis)) {
+                    (_, Some(known @ Dim::Fixed(_))) => known.clone(),
+                    (Dim::Fixed(1), Some(symbolic @ Dim::Symbolic(s))) if s != "?" => {
+                        symbolic.clone()
+                    }
+                    (Dim::Fixed(1), _) => Dim::Symbolic("?".into()),
+                    (dim, _) => dim.clone(),
+                })
+                .collect();
+            TensorSpec { shape, ..planned }
+        })
+        .collect())
+}
+
+/// The outputs of a model tract cannot type with symbols: what shape inference finds before
+/// it stops (a dimension it cannot tell is symbolic, sent as -1).
+fn parsed_outputs(path: &Path, model: &InferenceModel) -> Result<Vec<TensorSpec>, LoadError> {
+    let mut analysed = model.clone();
+    // Analysis stops at the operator that needs known shapes; the facts found so far stay.
+    let _ = analysed.analyse(false);
+    let mut outputs = Vec::new();
+    for outlet in &analysed.outputs {
+        let name = analysed
+            .outlet_label(*outlet)
+            .map(str::to_string)
+            .unwrap_or_else(|| analysed.node(outlet.node).name.clone());
+        let fact = analysed
+            .outlet_fact(*outlet)
+            .map_err(|e| LoadError::Optimize {
+                path: path.to_path_buf(),
+                reason: format!("{e:#}"),
+            })?;
+        let datum = fact
+            .datum_type
+            .concretize()
+            .ok_or_else(|| LoadError::Optimize {
+                path: path.to_path_buf(),
+                reason: format!("cannot tell the datatype of output '{name}'"),
+            })?;
+        let shape = if fact.shape.is_open() {
+            vec![]
+        } else {
+            fact.shape
+                .dims()
+                .map(|d| match d.concretize().map(|d| d.to_usize()) {
+                    Some(Ok(n)) => Dim::Fixed(n),
+                    Some(Err(_)) => {
+                        Dim::Symbolic(d.concretize().map_or("?".into(), |d| d.to_string()))
+                    }
+                    None => Dim::Symbolic("?".into()),
+                })
+                .collect()
+        };
+        outputs.push(spec(path, "output", name, datum, shape)?);
+    }
+    Ok(outputs)
 }
 
 /// A request after checking: tensors in the model's input order, outputs to return.
@@ -335,9 +617,6 @@ pub struct CheckedRequest {
     /// Indices into the model's outputs, in the order the client asked for them.
     pub outputs: Vec<usize>,
 }
-
-/// States kept for reuse; more concurrent requests than this spawn a fresh state and drop it.
-const STATE_POOL: usize = 8;
 
 impl LoadedModel {
     fn input_names(&self) -> Vec<String> {
@@ -361,6 +640,8 @@ impl LoadedModel {
             }
         }
         let mut tensors = TVec::new();
+        // Each symbol's size, and the input that set it: inputs sharing a symbol must agree.
+        let mut sizes: HashMap<&str, (i64, &str)> = HashMap::new();
         for spec in &self.inputs {
             let &(index, input) = by_name
                 .get(spec.name.as_str())
@@ -381,6 +662,21 @@ impl LoadedModel {
                     got: input.shape.clone(),
                     expected: spec.shape_text(),
                 });
+            }
+            for (dim, &got) in spec.shape.iter().zip(&input.shape) {
+                let Dim::Symbolic(symbol) = dim else { continue };
+                match sizes.insert(symbol, (got, &spec.name)) {
+                    Some((before, other)) if before != got => {
+                        return Err(InferError::SymbolMismatch {
+                            symbol: symbol.clone(),
+                            first: other.to_string(),
+                            first_size: before,
+                            second: spec.name.clone(),
+                            second_size: got,
+                        });
+                    }
+                    _ => {}
+                }
             }
             tensors.push(request_tensor(index, input)?.into_tvalue());
         }
@@ -440,26 +736,15 @@ impl LoadedModel {
         Ok(t)
     }
 
-    /// Runs the plan on checked inputs. Blocking: call it from a blocking thread.
+    /// The plan for these inputs' shapes (made now if new: see [`Plans::get`]).
+    fn plan_for(&self, inputs: &TVec<TValue>) -> Result<Arc<Plan>, InferError> {
+        let shapes: Vec<&[usize]> = inputs.iter().map(|t| t.shape()).collect();
+        self.plans.get(&shapes)
+    }
+
+    /// Runs the model on checked inputs. Blocking: call it from a blocking thread.
     pub fn run(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>, InferError> {
-        // A poisoned pool only means another run panicked; its states are dropped, not reused.
-        let state = self.states.lock().ok().and_then(|mut s| s.pop());
-        let mut state = match state {
-            Some(s) => s,
-            None => self
-                .plan
-                .spawn()
-                .map_err(|e| InferError::Run(format!("{e:#}")))?,
-        };
-        let out = state
-            .run(inputs)
-            .map_err(|e| InferError::Run(format!("{e:#}")))?;
-        if let Ok(mut pool) = self.states.lock()
-            && pool.len() < STATE_POOL
-        {
-            pool.push(state);
-        }
-        Ok(out)
+        self.plan_for(&inputs)?.run(inputs)
     }
 
     /// Runs `runs` times timing every node, and returns (operator name, total time, share)
@@ -469,28 +754,7 @@ impl LoadedModel {
         inputs: &TVec<TValue>,
         runs: usize,
     ) -> Result<Vec<(String, Duration, f64)>, InferError> {
-        let mut state = self
-            .plan
-            .spawn()
-            .map_err(|e| InferError::Run(format!("{e:#}")))?;
-        let mut per_op: HashMap<String, Duration> = HashMap::new();
-        for _ in 0..runs.max(1) {
-            state
-                .run_plan_with_eval(inputs.clone(), |ctx, op_state, node, input| {
-                    let t = Instant::now();
-                    let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
-                    *per_op.entry(node.op().name().to_string()).or_default() += t.elapsed();
-                    r
-                })
-                .map_err(|e| InferError::Run(format!("{e:#}")))?;
-        }
-        let total: Duration = per_op.values().sum();
-        let mut v: Vec<_> = per_op
-            .into_iter()
-            .map(|(op, d)| (op, d, d.as_secs_f64() / total.as_secs_f64().max(1e-12)))
-            .collect();
-        v.sort_by_key(|x| std::cmp::Reverse(x.1));
-        Ok(v)
+        self.plan_for(inputs)?.profile(inputs, runs)
     }
 
     pub fn metadata_inputs(&self) -> Vec<TensorMetadata> {

@@ -118,7 +118,7 @@ async fn bus_mode_answers_and_reports_bad_messages() {
         ),
         (
             serde_json::to_vec(&json!({"data": [[1, 2, 3]]})).unwrap(),
-            "shape [1, 3] but the model expects [?, 16]",
+            "shape [1, 3] but the model expects [N, 16]",
         ),
     ] {
         c.publish(

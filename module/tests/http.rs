@@ -117,7 +117,7 @@ async fn oip_v2_error_cases_are_400_and_the_server_keeps_serving() {
         (
             "wrong shape",
             with(&|r| r["inputs"][0]["shape"] = json!([4, 15])),
-            "shape [4, 15] but the model expects [?, 16]",
+            "shape [4, 15] but the model expects [N, 16]",
         ),
         (
             "wrong rank",

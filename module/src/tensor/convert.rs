@@ -208,14 +208,29 @@ pub fn request_tensor(index: usize, input: &RequestInput) -> Result<Tensor, Tens
     let dt = request_datatype(index, input)?;
     let shape = request_shape(index, input, dt)?;
     let origin = Origin::Input(index);
-    if let Some(what) = &input.data.non_scalar {
+    if let Some(raw) = &input.raw {
+        return super::binary::raw_tensor(
+            format!("inputs[{index}].parameters.binary_data_size"),
+            &input.name,
+            dt,
+            &shape,
+            raw,
+        );
+    }
+    let Some(data) = &input.data else {
+        return Err(TensorError::MissingData {
+            field: origin.data_field(),
+            name: input.name.clone(),
+        });
+    };
+    if let Some(what) = &data.non_scalar {
         return Err(TensorError::NonScalar {
             field: origin.data_field(),
             name: input.name.clone(),
             what: what.clone(),
         });
     }
-    tensor_from_scalars(origin, &input.name, dt, &shape, &input.data.values)
+    tensor_from_scalars(origin, &input.name, dt, &shape, &data.values)
 }
 
 /// Builds the tensor of a `{"data": ...}` request for input `name` of type `dt`: the nesting

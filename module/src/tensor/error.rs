@@ -67,6 +67,12 @@ pub enum TensorError {
     },
     #[error("{field}: input '{name}': nested data is ragged (rows of different lengths)")]
     Ragged { field: String, name: String },
+    #[error(
+        "{field}: input '{name}' has no 'data' (nor parameters.binary_data_size with binary data)"
+    )]
+    MissingData { field: String, name: String },
+    #[error("{field}: {reason}")]
+    Binary { field: String, reason: String },
     #[error("tensor '{name}': {reason}")]
     Internal { name: String, reason: String },
 }

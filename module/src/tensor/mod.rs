@@ -7,8 +7,9 @@
 //!
 //! Layout: `request` (the JSON forms clients send, parsed and flattened), `datatype` (OIP
 //! datatypes and the shapes that can exist), `convert` (values to tract tensors, checked),
-//! `output` (tensors back to JSON), `error` (what goes back as a 400, and which field).
+//! `output` (tensors back to JSON), `binary` (the binary tensor data extension), `error` (what goes back as a 400, and which field).
 
+pub mod binary;
 mod convert;
 mod datatype;
 mod error;

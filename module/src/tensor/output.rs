@@ -25,7 +25,11 @@ pub struct ResponseOutput {
     pub name: String,
     pub datatype: &'static str,
     pub shape: Vec<usize>,
-    pub data: OutputData,
+    /// Absent when the output goes back as binary data (then `parameters` says its size).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<OutputData>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<serde_json::Value>,
 }
 
 /// `POST /v2/models/{name}/infer` answer.

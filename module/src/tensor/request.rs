@@ -173,7 +173,12 @@ pub struct RequestInput {
     pub datatype: String,
     #[serde(default)]
     pub parameters: Option<serde_json::Value>,
-    pub data: FlatData,
+    /// Absent when the values come as binary data (`parameters.binary_data_size`).
+    #[serde(default)]
+    pub data: Option<FlatData>,
+    /// The raw bytes of the binary tensor data extension, attached after parsing.
+    #[serde(skip)]
+    pub raw: Option<bytes::Bytes>,
 }
 
 /// An output a client asks for by name; when a request names none, all are returned.
@@ -201,15 +206,68 @@ pub fn parse_infer_request(body: &[u8]) -> Result<InferRequest, serde_json::Erro
     serde_json::from_slice(body)
 }
 
-/// A `{"data": ...}` body (`/score`); other fields are ignored.
-#[derive(Debug, Deserialize)]
+/// A `/score` body: `{"data": ...}`, or Azure ML's `{"input_data": ...}` where `input_data` is
+/// the tensor itself, a pandas split frame (`{"columns", "index", "data"}`: its `data`), or
+/// `{"<input name>": tensor}`. Other fields are ignored.
+#[derive(Debug)]
 pub struct ScoreRequest {
     pub data: FlatData,
+    /// The input the `{"<input name>": tensor}` form names, to check against the model's.
+    pub input: Option<String>,
+    /// Which form it came in: Azure ML's answers with the bare result, not `{"result": ...}`.
+    pub azure_ml: bool,
+}
+
+#[derive(Deserialize)]
+struct ScoreBody {
+    #[serde(default)]
+    data: Option<FlatData>,
+    #[serde(default)]
+    input_data: Option<serde_json::Value>,
+}
+
+fn score_error(message: &str) -> serde_json::Error {
+    <serde_json::Error as serde::de::Error>::custom(message)
 }
 
 /// Parses a `/score` request body.
 pub fn parse_score_request(body: &[u8]) -> Result<ScoreRequest, serde_json::Error> {
-    serde_json::from_slice(body)
+    let body: ScoreBody = serde_json::from_slice(body)?;
+    let (value, input) = match (body.data, body.input_data) {
+        (Some(data), None) => {
+            return Ok(ScoreRequest {
+                data,
+                input: None,
+                azure_ml: false,
+            });
+        }
+        (None, Some(serde_json::Value::Object(mut fields))) => match fields.remove("data") {
+            Some(data) => (data, None),
+            None if fields.len() == 1 => {
+                let (name, data) = fields.into_iter().next().expect("one field");
+                (data, Some(name))
+            }
+            None => {
+                return Err(score_error(
+                    "input_data: expected a tensor, {\"data\": tensor} or {\"<input name>\": tensor}",
+                ));
+            }
+        },
+        (None, Some(value)) => (value, None),
+        (Some(_), Some(_)) => {
+            return Err(score_error("give either 'data' or 'input_data', not both"));
+        }
+        (None, None) => {
+            return Err(score_error(
+                "expected 'data' ({\"data\": [[...]]}) or Azure ML's 'input_data'",
+            ));
+        }
+    };
+    Ok(ScoreRequest {
+        data: FlatData::deserialize(value)?,
+        input,
+        azure_ml: true,
+    })
 }
 
 #[cfg(test)]
@@ -229,6 +287,32 @@ mod tests {
         assert_eq!(d.shape, Some(vec![2, 3]));
         assert_eq!(flat("[1, 2]").shape, Some(vec![2]));
         assert_eq!(flat("3").shape, Some(vec![]));
+    }
+
+    #[test]
+    fn azure_ml_input_data_forms_are_read() {
+        let plain = parse_score_request(br#"{"input_data": [[1, 2]]}"#).unwrap();
+        assert_eq!(
+            (plain.data.shape, plain.input, plain.azure_ml),
+            (Some(vec![1, 2]), None, true)
+        );
+        let split = parse_score_request(
+            br#"{"input_data": {"columns": [0, 1], "index": [0], "data": [[1, 2]]}}"#,
+        )
+        .unwrap();
+        assert_eq!(split.data.values.len(), 2);
+        let named = parse_score_request(br#"{"input_data": {"sensor": [[1, 2, 3]]}}"#).unwrap();
+        assert_eq!(named.input.as_deref(), Some("sensor"));
+        assert_eq!(named.data.shape, Some(vec![1, 3]));
+        let old = parse_score_request(br#"{"data": [3]}"#).unwrap();
+        assert!(!old.azure_ml);
+        for bad in [
+            r#"{}"#,
+            r#"{"data": [1], "input_data": [1]}"#,
+            r#"{"input_data": {"a": [1], "b": [2]}}"#,
+        ] {
+            assert!(parse_score_request(bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -103,20 +103,35 @@ pub async fn http(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> (StatusCode, Vec<u8>) {
+    let (status, _, body) = http_with(addr, method, path, &[], body.unwrap_or_default()).await;
+    (status, body)
+}
+
+/// One HTTP/1.1 request with extra headers; answers status, headers and body.
+pub async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> (StatusCode, hyper::HeaderMap, Vec<u8>) {
     let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .expect("handshake");
     tokio::spawn(conn);
-    let req = hyper::Request::builder()
+    let mut req = hyper::Request::builder()
         .method(method)
         .uri(path)
         .header("host", addr.to_string())
-        .header("content-type", "application/json")
-        .body(Full::new(bytes::Bytes::from(body.unwrap_or_default())))
-        .unwrap();
+        .header("content-type", "application/json");
+    for (name, value) in headers {
+        req = req.header(*name, value);
+    }
+    let req = req.body(Full::new(bytes::Bytes::from(body))).unwrap();
     let resp = sender.send_request(req).await.expect("send");
     let status = resp.status();
+    let headers = resp.headers().clone();
     let body = resp
         .into_body()
         .collect()
@@ -124,7 +139,26 @@ pub async fn http(
         .expect("body")
         .to_bytes()
         .to_vec();
-    (status, body)
+    (status, headers, body)
+}
+
+/// A PyPI model fetched by scripts/fetch-pypi-models.sh, or `None` (a skip) when it is not
+/// there — a failure with CI=true, where the CI script has fetched it.
+pub fn pypi_model(name: &str) -> Option<PathBuf> {
+    let path = testdata().join("pypi").join(format!("{name}.onnx"));
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        !in_ci(),
+        "{} missing with CI=true: run scripts/fetch-pypi-models.sh",
+        path.display()
+    );
+    eprintln!(
+        "SKIPPED: {} missing; run scripts/fetch-pypi-models.sh",
+        path.display()
+    );
+    None
 }
 
 pub async fn get_json(addr: SocketAddr, path: &str) -> (StatusCode, serde_json::Value) {

@@ -1,33 +1,43 @@
-//! The HTTP surface: Open Inference Protocol v2, Azure ML's `/score`, and `/metrics`.
+//! The HTTP surface: Open Inference Protocol v2 (with the binary tensor data extension and
+//! the Triton endpoints `tritonclient` calls), Azure ML's `/score`, and `/metrics`.
 //!
 //! Owns the routes, the mapping of errors to status codes (the client's fault is 400 with a
-//! message naming the problem, never a dropped connection), the connection loop with its
-//! header and body read timeouts, and the bounds on what requests may hold: a body size limit,
-//! a count of requests in flight and a budget of body bytes in flight (beyond either, 503 with
-//! `Retry-After` at once rather than an unbounded queue).
+//! JSON body naming the problem, never a dropped connection or an empty body), the connection
+//! loop with its header and body read timeouts, and the bounds on what requests may hold: a
+//! body size limit, a count of requests in flight and a budget of body bytes in flight (beyond
+//! either, 503 with `Retry-After` at once rather than an unbounded queue).
+//!
+//! Layout: `body` (reading, limits, decompression), `triton` (model configuration,
+//! statistics, repository index).
+
+mod body;
+mod triton;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use http_body_util::BodyExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::engine::Engine;
 use crate::metrics::Source;
 use crate::model::InferError;
-use crate::tensor::{parse_infer_request, parse_score_request};
+use crate::tensor::binary::{self, BinaryOutputs};
+use crate::tensor::{
+    DataType, InferResponse, TensorError, parse_infer_request, parse_score_request,
+};
+use body::{body_error, read_body};
 
 /// Limits of the HTTP server.
 #[derive(Debug, Clone)]
@@ -68,6 +78,9 @@ struct AppState {
     /// One permit per body byte held by a request in flight.
     body_bytes: Arc<Semaphore>,
 }
+
+/// The extensions of the protocol this server implements (server metadata lists them).
+const EXTENSIONS: [&str; 3] = ["binary_tensor_data", "model_configuration", "statistics"];
 
 type Shared = State<Arc<AppState>>;
 
@@ -113,9 +126,26 @@ pub fn router(engine: Arc<Engine>, limits: HttpLimits) -> Router {
             "/v2/models/{name}/versions/{version}/infer",
             post(infer_versioned),
         )
+        .route("/v2/models/{name}/config", get(triton::config))
+        .route(
+            "/v2/models/{name}/versions/{version}/config",
+            get(triton::config_versioned),
+        )
+        .route("/v2/models/stats", get(triton::all_stats))
+        .route("/v2/models/{name}/stats", get(triton::stats))
+        .route(
+            "/v2/models/{name}/versions/{version}/stats",
+            get(triton::stats_versioned),
+        )
+        .route("/v2/repository/index", post(triton::index))
+        .route(
+            "/v2/repository/models/{name}/{action}",
+            post(triton::refuse_repository_change),
+        )
         .route("/score", post(score))
         .route("/metrics", get(metrics))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .with_state(state)
 }
 
@@ -187,11 +217,42 @@ fn is_connection_error(e: &std::io::Error) -> bool {
     )
 }
 
+/// 404 for a path no route has, naming the protocol extension when it is one this server
+/// does not implement (what `tritonclient`'s other calls reach).
+async fn no_route(uri: Uri) -> Response {
+    let path = uri.path();
+    let extension = [
+        ("/v2/systemsharedmemory", "system shared memory"),
+        ("/v2/cudasharedmemory", "CUDA shared memory"),
+        ("/v2/trace", "trace"),
+        ("/v2/logging", "logging"),
+    ]
+    .into_iter()
+    .find(|(prefix, _)| path.starts_with(prefix));
+    match extension {
+        Some((_, name)) => error(
+            StatusCode::NOT_FOUND,
+            format!("the {name} extension is not supported; this server implements {EXTENSIONS:?}"),
+        ),
+        None => error(StatusCode::NOT_FOUND, format!("no such route: {path}")),
+    }
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{method} is not allowed on {} (inference is POST, metadata and health are GET)",
+            uri.path()
+        ),
+    )
+}
+
 async fn server_metadata() -> Response {
     axum::Json(json!({
         "name": "outpost-infer",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": [],
+        "extensions": EXTENSIONS,
     }))
     .into_response()
 }
@@ -302,119 +363,6 @@ async fn model_metadata_versioned(
     model_metadata(State(state), Path(name)).await
 }
 
-/// Why a request body was not read whole.
-#[derive(Debug, thiserror::Error)]
-enum BodyError {
-    #[error("request body is larger than the limit of {0} bytes")]
-    TooLarge(usize),
-    #[error("too many request bytes in flight; try again")]
-    Busy,
-    #[error("the request body did not arrive within {0:?}")]
-    Timeout(Duration),
-    #[error("cannot read the request body: {0}")]
-    Read(String),
-}
-
-/// A body read whole, and the share of the byte budget it holds until it is dropped (after
-/// the answer is built).
-struct Budgeted {
-    bytes: Bytes,
-    _permit: Option<OwnedSemaphorePermit>,
-}
-
-/// Reads a request body within the size limit, the byte budget and the body timeout.
-///
-/// With a `Content-Length`, its whole size is taken from the budget before a byte is read, so
-/// a refused body is never buffered; a chunked body takes its share chunk by chunk.
-async fn read_body(state: &AppState, request: Request) -> Result<Budgeted, BodyError> {
-    let max = state.limits.max_body_bytes;
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let mut permit = None;
-    if let Some(len) = declared {
-        let len = usize::try_from(len)
-            .ok()
-            .filter(|&l| l <= max)
-            .ok_or(BodyError::TooLarge(max))?;
-        permit = take(&state.body_bytes, len, None)?;
-    }
-    let reserved = declared.is_some();
-    let read = async move {
-        let mut body: Body = request.into_body();
-        let mut buf = Vec::with_capacity(if reserved { permit_len(&permit) } else { 0 });
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            if buf.len() + data.len() > max {
-                return Err(BodyError::TooLarge(max));
-            }
-            if !reserved {
-                permit = take(&state.body_bytes, data.len(), permit)?;
-            }
-            buf.extend_from_slice(&data);
-        }
-        Ok(Budgeted {
-            bytes: Bytes::from(buf),
-            _permit: permit,
-        })
-    };
-    tokio::time::timeout(state.limits.body_timeout, read)
-        .await
-        .map_err(|_| BodyError::Timeout(state.limits.body_timeout))?
-}
-
-fn permit_len(p: &Option<OwnedSemaphorePermit>) -> usize {
-    p.as_ref().map_or(0, |p| p.num_permits())
-}
-
-/// Takes `n` more bytes from the budget, at once or not at all (503: never wait holding a
-/// share, which is how a budget deadlocks).
-fn take(
-    budget: &Arc<Semaphore>,
-    n: usize,
-    held: Option<OwnedSemaphorePermit>,
-) -> Result<Option<OwnedSemaphorePermit>, BodyError> {
-    if n == 0 {
-        return Ok(held);
-    }
-    let n = u32::try_from(n).map_err(|_| BodyError::Busy)?;
-    let more = budget
-        .clone()
-        .try_acquire_many_owned(n)
-        .map_err(|_| BodyError::Busy)?;
-    Ok(Some(match held {
-        Some(mut p) => {
-            p.merge(more);
-            p
-        }
-        None => more,
-    }))
-}
-
-/// The answer for a body not read: 400, 503 with `Retry-After`, or 408 closing the
-/// connection (the rest of a late body may still be on its way).
-fn body_error(state: &AppState, source: Source, e: BodyError) -> Response {
-    match e {
-        BodyError::Busy => busy(state, e.to_string()),
-        BodyError::Timeout(_) => {
-            count_error(state, source);
-            let mut r = error(StatusCode::REQUEST_TIMEOUT, e.to_string());
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            r
-        }
-        BodyError::TooLarge(_) | BodyError::Read(_) => {
-            count_error(state, source);
-            error(StatusCode::BAD_REQUEST, e.to_string())
-        }
-    }
-}
-
 fn count_error(state: &AppState, source: Source) {
     state
         .engine
@@ -447,18 +395,104 @@ async fn infer(State(state): Shared, Path(name): Path<String>, request: Request)
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
         return busy(&state, "too many requests in flight; try again");
     };
+    let header_length = request
+        .headers()
+        .get(binary::HEADER_LENGTH)
+        .map(|v| v.to_str().unwrap_or("(not text)").to_string());
     let body = match read_body(&state, request).await {
         Ok(b) => b,
         Err(e) => return body_error(&state, Source::V2, e),
     };
-    let request = match parse_infer_request(&body.bytes) {
+    let (json, raw) = match &header_length {
+        Some(length) => match binary::split(&body.bytes, length) {
+            Ok(parts) => parts,
+            Err(e) => return tensor_error(&state, e),
+        },
+        None => (body.bytes.clone(), Bytes::new()),
+    };
+    let mut request = match parse_infer_request(&json) {
         Ok(r) => r,
         Err(e) => return bad_json(&state, Source::V2, e),
     };
+    let attached = match header_length {
+        Some(_) => binary::attach(&mut request, raw),
+        None => binary::refuse_binary_without_header(&request),
+    };
+    if let Err(e) = attached {
+        return tensor_error(&state, e);
+    }
+    if let Some(e) = unsupported_parameters(&request) {
+        return tensor_error(&state, e);
+    }
+    let binary_outputs = BinaryOutputs::of(&request);
     match state.engine.infer(request, Source::V2).await {
+        Ok(response) if binary_outputs.any() => binary_response(response, &binary_outputs),
         Ok(response) => axum::Json(response).into_response(),
         Err(e) => infer_error(&e),
     }
+}
+
+/// Refuses what would change the answer's meaning if ignored: Triton's classification
+/// extension (top-k classes instead of the tensor).
+fn unsupported_parameters(request: &crate::tensor::InferRequest) -> Option<TensorError> {
+    request
+        .outputs
+        .iter()
+        .flatten()
+        .enumerate()
+        .find(|(_, o)| {
+            o.parameters
+                .as_ref()
+                .is_some_and(|p| p.get("classification").is_some())
+        })
+        .map(|(i, _)| TensorError::Binary {
+            field: format!("outputs[{i}].parameters.classification"),
+            reason: "the classification extension is not supported; ask for the output tensor"
+                .into(),
+        })
+}
+
+fn tensor_error(state: &AppState, e: TensorError) -> Response {
+    count_error(state, Source::V2);
+    error(StatusCode::BAD_REQUEST, e.to_string())
+}
+
+/// The answer with the outputs asked for as binary data after the JSON header.
+fn binary_response(mut response: InferResponse, binary: &BinaryOutputs) -> Response {
+    let mut tail = Vec::new();
+    for output in &mut response.outputs {
+        if !binary.wants(&output.name) {
+            continue;
+        }
+        let (Some(data), Some(dt)) = (output.data.take(), DataType::from_oip(output.datatype))
+        else {
+            continue;
+        };
+        let bytes = binary::output_bytes(dt, &data);
+        output.parameters = Some(json!({ "binary_data_size": bytes.len() }));
+        tail.extend_from_slice(&bytes);
+    }
+    let header = match serde_json::to_vec(&response) {
+        Ok(h) => h,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let length = header.len();
+    let mut body = header;
+    body.extend_from_slice(&tail);
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (
+                header::HeaderName::from_static(binary::HEADER_LENGTH),
+                HeaderValue::from(length),
+            ),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn infer_versioned(
@@ -485,10 +519,24 @@ async fn score(State(state): Shared, request: Request) -> Response {
         Ok(r) => r,
         Err(e) => return bad_json(&state, Source::Score, e),
     };
+    if let (Some(named), Some(model)) = (&request.input, state.engine.slot.current()) {
+        let inputs: Vec<&str> = model.inputs.iter().map(|s| s.name.as_str()).collect();
+        if !inputs.contains(&named.as_str()) {
+            count_error(&state, Source::Score);
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("input_data: unknown input '{named}'; the model's inputs are {inputs:?}"),
+            );
+        }
+    }
     match state.engine.score(request.data, Source::Score).await {
         Ok(result) => {
             tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "score");
-            axum::Json(json!({ "result": result })).into_response()
+            if request.azure_ml {
+                axum::Json(result).into_response()
+            } else {
+                axum::Json(json!({ "result": result })).into_response()
+            }
         }
         Err(e) => infer_error(&e),
     }
