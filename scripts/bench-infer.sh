@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # outpost-infer against onnxruntime, in the same run on the same machine:
-#  1. median latency and load-to-ready per test model (tract at 1 and 2 threads; onnxruntime
-#     at 1 thread and its default);
+#  1. median latency and load-to-ready per test model: tract and onnxruntime at 1 and at 2
+#     threads, run one after the other per model (interleaved), and tract without our own
+#     kernels (OUTPOST_TRACT_KERNELS_ONLY) to show what they change;
 #  2. HTTP throughput of POST /v2/models/{name}/infer under concurrent load (hey) against
 #     scripts/ort_http_server.py on the same model, traffic on 127.0.0.1 only.
 #
@@ -23,34 +24,37 @@ td="$root/module/testdata"
 echo "# machine"; nproc; lscpu | head -20 | grep -E "Model name|^CPU\(s\)|Thread|MHz|Flags" | cut -c1-120 || true
 echo "# $("$bin" --version); onnxruntime $(python3 -c 'import onnxruntime; print(onnxruntime.__version__)')"
 
-# name | model path | declared shape (NAME=DIMS, or empty)
+# name | model path | declared shape (NAME=DIMS, or empty) | run shape (symbolic dims)
 models=(
-  "mlp|$td/models/mlp.onnx|sensor=1,16"
-  "mlp (symbolic batch)|$td/models/mlp.onnx|"
-  "cnn|$td/models/cnn.onnx|"
-  "magika|$td/pypi/magika.onnx|bytes=1,2048"
-  "ppocr_cls|$td/pypi/ppocr_cls.onnx|x=1,3,48,192"
+  "mlp|$td/models/mlp.onnx|sensor=1,16|"
+  "mlp (symbolic batch)|$td/models/mlp.onnx||"
+  "cnn|$td/models/cnn.onnx||"
+  "magika (symbolic batch, no flags)|$td/pypi/magika.onnx||bytes=1,2048"
+  "magika, batch 4|$td/pypi/magika.onnx||bytes=4,2048"
+  "ppocr_cls (symbolic, no flags)|$td/pypi/ppocr_cls.onnx||x=1,3,48,192"
 )
 
 echo
-echo "## latency (median ms over $iters runs; ratio = tract / onnxruntime 1 thread)"
-echo "| model | tract 1 thr | tract 2 thr | ort 1 thr | ort default | ratio 1 thr | best tract / ort default | tract load ms | ort load ms |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "## latency (median ms over $iters runs, interleaved per model; ratio = tract / onnxruntime, same threads)"
+echo "| model | tract 1 thr | ort 1 thr | ratio 1 thr | tract 2 thr | ort 2 thr | ratio 2 thr | tract, tract's kernels only | tract load ms | ort load ms |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for spec in "${models[@]}"; do
-  IFS='|' read -r name path shape <<<"$spec"
+  IFS='|' read -r name path shape run <<<"$spec"
   [[ -f "$path" ]] || { echo "| $name | (missing: run scripts/fetch-pypi-models.sh) |"; continue; }
-  sargs=(); pargs=()
+  sargs=(); pargs=(); rargs=()
   [[ -n "$shape" ]] && sargs=(--input-shape "$shape") && pargs=(--shape "$shape")
-  t1="$("$bin" bench --model "$path" "${sargs[@]}" --threads 1 --iterations "$iters" 2>/dev/null)"
-  t2="$("$bin" bench --model "$path" "${sargs[@]}" --threads 2 --iterations "$iters" 2>/dev/null)"
+  [[ -n "$run" ]] && rargs=(--run-shape "$run") && pargs=(--shape "$run")
+  t1="$("$bin" bench --model "$path" "${sargs[@]}" "${rargs[@]}" --threads 1 --iterations "$iters" 2>/dev/null)"
   ort="$(python3 "$root/scripts/bench_ort.py" --model "$path" "${pargs[@]}" --iterations "$iters")"
-  echo "{\"name\": \"$name\", \"tract1\": $t1, \"tract2\": $t2, \"ort\": $ort}" >>"$out/latency.jsonl"
-  python3 - "$name" "$t1" "$t2" "$ort" <<'PY'
+  t2="$("$bin" bench --model "$path" "${sargs[@]}" "${rargs[@]}" --threads 2 --iterations "$iters" 2>/dev/null)"
+  t0="$(OUTPOST_TRACT_KERNELS_ONLY=1 "$bin" bench --model "$path" "${sargs[@]}" "${rargs[@]}" --threads 1 --iterations "$iters" 2>/dev/null)"
+  echo "{\"name\": \"$name\", \"tract1\": $t1, \"tract2\": $t2, \"tract_only\": $t0, \"ort\": $ort}" >>"$out/latency.jsonl"
+  python3 - "$name" "$t1" "$t2" "$t0" "$ort" <<'PY'
 import json, sys
-name, t1, t2, o = sys.argv[1], *map(json.loads, sys.argv[2:])
-a, b = t1["median_ms"], t2["median_ms"]
-o1, od = o["one_thread"]["median_ms"], o["default_threads"]["median_ms"]
-print(f"| {name} | {a:.4f} | {b:.4f} | {o1:.4f} | {od:.4f} | {a / o1:.2f}x | {min(a, b) / od:.2f}x "
+name, t1, t2, t0, o = sys.argv[1], *map(json.loads, sys.argv[2:])
+a, b, z = t1["median_ms"], t2["median_ms"], t0["median_ms"]
+o1, o2 = o["one_thread"]["median_ms"], o["two_threads"]["median_ms"]
+print(f"| {name} | {a:.4f} | {o1:.4f} | **{a / o1:.2f}x** | {b:.4f} | {o2:.4f} | {b / o2:.2f}x | {z:.4f} "
       f"| {t1['load_ms']:.0f} | {o['one_thread']['load_ms']:.0f} |")
 PY
 done

@@ -5,10 +5,12 @@ the peer against which outpost-infer's HTTP throughput is measured (benchmark on
   python3 scripts/ort_http_server.py --model M.onnx --name NAME --port 8101 [--threads 1]
 
 POST /v2/models/NAME/infer with JSON tensors -> JSON outputs (flattened data), HTTP/1.1
-keep-alive, one thread per connection (ThreadingHTTPServer). GET /v2/health/ready -> 200.
+keep-alive, one thread per connection (ThreadingHTTPServer), TCP_NODELAY and one write per
+reply (a stalled peer would flatter us). GET /v2/health/ready -> 200.
 """
 import argparse
 import json
+import socket
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -39,13 +41,21 @@ def main():
         def log_message(self, *args):
             pass
 
+        def setup(self):
+            super().setup()
+            # Without it a small reply waits for the client's delayed ACK (~40 ms).
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
         def reply(self, code, obj):
             body = json.dumps(obj).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            # Headers and body in one write: two small writes stall on Nagle + delayed ACK.
+            self._headers_buffer.append(b"\r\n")
+            self._headers_buffer.append(body)
+            self.wfile.write(b"".join(self._headers_buffer))
+            self._headers_buffer = []
 
         def do_GET(self):
             self.reply(200, {"ready": True})

@@ -18,6 +18,7 @@ pub mod batch;
 pub mod bus;
 pub mod engine;
 pub mod http;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod npy;

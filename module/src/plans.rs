@@ -24,6 +24,12 @@ use crate::model::InferError;
 /// it afterwards.
 const STATE_POOL: usize = 8;
 
+/// Whether plans use the kernels of [`crate::kernels`]: on unless `OUTPOST_TRACT_KERNELS_ONLY`
+/// is set (to compare with tract alone, in benchmarks and when chasing a wrong answer).
+fn own_kernels() -> bool {
+    std::env::var_os("OUTPOST_TRACT_KERNELS_ONLY").is_none()
+}
+
 /// How a model with symbolic input dimensions is planned.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum PlanMode {
@@ -55,7 +61,11 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(model: TypedModel, options: &RunOptions) -> TractResult<Plan> {
+    /// Plans an optimized model, with our kernels swapped in where they apply.
+    pub fn new(mut model: TypedModel, options: &RunOptions) -> TractResult<Plan> {
+        if own_kernels() {
+            crate::kernels::apply(&mut model)?;
+        }
         Ok(Plan {
             runnable: model.into_runnable_with_options(options)?,
             states: Mutex::new(Vec::new()),
@@ -255,23 +265,5 @@ impl Plans {
             }
         };
         Plan::new(typed, &self.options)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plan_modes_parse_from_the_command_line() {
-        use clap::ValueEnum;
-        assert_eq!(
-            PlanMode::from_str("per-shape", false),
-            Ok(PlanMode::PerShape)
-        );
-        assert_eq!(
-            PlanMode::from_str("symbolic", false),
-            Ok(PlanMode::Symbolic)
-        );
     }
 }

@@ -1,0 +1,33 @@
+//! Kernels of our own for operators where tract was measured slow on the models we serve,
+//! swapped into an optimized model in place of tract's operator (no fork of tract). Each
+//! replaces one operator only in the configurations it implements and leaves every other
+//! node to tract; each is checked against tract's own implementation by property tests.
+//!
+//! Safe Rust only, written so the compiler vectorises it on every target (x86_64, aarch64,
+//! armv7): no intrinsics, no `unsafe`.
+//!
+//! | kernel | replaces | when |
+//! |---|---|---|
+//! | [`maxpool::MaxPool2x2`] | `OptMaxPool` | f32, NCHW, 2×2 window, stride 2, no padding or dilation |
+
+pub mod maxpool;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::model::TypedModelPatch;
+
+/// Replaces, in an optimized model, every node a kernel here implements; answers how many.
+pub fn apply(model: &mut TypedModel) -> TractResult<usize> {
+    let mut candidates = Vec::new();
+    for node in model.nodes() {
+        if let Some(kernel) = maxpool::MaxPool2x2::replacing(model, node)? {
+            candidates.push((node.id, kernel));
+        }
+    }
+    let replaced = candidates.len();
+    for (id, kernel) in candidates {
+        let node = model.node(id);
+        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, kernel)?;
+        patch.apply(model)?;
+    }
+    Ok(replaced)
+}
