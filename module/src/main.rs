@@ -87,9 +87,10 @@ struct ModelArgs {
         value_delimiter = ';'
     )]
     input_shapes: Vec<String>,
-    /// Threads for matrix products inside one inference (tract's multithread-mm).
-    #[arg(long, default_value_t = 1, env = "OUTPOST_THREADS")]
-    threads: usize,
+    /// Threads for matrix products inside one inference (tract's multithread-mm): a number,
+    /// or `auto` (2 for model files of 2 MiB and more when there are 2 CPUs, else 1).
+    #[arg(long, default_value = "auto", env = "OUTPOST_THREADS", value_parser = parse_threads)]
+    threads: Threads,
     /// How a model with symbolic input dimensions is planned: a plan per input shape made on
     /// first use (faster), or one symbolic plan for all.
     #[arg(long, value_enum, default_value = "per-shape", env = "OUTPOST_PLANS")]
@@ -225,12 +226,23 @@ fn parse_shapes(specs: &[String]) -> Result<HashMap<String, Vec<Dim>>, ConfigErr
     Ok(shapes)
 }
 
-fn load_options(m: &ModelArgs) -> Result<LoadOptions, ConfigError> {
-    if m.threads == 0 {
-        return Err(ConfigError(
-            "--threads / OUTPOST_THREADS must be at least 1".into(),
-        ));
+/// `--threads`: a count, or `None` for auto.
+#[derive(Debug, Clone, Copy)]
+struct Threads(Option<usize>);
+
+fn parse_threads(s: &str) -> Result<Threads, String> {
+    match s.trim() {
+        "auto" => Ok(Threads(None)),
+        n => match n.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(Threads(Some(n))),
+            _ => Err(format!(
+                "'{s}' is not 'auto' or a number of threads (at least 1)"
+            )),
+        },
     }
+}
+
+fn load_options(m: &ModelArgs) -> Result<LoadOptions, ConfigError> {
     if m.plan_cache == 0 {
         return Err(ConfigError(
             "--plan-cache / OUTPOST_PLAN_CACHE must be at least 1".into(),
@@ -238,7 +250,7 @@ fn load_options(m: &ModelArgs) -> Result<LoadOptions, ConfigError> {
     }
     Ok(LoadOptions {
         shapes: parse_shapes(&m.input_shapes)?,
-        threads: m.threads,
+        threads: m.threads.0,
         plan_mode: m.plans,
         plan_cache: m.plan_cache,
     })
@@ -509,7 +521,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "model": args.model.model, "threads": args.model.threads,
+            "model": args.model.model, "threads": model.threads,
             "load_ms": model.load_time.as_secs_f64() * 1e3,
             "iterations": times.len(), "median_ms": pct(0.5), "p90_ms": pct(0.9), "min_ms": times[0],
         })
@@ -596,6 +608,9 @@ mod tests {
         assert_eq!(s["y"], vec![f(2), f(3)]);
         assert_eq!(s["bytes"], vec![Dim::Symbolic("N".into()), f(2048)]);
         assert_eq!(s["z"], vec![Dim::Symbolic("max_x".into())]);
+        assert!(matches!(parse_threads("auto"), Ok(Threads(None))));
+        assert!(matches!(parse_threads("2"), Ok(Threads(Some(2)))));
+        assert!(parse_threads("0").is_err() && parse_threads("two").is_err());
         for bad in ["x=1,0", "x", "x=1,,2", "x=2y", "x=N-1", "x=-1"] {
             assert!(parse_shapes(&[bad.into()]).is_err(), "{bad}");
         }

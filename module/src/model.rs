@@ -116,8 +116,9 @@ pub struct LoadOptions {
     /// Shapes declared for inputs, fixed or symbolic per dimension (`--input-shape`): to fix
     /// what the model leaves open (faster), or to name dimensions it leaves unknown.
     pub shapes: HashMap<String, Vec<Dim>>,
-    /// Threads for tract's matrix products; 1 keeps everything on the calling thread.
-    pub threads: usize,
+    /// Threads for tract's matrix products; 1 keeps everything on the calling thread;
+    /// `None` chooses by the model's size ([`auto_threads`]).
+    pub threads: Option<usize>,
     /// How models with symbolic input dimensions are planned.
     pub plan_mode: PlanMode,
     /// Plans kept for different input shapes (per-shape mode); the least recently used goes.
@@ -128,7 +129,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             shapes: HashMap::new(),
-            threads: 1,
+            threads: None,
             plan_mode: PlanMode::PerShape,
             plan_cache: 8,
         }
@@ -220,6 +221,8 @@ pub struct LoadedModel {
     pub path: PathBuf,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// Threads of tract's matrix products, as given or as chosen by [`auto_threads`].
+    pub threads: usize,
     /// Time from reading the file to a runnable plan.
     pub load_time: Duration,
     /// Identity of the file this was loaded from, to notice replacement.
@@ -320,6 +323,22 @@ fn typed_outputs(path: &Path, model: &TypedModel) -> Result<Vec<TensorSpec>, Loa
         )?);
     }
     Ok(outputs)
+}
+
+/// Model files from this size up get two threads for their matrix products by default.
+pub const AUTO_THREADS_BYTES: u64 = 2 << 20;
+
+/// The default thread count for a model of `size` bytes: measured on the benchmark models
+/// (`docs/benchmarks.md`), two threads cut magika's latency (3.2 MB) by a quarter while the
+/// small CNN, the MLP and the PP-OCR classifier (0.6 MB) gain nothing or lose up to half:
+/// their products are too small to share. Never more threads than CPUs.
+pub fn auto_threads(size: u64) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if size >= AUTO_THREADS_BYTES {
+        cpus.min(2)
+    } else {
+        1
+    }
 }
 
 /// A name made of what a symbol may hold: `x.1` becomes `x_1`.
@@ -459,14 +478,19 @@ pub fn load(path: &Path, options: &LoadOptions, version: u64) -> Result<LoadedMo
         path: path.to_path_buf(),
         reason: format!("{e:#}"),
     };
+    let threads = options
+        .threads
+        .unwrap_or_else(|| auto_threads(bytes.len() as u64));
     let run_options = RunOptions {
-        executor: (options.threads > 1)
-            .then(|| tract_linalg::multithread::Executor::multithread(options.threads)),
+        executor: (threads > 1).then(|| tract_linalg::multithread::Executor::multithread(threads)),
         ..RunOptions::default()
     };
     let symbolic = symbols.iter().flatten().any(Option::is_some);
     let (plans, outputs) = if !symbolic {
-        let typed = model.into_optimized().map_err(optimize)?;
+        let typed = model
+            .into_typed()
+            .and_then(crate::kernels::into_optimized)
+            .map_err(optimize)?;
         let outputs = typed_outputs(path, &typed)?;
         let plan = Plan::new(typed, &run_options).map_err(optimize)?;
         (Plans::single(plan), outputs)
@@ -492,8 +516,11 @@ pub fn load(path: &Path, options: &LoadOptions, version: u64) -> Result<LoadedMo
                 let outputs = typed_outputs(path, &typed)?;
                 let plans = match options.plan_mode {
                     PlanMode::Symbolic => Plans::single(
-                        Plan::new(typed.into_optimized().map_err(optimize)?, &run_options)
-                            .map_err(optimize)?,
+                        Plan::new(
+                            crate::kernels::into_optimized(typed).map_err(optimize)?,
+                            &run_options,
+                        )
+                        .map_err(optimize)?,
                     ),
                     PlanMode::PerShape => {
                         Plans::typed(typed, symbols, run_options, options.plan_cache)
@@ -527,6 +554,7 @@ pub fn load(path: &Path, options: &LoadOptions, version: u64) -> Result<LoadedMo
         path: path.to_path_buf(),
         inputs,
         outputs,
+        threads,
         load_time: start.elapsed(),
         stamp,
         version,
@@ -827,6 +855,8 @@ impl ModelSlot {
                     path = %self.path.display(),
                     version,
                     load_ms = model.load_time.as_secs_f64() * 1e3,
+                    threads = model.threads,
+                    plans = model.plans.made(),
                     inputs = %serde_json::to_string(&model.metadata_inputs()).unwrap_or_default(),
                     outputs = %serde_json::to_string(&model.metadata_outputs()).unwrap_or_default(),
                     "model loaded"

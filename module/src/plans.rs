@@ -24,12 +24,6 @@ use crate::model::InferError;
 /// it afterwards.
 const STATE_POOL: usize = 8;
 
-/// Whether plans use the kernels of [`crate::kernels`]: on unless `OUTPOST_TRACT_KERNELS_ONLY`
-/// is set (to compare with tract alone, in benchmarks and when chasing a wrong answer).
-fn own_kernels() -> bool {
-    std::env::var_os("OUTPOST_TRACT_KERNELS_ONLY").is_none()
-}
-
 /// How a model with symbolic input dimensions is planned.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum PlanMode {
@@ -61,11 +55,8 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Plans an optimized model, with our kernels swapped in where they apply.
-    pub fn new(mut model: TypedModel, options: &RunOptions) -> TractResult<Plan> {
-        if own_kernels() {
-            crate::kernels::apply(&mut model)?;
-        }
+    /// Plans a model optimized by [`crate::kernels::into_optimized`].
+    pub fn new(model: TypedModel, options: &RunOptions) -> TractResult<Plan> {
         Ok(Plan {
             runnable: model.into_runnable_with_options(options)?,
             states: Mutex::new(Vec::new()),
@@ -253,7 +244,7 @@ impl Plans {
                         }
                     }
                 }
-                model.set_symbols(&values)?.into_optimized()?
+                crate::kernels::into_optimized(model.set_symbols(&values)?)?
             }
             Origin::Parsed(model) => {
                 let mut model = model.clone();
@@ -261,7 +252,7 @@ impl Plans {
                     let fact = model.input_fact(ix)?.clone().with_shape(shape.clone());
                     model.set_input_fact(ix, fact)?;
                 }
-                model.into_optimized()?
+                crate::kernels::into_optimized(model.into_typed()?)?
             }
         };
         Plan::new(typed, &self.options)

@@ -32,7 +32,7 @@ fn check_with(
             .iter()
             .map(|(n, s)| (n.to_string(), s.iter().map(|&d| Dim::Fixed(d)).collect()))
             .collect::<HashMap<_, _>>(),
-        threads,
+        threads: Some(threads),
         plan_mode,
         ..LoadOptions::default()
     };

@@ -186,7 +186,7 @@ pub fn config(model: &Path, name: &str) -> ServeConfig {
         name: name.to_string(),
         listen: "127.0.0.1:0".parse().unwrap(),
         load: LoadOptions {
-            threads: 1,
+            threads: Some(1),
             ..Default::default()
         },
         reload_interval: None,
