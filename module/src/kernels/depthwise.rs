@@ -1,4 +1,4 @@
-//! Depthwise 2D convolution over NCHW f32 (one filter per channel, as in MobileNet-style
+//! Depthwise 2D convolution over NCHW (or CHW, tract's form for a batch of one) f32 (one filter per channel, as in MobileNet-style
 //! models: PP-OCR's classifier spends a fifth of its time there in tract's `DepthWiseConv`).
 //!
 //! Each output row is the bias plus, for every kernel tap, the weight times a slice of one
@@ -84,7 +84,7 @@ impl DepthwiseConv {
             || op.group != channels
             || spec.output_channels != channels
             || channels < 2
-            || spec.data_format != DataFormat::NCHW
+            || !matches!(spec.data_format, DataFormat::NCHW | DataFormat::CHW)
             || op.kernel_fmt != KernelFormat::OIHW
             || spec.rank() != 2
             || spec.dilations().iter().any(|&d| d != 1)
@@ -106,7 +106,13 @@ impl DepthwiseConv {
             return Ok(None);
         };
         let [kh, kw] = [spec.kernel_shape[0], spec.kernel_shape[1]];
-        if shape.len() != 4
+        // tract drops a batch of one: CHW then, [C, H, W].
+        let rank = if spec.data_format == DataFormat::NCHW {
+            4
+        } else {
+            3
+        };
+        if shape.len() != rank
             || kernel.datum_type() != f32::datum_type()
             || kernel.shape() != [channels, 1, kh, kw]
             || bias.datum_type() != f32::datum_type()
@@ -114,12 +120,13 @@ impl DepthwiseConv {
         {
             return Ok(None);
         }
-        let padding = spec.computed_padding(&shape[2..]);
+        let hw = &shape[rank - 2..];
+        let padding = spec.computed_padding(hw);
         let geometry = Geometry {
             kernel: [kh, kw],
             strides: [spec.stride(0), spec.stride(1)],
             pad: [padding[0].pad_before, padding[1].pad_before],
-            input: [shape[2], shape[3]],
+            input: [hw[0], hw[1]],
             output: [padding[0].convoluted, padding[1].convoluted],
         };
         let bias = if bias.len() == channels {
@@ -159,8 +166,10 @@ impl EvalOp for DepthwiseConv {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
         let g = &self.geometry;
-        let &[n, c, h, w] = input.shape() else {
-            bail!("DepthwiseConv takes NCHW, got shape {:?}", input.shape());
+        let (n, c, h, w) = match *input.shape() {
+            [n, c, h, w] => (n, c, h, w),
+            [c, h, w] => (1, c, h, w),
+            _ => bail!("DepthwiseConv takes NCHW or CHW, got {:?}", input.shape()),
         };
         ensure!([h, w] == g.input, "planned for {:?}, got {h}x{w}", g.input);
         let data = input.try_as_plain_ram()?;
@@ -180,23 +189,26 @@ impl EvalOp for DepthwiseConv {
             let ch = p % c;
             depthwise_plane(plane, &kernel[ch * taps..][..taps], bias[ch], g, out);
         }
-        Ok(tvec!(
-            Tensor::from_shape(&[n, c, oh, ow], &out)?.into_tvalue()
-        ))
+        let shape: TVec<usize> = if input.rank() == 4 {
+            tvec![n, c, oh, ow]
+        } else {
+            tvec![c, oh, ow]
+        };
+        Ok(tvec!(Tensor::from_shape(&shape, &out)?.into_tvalue()))
     }
 }
 
 impl TypedOp for DepthwiseConv {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let s = &inputs[0].shape;
-        ensure!(s.rank() == 4, "DepthwiseConv takes NCHW, got {s:?}");
         let [oh, ow] = self.geometry.output;
-        Ok(tvec!(f32::fact([
-            s[0].clone(),
-            s[1].clone(),
-            oh.to_dim(),
-            ow.to_dim()
-        ])))
+        let mut shape: TVec<TDim> = match s.rank() {
+            4 | 3 => s.iter().take(s.rank() - 2).cloned().collect(),
+            _ => bail!("DepthwiseConv takes NCHW or CHW, got {s:?}"),
+        };
+        shape.push(oh.to_dim());
+        shape.push(ow.to_dim());
+        Ok(tvec!(f32::fact(shape)))
     }
 
     as_op!();
@@ -225,13 +237,19 @@ mod tests {
     #[allow(clippy::too_many_arguments)]
     fn both(
         [n, c, h, w]: [usize; 4],
+        format: DataFormat,
         kernel: [usize; 2],
         strides: [usize; 2],
         dilations: [usize; 2],
         pads: [usize; 4],
         seed: u64,
     ) -> (Tensor, Tensor, usize) {
-        let x = Tensor::from_shape(&[n, c, h, w], &random(n * c * h * w, seed)).unwrap();
+        let shape: Vec<usize> = if format == DataFormat::CHW {
+            vec![c, h, w]
+        } else {
+            vec![n, c, h, w]
+        };
+        let x = Tensor::from_shape(&shape, &random(shape.iter().product(), seed)).unwrap();
         let k = Tensor::from_shape(
             &[c, 1, kernel[0], kernel[1]],
             &random(c * kernel[0] * kernel[1], seed ^ 7),
@@ -243,7 +261,7 @@ mod tests {
         let k = model.add_const("k", k).unwrap();
         let b = model.add_const("b", b).unwrap();
         let spec = PoolSpec {
-            data_format: DataFormat::NCHW,
+            data_format: format,
             kernel_shape: kernel.into_iter().collect(),
             padding: PaddingSpec::Explicit(
                 pads[..2].iter().copied().collect(),
@@ -300,11 +318,14 @@ mod tests {
             kernel in prop::array::uniform2(1usize..6),
             strides in prop::array::uniform2(1usize..4),
             pads in prop::array::uniform4(0usize..3),
-            seed in any::<u64>(),
+            seed in any::<u64>(), chw in any::<bool>(),
         ) {
             // The padded image must hold one window.
             prop_assume!(h + pads[0] + pads[2] >= kernel[0] && w + pads[1] + pads[3] >= kernel[1]);
-            let (theirs, ours, swapped) = both([n, c, h, w], kernel, strides, [1, 1], pads, seed);
+            // tract's form for a batch of one: [C, H, W].
+            let format = if chw { DataFormat::CHW } else { DataFormat::NCHW };
+            let (theirs, ours, swapped) =
+                both([n, c, h, w], format, kernel, strides, [1, 1], pads, seed);
             prop_assert_eq!(swapped, 1);
             prop_assert!(close(&ours, &theirs), "{:?}\nvs tract {:?}", ours, theirs);
         }
@@ -314,7 +335,8 @@ mod tests {
         fn dilated_convolutions_are_left_to_tract(
             d in 2usize..4, h in 8usize..14, seed in any::<u64>(),
         ) {
-            let (theirs, ours, swapped) = both([1, 3, h, h], [3, 3], [1, 1], [d, 1], [1, 1, 1, 1], seed);
+            let (theirs, ours, swapped) =
+                both([1, 3, h, h], DataFormat::NCHW, [3, 3], [1, 1], [d, 1], [1, 1, 1, 1], seed);
             prop_assert_eq!(swapped, 0);
             prop_assert!(close(&ours, &theirs));
         }
