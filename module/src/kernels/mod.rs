@@ -9,9 +9,7 @@
 //! | kernel | replaces | when |
 //! |---|---|---|
 //! | [`maxpool::MaxPool2x2`] | `OptMaxPool` (after codegen) | f32, NCHW, 2×2 window, stride 2, no padding or dilation |
-//! | [`depthwise::DepthwiseConv`] | `Conv` with one group per channel (before codegen) | f32, NCHW, 2D, OIHW weights and bias known at load, no dilation |
 
-pub mod depthwise;
 pub mod maxpool;
 
 use tract_onnx::prelude::*;
@@ -23,38 +21,16 @@ pub fn enabled() -> bool {
     std::env::var_os("OUTPOST_TRACT_KERNELS_ONLY").is_none()
 }
 
-/// tract's `into_optimized` (declutter, then codegen) with our kernels swapped in: those that
-/// replace a high-level operator before tract's codegen turns it into its own, the others
-/// after.
+/// tract's `into_optimized` (declutter, then codegen) with our kernels swapped in after its
+/// codegen. (A kernel replacing a high-level operator would go between the two: a depthwise
+/// convolution tried there is described in `docs/benchmarks.md`.)
 pub fn into_optimized(mut model: TypedModel) -> TractResult<TypedModel> {
     model.declutter()?;
-    if enabled() {
-        before_codegen(&mut model)?;
-    }
     model.optimize()?;
     if enabled() {
         apply(&mut model)?;
     }
     Ok(model)
-}
-
-/// Replaces, in a decluttered model, the operators kernels here implement; answers how many.
-pub fn before_codegen(model: &mut TypedModel) -> TractResult<usize> {
-    let mut patches = Vec::new();
-    for node in model.nodes() {
-        if let Some(patch) = depthwise::DepthwiseConv::patch(model, node)? {
-            patches.push(patch);
-        }
-    }
-    let replaced = patches.len();
-    for patch in patches {
-        patch.apply(model)?;
-    }
-    if replaced > 0 {
-        // The weights now live in the kernels: their constant nodes feed nothing.
-        model.compact()?;
-    }
-    Ok(replaced)
 }
 
 /// Replaces, in an optimized model, every node a kernel here implements; answers how many.
