@@ -9,8 +9,10 @@
 //! | kernel | replaces | when |
 //! |---|---|---|
 //! | [`maxpool::MaxPool2x2`] | `OptMaxPool` (after codegen) | f32, NCHW, 2×2 window, stride 2, no padding or dilation |
+//! | [`one_hot::OneHotMatMul`] | `Equal` with `0..K` → `Cast` → `EinSum` with a `[K, D]` weight (before codegen) | integer input, f32 finite weights |
 
 pub mod maxpool;
+pub mod one_hot;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::model::TypedModelPatch;
@@ -21,16 +23,38 @@ pub fn enabled() -> bool {
     std::env::var_os("OUTPOST_TRACT_KERNELS_ONLY").is_none()
 }
 
-/// tract's `into_optimized` (declutter, then codegen) with our kernels swapped in after its
-/// codegen. (A kernel replacing a high-level operator would go between the two: a depthwise
-/// convolution tried there is described in `docs/benchmarks.md`.)
+/// tract's `into_optimized` (declutter, then codegen) with our kernels swapped in: those that
+/// replace high-level operators before tract's codegen turns them into its own, the others
+/// after.
 pub fn into_optimized(mut model: TypedModel) -> TractResult<TypedModel> {
     model.declutter()?;
+    if enabled() {
+        before_codegen(&mut model)?;
+    }
     model.optimize()?;
     if enabled() {
         apply(&mut model)?;
     }
     Ok(model)
+}
+
+/// Replaces, in a decluttered model, the patterns kernels here implement; answers how many.
+pub fn before_codegen(model: &mut TypedModel) -> TractResult<usize> {
+    let mut patches = Vec::new();
+    for node in model.nodes() {
+        if let Some(patch) = one_hot::OneHotMatMul::patch(model, node)? {
+            patches.push(patch);
+        }
+    }
+    let replaced = patches.len();
+    for patch in patches {
+        patch.apply(model)?;
+    }
+    if replaced > 0 {
+        // What fed the replaced products (the comparison, the cast) now feeds nothing.
+        model.compact()?;
+    }
+    Ok(replaced)
 }
 
 /// Replaces, in an optimized model, every node a kernel here implements; answers how many.
