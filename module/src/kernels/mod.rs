@@ -9,10 +9,12 @@
 //! | kernel | replaces | when |
 //! |---|---|---|
 //! | [`maxpool::MaxPool2x2`] | `OptMaxPool` (after codegen) | f32, NCHW, 2×2 window, stride 2, no padding or dilation |
+//! | [`reduce::ReduceMaxRows`] | `Reduce<Max>` (after codegen) | f32, one run of axes with axes after it (a global max pool over time) |
 //! | [`one_hot::OneHotMatMul`] | `Equal` with `0..K` → `Cast` → `EinSum` with a `[K, D]` weight (before codegen) | integer input, f32 finite weights |
 
 pub mod maxpool;
 pub mod one_hot;
+pub mod reduce;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::model::TypedModelPatch;
@@ -59,10 +61,12 @@ pub fn before_codegen(model: &mut TypedModel) -> TractResult<usize> {
 
 /// Replaces, in an optimized model, every node a kernel here implements; answers how many.
 pub fn apply(model: &mut TypedModel) -> TractResult<usize> {
-    let mut candidates = Vec::new();
+    let mut candidates: Vec<(usize, Box<dyn TypedOp>)> = Vec::new();
     for node in model.nodes() {
         if let Some(kernel) = maxpool::MaxPool2x2::replacing(model, node)? {
-            candidates.push((node.id, kernel));
+            candidates.push((node.id, Box::new(kernel)));
+        } else if let Some(kernel) = reduce::ReduceMaxRows::replacing(model, node)? {
+            candidates.push((node.id, Box::new(kernel)));
         }
     }
     let replaced = candidates.len();
