@@ -14,7 +14,7 @@ use outpost_module::bus::BusConfig;
 use outpost_module::http::HttpLimits;
 use outpost_module::metrics::Metrics;
 use outpost_module::model::{Dim, LoadOptions, load};
-use outpost_module::plans::PlanMode;
+use outpost_module::plans::{PlanLimits, PlanMode};
 use outpost_module::{ServeConfig, batch};
 use tokio_util::sync::CancellationToken;
 use tract_onnx::prelude::*;
@@ -98,6 +98,10 @@ struct ModelArgs {
     /// Plans kept for different input shapes; the least recently used is dropped beyond it.
     #[arg(long, default_value_t = 8, env = "OUTPOST_PLAN_CACHE")]
     plan_cache: usize,
+    /// Largest memory, in MiB, the intermediate tensors of one input shape's plan may need;
+    /// larger shapes (big batches of a symbolic dimension) are refused with a 400.
+    #[arg(long, default_value_t = 512, env = "OUTPOST_MAX_PLAN_MB")]
+    max_plan_mb: u64,
 }
 
 #[derive(Args, Debug)]
@@ -252,7 +256,10 @@ fn load_options(m: &ModelArgs) -> Result<LoadOptions, ConfigError> {
         shapes: parse_shapes(&m.input_shapes)?,
         threads: m.threads.0,
         plan_mode: m.plans,
-        plan_cache: m.plan_cache,
+        plan_limits: PlanLimits {
+            cache: m.plan_cache,
+            max_bytes: m.max_plan_mb.saturating_mul(1 << 20),
+        },
     })
 }
 

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::bail;
 use tract_onnx::tract_core::runtime::RunOptions;
 
 use crate::model::InferError;
@@ -125,6 +126,55 @@ impl Plan {
 /// a shape the model refuses must not make the server compile it again every time).
 type Made = Result<Arc<Plan>, String>;
 
+/// Bounds on the plans made per input shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanLimits {
+    /// Plans kept; the least recently used is dropped beyond it.
+    pub cache: usize,
+    /// Largest size of a plan's intermediate tensors (every node output but constants, a
+    /// bound on what a run holds): a shape needing more is refused before it runs. Symbolic
+    /// dimensions let a client pick a batch the body limit allows but the device's memory
+    /// does not (16 MiB of magika input is a batch of 2048, and gigabytes of activations).
+    pub max_bytes: u64,
+}
+
+impl Default for PlanLimits {
+    fn default() -> Self {
+        PlanLimits {
+            cache: 8,
+            max_bytes: 512 << 20,
+        }
+    }
+}
+
+/// The bytes of every intermediate tensor of a concrete model: its node outputs, constants
+/// aside.
+pub fn intermediate_bytes(model: &TypedModel) -> u64 {
+    model
+        .nodes()
+        .iter()
+        .filter(|n| !n.op_is::<tract_onnx::tract_core::ops::konst::Const>())
+        .flat_map(|n| n.outputs.iter())
+        .map(|o| {
+            let elements = o
+                .fact
+                .shape
+                .as_concrete()
+                .map_or(0, |s| s.iter().product::<usize>());
+            (elements as u64).saturating_mul(o.fact.datum_type.size_of() as u64)
+        })
+        .fold(0u64, u64::saturating_add)
+}
+
+/// A byte count for people: MiB from one up, KiB below.
+fn size(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{} MiB", bytes.div_ceil(1 << 20))
+    } else {
+        format!("{} KiB", bytes.div_ceil(1 << 10))
+    }
+}
+
 /// The plans of one loaded model.
 pub struct Plans {
     origin: Origin,
@@ -133,7 +183,7 @@ pub struct Plans {
     options: RunOptions,
     /// Most recently used last; at most `capacity` entries.
     cache: Mutex<Vec<(Shapes, Made)>>,
-    capacity: usize,
+    limits: PlanLimits,
     /// Plans made since load, for the statistics endpoint and tests.
     made: std::sync::atomic::AtomicU64,
 }
@@ -146,7 +196,7 @@ impl Plans {
             symbols: Vec::new(),
             options: RunOptions::default(),
             cache: Mutex::new(Vec::new()),
-            capacity: 0,
+            limits: PlanLimits::default(),
             made: 1.into(),
         }
     }
@@ -156,9 +206,9 @@ impl Plans {
         model: TypedModel,
         symbols: Vec<Vec<Option<Symbol>>>,
         options: RunOptions,
-        capacity: usize,
+        limits: PlanLimits,
     ) -> Plans {
-        Plans::per_shape(Origin::Typed(model), symbols, options, capacity)
+        Plans::per_shape(Origin::Typed(model), symbols, options, limits)
     }
 
     /// Plans made per shape from the parsed model, for models tract cannot type symbolically.
@@ -166,23 +216,26 @@ impl Plans {
         model: InferenceModel,
         symbols: Vec<Vec<Option<Symbol>>>,
         options: RunOptions,
-        capacity: usize,
+        limits: PlanLimits,
     ) -> Plans {
-        Plans::per_shape(Origin::Parsed(model), symbols, options, capacity)
+        Plans::per_shape(Origin::Parsed(model), symbols, options, limits)
     }
 
     fn per_shape(
         origin: Origin,
         symbols: Vec<Vec<Option<Symbol>>>,
         options: RunOptions,
-        capacity: usize,
+        limits: PlanLimits,
     ) -> Plans {
         Plans {
             origin,
             symbols,
             options,
             cache: Mutex::new(Vec::new()),
-            capacity: capacity.max(1),
+            limits: PlanLimits {
+                cache: limits.cache.max(1),
+                ..limits
+            },
             made: 0.into(),
         }
     }
@@ -214,7 +267,7 @@ impl Plans {
         self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut cache) = self.cache.lock() {
             cache.retain(|(k, _)| *k != key);
-            if cache.len() >= self.capacity {
+            if cache.len() >= self.limits.cache {
                 drop(cache.remove(0));
             }
             cache.push((key, made.clone()));
@@ -255,6 +308,14 @@ impl Plans {
                 crate::kernels::into_optimized(model.into_typed()?)?
             }
         };
+        let bytes = intermediate_bytes(&typed);
+        if bytes > self.limits.max_bytes {
+            bail!(
+                "its intermediate tensors need about {}, beyond this server's limit of {} (--max-plan-mb); send smaller batches",
+                size(bytes),
+                size(self.limits.max_bytes)
+            );
+        }
         Plan::new(typed, &self.options)
     }
 }

@@ -401,6 +401,33 @@ async fn symbolic_dimensions_serve_any_batch() {
     }
 }
 
+/// A symbolic batch the body limit allows but the plan limit does not is a 400 that says
+/// why, decided before anything runs; smaller batches keep being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_too_large_for_memory_is_refused_before_it_runs() {
+    let mut c = config(&model_path("mlp"), "mlp");
+    c.load.plan_limits.max_bytes = 64 << 10;
+    let s = Running::ready(c).await;
+    let request = |batch: usize| {
+        json!({"inputs": [{"name": "sensor", "shape": [batch, 16], "datatype": "FP32",
+                           "data": vec![0.5; batch * 16]}]})
+    };
+    let (st, v) = post_json(s.addr, "/v2/models/mlp/infer", &request(2000)).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    let e = v["error"].as_str().unwrap();
+    assert!(
+        e.contains("[[2000, 16]]") && e.contains("beyond this server's limit of 64 KiB"),
+        "{e}"
+    );
+    // Refused again from the cache, and a batch that fits still runs.
+    let (st, _) = post_json(s.addr, "/v2/models/mlp/infer", &request(2000)).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let (st, v) = post_json(s.addr, "/v2/models/mlp/infer", &request(4)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["outputs"][0]["shape"], json!([4, 1]));
+    s.stop().await;
+}
+
 /// Triton's HTTP client with its defaults (binary inputs and outputs), JSON and gzip, at
 /// batch 1 and 4, against onnxruntime in the same script. Needs `tritonclient[http]`
 /// (scripts/setup installs it); with CI=true its absence fails.

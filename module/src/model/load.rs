@@ -10,7 +10,7 @@ use tract_onnx::tract_core::runtime::RunOptions;
 use tract_onnx::tract_hir::internal::{DimLike, Factoid};
 
 use super::{Dim, FileStamp, InferError, LoadedModel, TensorSpec};
-use crate::plans::{Plan, PlanMode, Plans};
+use crate::plans::{Plan, PlanLimits, PlanMode, Plans};
 use crate::tensor::DataType;
 
 /// Why a model could not be loaded. Causes are part of each message rather than a `#[source]`:
@@ -60,8 +60,9 @@ pub struct LoadOptions {
     pub threads: Option<usize>,
     /// How models with symbolic input dimensions are planned.
     pub plan_mode: PlanMode,
-    /// Plans kept for different input shapes (per-shape mode); the least recently used goes.
-    pub plan_cache: usize,
+    /// Bounds on the plans made per input shape: how many are kept, how much memory one may
+    /// need.
+    pub plan_limits: PlanLimits,
 }
 
 impl Default for LoadOptions {
@@ -70,7 +71,7 @@ impl Default for LoadOptions {
             shapes: HashMap::new(),
             threads: None,
             plan_mode: PlanMode::PerShape,
-            plan_cache: 8,
+            plan_limits: PlanLimits::default(),
         }
     }
 }
@@ -329,7 +330,7 @@ pub fn load(path: &Path, options: &LoadOptions, version: u64) -> Result<LoadedMo
                         .map_err(optimize)?,
                     ),
                     PlanMode::PerShape => {
-                        Plans::typed(typed, symbols, run_options, options.plan_cache)
+                        Plans::typed(typed, symbols, run_options, options.plan_limits)
                     }
                 };
                 plans.get(&probe).map_err(refused)?;
@@ -349,7 +350,7 @@ pub fn load(path: &Path, options: &LoadOptions, version: u64) -> Result<LoadedMo
                     "typing with symbols failed; planning per shape from the parsed model"
                 );
                 let analysed = parsed_outputs(path, &model)?;
-                let plans = Plans::parsed(model, symbols, run_options, options.plan_cache);
+                let plans = Plans::parsed(model, symbols, run_options, options.plan_limits);
                 let plan = plans.get(&probe).map_err(refused)?;
                 let outputs = probe_outputs(path, plan.model(), analysed)?;
                 (plans, outputs)
