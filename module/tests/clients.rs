@@ -284,6 +284,16 @@ async fn every_error_has_a_json_body_and_triton_endpoints_answer() {
         let e = json_of(&b)["error"].as_str().unwrap().to_string();
         assert!(e.contains(message), "{method} {path}: {e}");
     }
+    // Classification would change what the answer means: refused, not ignored.
+    let mut classify = reference_request("mlp");
+    classify["outputs"] = json!([{"name": "score", "parameters": {"classification": 1}}]);
+    let (st, v) = post_json(a, "/v2/models/mlp/infer", &classify).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let e = v["error"].as_str().unwrap();
+    assert!(
+        e.starts_with("outputs[0].parameters.classification: the classification extension"),
+        "{e}"
+    );
     let (_, v) = get_json(a, "/v2").await;
     assert_eq!(
         v["extensions"],

@@ -445,7 +445,7 @@ fn unsupported_parameters(request: &crate::tensor::InferRequest) -> Option<Tenso
                 .as_ref()
                 .is_some_and(|p| p.get("classification").is_some())
         })
-        .map(|(i, _)| TensorError::Binary {
+        .map(|(i, _)| TensorError::Unsupported {
             field: format!("outputs[{i}].parameters.classification"),
             reason: "the classification extension is not supported; ask for the output tensor"
                 .into(),

@@ -73,6 +73,9 @@ pub enum TensorError {
     MissingData { field: String, name: String },
     #[error("{field}: {reason}")]
     Binary { field: String, reason: String },
+    /// A protocol feature the request asks for that this server does not implement.
+    #[error("{field}: {reason}")]
+    Unsupported { field: String, reason: String },
     #[error("tensor '{name}': {reason}")]
     Internal { name: String, reason: String },
 }
