@@ -243,14 +243,16 @@ pub fn parse_score_request(body: &[u8]) -> Result<ScoreRequest, serde_json::Erro
         }
         (None, Some(serde_json::Value::Object(mut fields))) => match fields.remove("data") {
             Some(data) => (data, None),
-            None if fields.len() == 1 => {
-                let (name, data) = fields.into_iter().next().expect("one field");
-                (data, Some(name))
-            }
             None => {
-                return Err(score_error(
-                    "input_data: expected a tensor, {\"data\": tensor} or {\"<input name>\": tensor}",
-                ));
+                let single = fields.len() == 1;
+                match fields.into_iter().next() {
+                    Some((name, data)) if single => (data, Some(name)),
+                    _ => {
+                        return Err(score_error(
+                            "input_data: expected a tensor, {\"data\": tensor} or {\"<input name>\": tensor}",
+                        ));
+                    }
+                }
             }
         },
         (None, Some(value)) => (value, None),
