@@ -3,9 +3,10 @@
 //! CNN took as long as a third of its convolutions).
 //!
 //! Each output row reads two input rows and folds the four taps of each window in tract's
-//! order with tract's comparison (a tap replaces the running maximum only when strictly
-//! greater, starting from `f32::MIN`), so both give the same values, NaN and signed zeros
-//! included.
+//! order with tract's operation (`f32::max` from `f32::MIN`, as tract's own 2×2 path does), so
+//! both give the same values, NaN and signed zeros included, on each architecture: `f32::max`
+//! is IEEE maxNum, and which zero it returns for `max(-0.0, 0.0)` is the hardware's (x86
+//! keeps the first, aarch64's `fmaxnm` gives +0.0); the property test runs on both.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -60,8 +61,8 @@ pub fn max_pool_2x2(input: &[f32], planes: usize, h: usize, w: usize, out: &mut 
     if oh == 0 || ow == 0 {
         return;
     }
-    // tract's fold: the running maximum changes only for a strictly greater tap.
-    let fold = |m: f32, v: f32| if m < v { v } else { m };
+    // tract's 2×2 fold: maxNum, NaN taps ignored.
+    let fold = |m: f32, v: f32| m.max(v);
     for (plane, out) in input
         .chunks_exact(h * w)
         .zip(out.chunks_exact_mut(oh * ow))
