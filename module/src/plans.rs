@@ -252,10 +252,11 @@ impl Plans {
         if let Origin::Single(plan) = &self.origin {
             return Ok(plan.clone());
         }
-        let key: Shapes = shapes.iter().map(|s| s.iter().copied().collect()).collect();
-        if let Some(made) = self.cached(&key) {
+        if let Some(made) = self.cached(shapes) {
             return made.map_err(InferError::BadRequest);
         }
+        // A shape not seen yet: only now is a key allocated.
+        let key: Shapes = shapes.iter().map(|s| s.iter().copied().collect()).collect();
         // Made outside the lock: other shapes keep being served meanwhile. Two requests of
         // one new shape at once may both make it; the second to finish is kept.
         let made: Made = self.make(&key).map(Arc::new).map_err(|e| {
@@ -275,9 +276,14 @@ impl Plans {
         made.map_err(InferError::BadRequest)
     }
 
-    fn cached(&self, key: &Shapes) -> Option<Made> {
+    /// The plan made for these shapes, marked most recently used; compared in place, so a
+    /// request of a known shape allocates nothing here.
+    fn cached(&self, shapes: &[&[usize]]) -> Option<Made> {
         let mut cache = self.cache.lock().ok()?;
-        let at = cache.iter().position(|(k, _)| k == key)?;
+        let same = |k: &Shapes| {
+            k.len() == shapes.len() && k.iter().zip(shapes).all(|(a, b)| a.as_slice() == *b)
+        };
+        let at = cache.iter().position(|(k, _)| same(k))?;
         let entry = cache.remove(at);
         let made = entry.1.clone();
         cache.push(entry);

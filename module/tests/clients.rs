@@ -32,6 +32,25 @@ fn json_of(body: &[u8]) -> Value {
         .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(body)))
 }
 
+/// The `error` of a JSON error body (every 4xx/5xx has one).
+fn error_of(body: &[u8]) -> String {
+    match json_of(body)["error"].as_str() {
+        Some(e) => e.to_string(),
+        None => panic!("no 'error' in {}", String::from_utf8_lossy(body)),
+    }
+}
+
+/// POSTs `body` to the MLP's infer route with a `Content-Encoding`.
+async fn post_encoded(
+    addr: std::net::SocketAddr,
+    encoding: &str,
+    body: Vec<u8>,
+) -> (StatusCode, Vec<u8>) {
+    let headers = [("content-encoding", encoding.to_string())];
+    let (st, _, b) = http_with(addr, "POST", "/v2/models/mlp/infer", &headers, body).await;
+    (st, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_tensor_data_in_and_out() {
     let s = Running::ready(config(&model_path("mlp"), "mlp")).await;
@@ -127,18 +146,13 @@ async fn binary_tensor_data_in_and_out() {
         )
         .await;
         assert_eq!(st, StatusCode::BAD_REQUEST);
-        let e = json_of(&b)["error"].as_str().unwrap().to_string();
+        let e = error_of(&b);
         assert!(e.contains(message), "{e}");
     }
     // A binary size without the header.
     let (st, b) = http(s.addr, "POST", "/v2/models/mlp/infer", Some(header.clone())).await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
-    assert!(
-        json_of(&b)["error"]
-            .as_str()
-            .unwrap()
-            .contains("needs the Inference-Header-Content-Length")
-    );
+    assert!(error_of(&b).contains("needs the Inference-Header-Content-Length"));
     let (st, _, _) = http_with(s.addr, "POST", "/v2/models/mlp/infer", &[length], body).await;
     assert_eq!(st, StatusCode::OK);
     s.stop().await;
@@ -157,14 +171,7 @@ async fn compressed_bodies_are_read_and_unknown_encodings_refused() {
         ("gzip", gz.finish().unwrap()),
         ("deflate", zl.finish().unwrap()),
     ] {
-        let (st, _, b) = http_with(
-            s.addr,
-            "POST",
-            "/v2/models/mlp/infer",
-            &[("content-encoding", encoding.into())],
-            body,
-        )
-        .await;
+        let (st, b) = post_encoded(s.addr, encoding, body).await;
         assert_eq!(
             st,
             StatusCode::OK,
@@ -179,54 +186,18 @@ async fn compressed_bodies_are_read_and_unknown_encodings_refused() {
             .collect();
         assert_close_values(encoding, &data, &want, ATOL, RTOL);
     }
-    let (st, _, b) = http_with(
-        s.addr,
-        "POST",
-        "/v2/models/mlp/infer",
-        &[("content-encoding", "br".into())],
-        request.clone(),
-    )
-    .await;
+    let (st, b) = post_encoded(s.addr, "br", request.clone()).await;
     assert_eq!(st, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    assert!(
-        json_of(&b)["error"]
-            .as_str()
-            .unwrap()
-            .contains("'br' is not supported")
-    );
-    let (st, _, b) = http_with(
-        s.addr,
-        "POST",
-        "/v2/models/mlp/infer",
-        &[("content-encoding", "gzip".into())],
-        request,
-    )
-    .await;
+    assert!(error_of(&b).contains("'br' is not supported"));
+    let (st, b) = post_encoded(s.addr, "gzip", request).await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
-    assert!(
-        json_of(&b)["error"]
-            .as_str()
-            .unwrap()
-            .contains("not valid gzip")
-    );
-    // A bomb: 2 MiB of zeros in a few kB, beyond the test server's 1 MiB body limit.
+    assert!(error_of(&b).contains("not valid gzip"));
+    // A bomb: 2 MiB of spaces in a few kB, beyond the test server's 1 MiB body limit.
     let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     bomb.write_all(&vec![b' '; 2 << 20]).unwrap();
-    let (st, _, b) = http_with(
-        s.addr,
-        "POST",
-        "/v2/models/mlp/infer",
-        &[("content-encoding", "gzip".into())],
-        bomb.finish().unwrap(),
-    )
-    .await;
+    let (st, b) = post_encoded(s.addr, "gzip", bomb.finish().unwrap()).await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
-    assert!(
-        json_of(&b)["error"]
-            .as_str()
-            .unwrap()
-            .contains("larger than the limit")
-    );
+    assert!(error_of(&b).contains("larger than the limit"));
     s.stop().await;
 }
 
@@ -281,7 +252,7 @@ async fn every_error_has_a_json_body_and_triton_endpoints_answer() {
     for (method, path, status, message) in cases {
         let (st, b) = http(a, method, path, None).await;
         assert_eq!(st, status, "{method} {path}");
-        let e = json_of(&b)["error"].as_str().unwrap().to_string();
+        let e = error_of(&b);
         assert!(e.contains(message), "{method} {path}: {e}");
     }
     // Classification would change what the answer means: refused, not ignored.

@@ -107,20 +107,25 @@ fn spec(
     })
 }
 
+/// An output's served name: its label (the ONNX output name), else its node's name.
+fn output_name(label: Option<&str>, node: &str) -> String {
+    label.unwrap_or(node).to_string()
+}
+
+/// A tract error while typing or optimizing `path`, as a load error.
+fn optimize_error(path: &Path) -> impl Fn(TractError) -> LoadError + Copy + '_ {
+    move |e| LoadError::Optimize {
+        path: path.to_path_buf(),
+        reason: format!("{e:#}"),
+    }
+}
+
 /// The outputs of a typed model, by label (the ONNX output name) or node name.
 fn typed_outputs(path: &Path, model: &TypedModel) -> Result<Vec<TensorSpec>, LoadError> {
     let mut outputs = Vec::new();
     for outlet in &model.outputs {
-        let name = model
-            .outlet_label(*outlet)
-            .map(str::to_string)
-            .unwrap_or_else(|| model.node(outlet.node).name.clone());
-        let fact = model
-            .outlet_fact(*outlet)
-            .map_err(|e| LoadError::Optimize {
-                path: path.to_path_buf(),
-                reason: format!("{e:#}"),
-            })?;
+        let name = output_name(model.outlet_label(*outlet), &model.node(outlet.node).name);
+        let fact = model.outlet_fact(*outlet).map_err(optimize_error(path))?;
         outputs.push(spec(
             path,
             "output",
@@ -281,10 +286,7 @@ pub fn load(path: &Path, options: &LoadOptions, version: u64) -> Result<LoadedMo
             .map_err(parse)?;
     }
 
-    let optimize = |e: TractError| LoadError::Optimize {
-        path: path.to_path_buf(),
-        reason: format!("{e:#}"),
-    };
+    let optimize = optimize_error(path);
     let threads = options
         .threads
         .unwrap_or_else(|| auto_threads(bytes.len() as u64));
@@ -409,16 +411,13 @@ fn parsed_outputs(path: &Path, model: &InferenceModel) -> Result<Vec<TensorSpec>
     let _ = analysed.analyse(false);
     let mut outputs = Vec::new();
     for outlet in &analysed.outputs {
-        let name = analysed
-            .outlet_label(*outlet)
-            .map(str::to_string)
-            .unwrap_or_else(|| analysed.node(outlet.node).name.clone());
+        let name = output_name(
+            analysed.outlet_label(*outlet),
+            &analysed.node(outlet.node).name,
+        );
         let fact = analysed
             .outlet_fact(*outlet)
-            .map_err(|e| LoadError::Optimize {
-                path: path.to_path_buf(),
-                reason: format!("{e:#}"),
-            })?;
+            .map_err(optimize_error(path))?;
         let datum = fact
             .datum_type
             .concretize()

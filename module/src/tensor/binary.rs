@@ -9,7 +9,7 @@
 use bytes::Bytes;
 use tract_onnx::prelude::{Tensor, f16};
 
-use super::{DataType, InferRequest, OutputData, TensorError, checked_len};
+use super::{DataType, InferRequest, OutputData, TensorError};
 
 /// The HTTP header that says how long the JSON part of a body is.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -113,12 +113,7 @@ pub fn raw_tensor(
     shape: &[usize],
     bytes: &[u8],
 ) -> Result<Tensor, TensorError> {
-    let elements = checked_len(shape, dt.size()).ok_or_else(|| TensorError::ShapeOverflow {
-        field: field.clone(),
-        name: name.to_string(),
-        shape: shape.iter().map(|&d| d as u64).collect(),
-    })?;
-    let expected = elements * dt.size();
+    let expected = super::convert::elements(field.clone(), name, dt, shape)? * dt.size();
     if bytes.len() != expected {
         return Err(TensorError::Binary {
             field,

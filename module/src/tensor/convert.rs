@@ -106,11 +106,7 @@ pub fn tensor_from_scalars(
     shape: &[usize],
     values: &[Scalar],
 ) -> Result<Tensor, TensorError> {
-    let expected = checked_len(shape, dt.size()).ok_or_else(|| TensorError::ShapeOverflow {
-        field: origin.shape_field(),
-        name: name.to_string(),
-        shape: shape.iter().map(|&d| d as u64).collect(),
-    })?;
+    let expected = elements(origin.shape_field(), name, dt, shape)?;
     if expected != values.len() {
         return Err(TensorError::CountMismatch {
             field: origin.shape_field(),
@@ -159,6 +155,21 @@ pub fn tensor_from_scalars(
     t.map_err(|e| TensorError::Internal {
         name: name.to_string(),
         reason: e.to_string(),
+    })
+}
+
+/// The element count of a tensor of `dt` and `shape`, or the 400 (naming `field`) for a shape
+/// whose bytes would not fit in memory ([`checked_len`]).
+pub(super) fn elements(
+    field: String,
+    name: &str,
+    dt: DataType,
+    shape: &[usize],
+) -> Result<usize, TensorError> {
+    checked_len(shape, dt.size()).ok_or_else(|| TensorError::ShapeOverflow {
+        field,
+        name: name.to_string(),
+        shape: shape.iter().map(|&d| d as u64).collect(),
     })
 }
 
