@@ -26,6 +26,7 @@ async fn main() -> anyhow::Result<()> {
                     status: ModuleStatus::Running,
                     image: format!("127.0.0.1:5000/module-{i}:1.0.0"),
                     image_digest: Some(format!("sha256:{}", "ab".repeat(32))),
+                    platform: Some("linux/amd64".into()),
                     restart_count: 0,
                     exit_code: None,
                     started_at: Some(1),

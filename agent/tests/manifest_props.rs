@@ -56,6 +56,7 @@ fn module() -> impl Strategy<Value = Module> {
             |(image, pull, status, restart, order, env, create, res, req)| Module {
                 runtime: RuntimeKind::Docker,
                 image,
+                platform: None,
                 image_pull_policy: pull,
                 status,
                 restart_policy: restart,

@@ -263,7 +263,7 @@ async fn the_size_is_what_the_registry_stores() {
     let size = image_size(
         &reference,
         Some(&credentials),
-        &Platform::of_this_device(),
+        &Platform::of_this_build(),
         TIMEOUT,
     )
     .await
@@ -288,7 +288,7 @@ async fn the_size_is_what_the_registry_stores() {
     let again = image_size(
         &pinned,
         Some(&credentials),
-        &Platform::of_this_device(),
+        &Platform::of_this_build(),
         TIMEOUT,
     )
     .await
@@ -354,7 +354,7 @@ async fn an_index_made_by_docker_resolves_to_the_platform() {
 async fn refusals_name_the_credentials_and_the_tag() {
     let registry = Registry::start();
     let reference = registry.push_image("refusals", "1", 10_000);
-    let here = Platform::of_this_device();
+    let here = Platform::of_this_build();
 
     let wrong = registry.credentials("not-the-password");
     let err = image_size(&reference, Some(&wrong), &here, TIMEOUT)

@@ -26,6 +26,7 @@ pub mod files;
 pub mod intake;
 pub mod manifest;
 pub mod planner;
+pub mod platform;
 pub mod policy;
 pub mod present;
 pub mod prometheus;

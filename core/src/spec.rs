@@ -64,6 +64,9 @@ impl Effective {
 #[derive(Serialize)]
 struct HashInput<'a> {
     image: &'a str,
+    /// Left out when not pinned, so that hashes from before pins existed stay the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    platform: &'a Option<String>,
     env: &'a BTreeMap<String, String>,
     create_options: &'a Option<crate::manifest::CreateOptions>,
     resources: &'a Option<crate::manifest::Resources>,
@@ -81,6 +84,7 @@ pub fn config_hash(
 ) -> String {
     let input = HashInput {
         image: &module.image,
+        platform: &module.platform,
         env: &module.env,
         create_options: &module.create_options,
         resources: &module.resources,

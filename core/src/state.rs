@@ -85,6 +85,10 @@ pub struct ModuleReport {
     pub image: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_digest: Option<String>,
+    /// The platform of the image the module's container runs (`linux/arm64`), as the engine
+    /// describes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
     pub restart_count: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i64>,

@@ -64,6 +64,7 @@ impl<R: Runtime> Reconciler<R> {
                 if let Some(image) = &e.image_gone {
                     self.images.remove(image);
                     self.pulled.remove(image);
+                    self.verified.remove(image);
                 }
                 warn!(module = %done.module, error = %e.message, "action failed; retrying after a backoff");
                 let previous = self.failures.get(&done.module);

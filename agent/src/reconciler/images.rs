@@ -2,7 +2,7 @@
 //! verified for this device's platform and pinned digest once they arrive), images already
 //! on the engine checked before use, and cleanup of images no deployment uses any more.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::{Ctx, Reconciler};
 use crate::planner::Failure;
+use crate::runtime::registry::Platform;
 use crate::runtime::{EngineInfo, ImageInfo, PullProgress, Runtime, RuntimeError};
 
 /// How long the registry may take to say how big an image is before the pull goes ahead
@@ -20,7 +21,8 @@ const SIZE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The result of a background pull.
 pub(super) struct PullDone {
     image: String,
-    result: Result<(), PullError>,
+    /// What arrived, and the platform it was pulled and verified for.
+    result: Result<(ImageInfo, Platform), PullError>,
 }
 
 #[derive(Debug, Clone)]
@@ -35,11 +37,11 @@ impl<R: Runtime> Reconciler<R> {
         self.pulling.remove(&done.image);
         let now = self.clock.mono_ms();
         match done.result {
-            Ok(()) => {
-                info!(image = %done.image, verified = true, "pulled");
+            Ok((info, platform)) => {
+                info!(image = %done.image, platform = %describe_platform(&info), verified = true, "pulled");
                 self.pull_failures.remove(&done.image);
-                self.images.insert(done.image.clone());
-                self.pulled.insert(done.image);
+                self.pulled.insert(done.image.clone());
+                self.accept_image(done.image, &info, platform);
             }
             Err(e) => {
                 warn!(image = %done.image, error = %e.message, definitive = e.definitive, "pull failed");
@@ -61,43 +63,91 @@ impl<R: Runtime> Reconciler<R> {
         }
     }
 
-    /// Finds and verifies images the deployment needs that the agent has not checked yet.
+    /// The platform to pull and verify `image` for: the one its module pins, else the
+    /// engine's own (not this build's: an emulated or 32-bit agent drives a native engine).
+    pub(super) fn platform_for(&self, image: &str) -> Platform {
+        self.desired
+            .as_ref()
+            .and_then(|(s, _)| {
+                let m = s.deployment.modules.values().find(|m| m.image == image)?;
+                // Validation parsed it when the deployment was accepted.
+                Platform::parse(m.platform.as_deref()?).ok()
+            })
+            .unwrap_or_else(|| match &self.engine {
+                Some(e) => Platform::of_engine(&e.os, &e.architecture),
+                None => Platform::of_this_build(),
+            })
+    }
+
+    /// Records an image found or pulled and verified for `platform`.
+    fn accept_image(&mut self, image: String, info: &ImageInfo, platform: Platform) {
+        self.image_platforms
+            .insert(info.id.clone(), describe_platform(info));
+        self.verified.insert(image.clone(), platform);
+        self.images.insert(image);
+    }
+
+    /// Finds and verifies images the deployment needs that the agent has not checked yet, or
+    /// has checked for another platform than the deployment now pins.
     pub(super) async fn check_images(&mut self) {
         let Some((stored, _)) = &self.desired else {
             return;
         };
-        let wanted: BTreeSet<String> = stored
-            .deployment
-            .modules
-            .values()
-            .map(|m| m.image.clone())
-            .collect();
-        for image in wanted {
-            if self.images.contains(&image)
-                || self.pulling.contains(&image)
-                || self.pull_failures.contains_key(&image)
-            {
+        let wanted: BTreeMap<String, bool> =
+            stored
+                .deployment
+                .modules
+                .values()
+                .fold(BTreeMap::new(), |mut images, m| {
+                    // Whether any module of the image may pull it.
+                    *images.entry(m.image.clone()).or_default() |=
+                        m.image_pull_policy != crate::manifest::PullPolicy::Never;
+                    images
+                });
+        for (image, may_pull) in wanted {
+            let platform = self.platform_for(&image);
+            if self.images.contains(&image) {
+                if self.verified.get(&image).is_none_or(|p| *p == platform) {
+                    continue;
+                }
+                // Another platform pinned for an image already here: check it again. The
+                // running container keeps the image it was created from until replaced.
+                info!(image, platform = %platform, "the deployment pins another platform; checking the image again");
+                self.images.remove(&image);
+                self.pulled.remove(&image);
+                self.verified.remove(&image);
+            }
+            if self.pulling.contains(&image) || self.pull_failures.contains_key(&image) {
                 continue;
             }
-            if let Ok(Some(info)) = self.runtime.image(&image).await {
-                match verify_image(&image, &info, self.engine.as_ref()) {
-                    Ok(()) => {
-                        self.images.insert(image);
-                    }
-                    Err(message) => {
-                        warn!(image, error = %message, "image on the device fails verification");
-                        self.pull_failures.insert(
-                            image,
-                            Failure {
-                                attempts: 1,
-                                at: self.clock.mono_ms(),
-                                message,
-                                definitive: true,
-                            },
-                        );
-                    }
+            let Ok(Some(info)) = self.runtime.image(&image).await else {
+                continue;
+            };
+            let problem = match (
+                platform_problem(&image, &info, &platform),
+                digest_problem(&image, &info),
+            ) {
+                (None, None) => {
+                    self.accept_image(image, &info, platform);
+                    continue;
                 }
-            }
+                // The engine has the image for another platform: a pull brings the right one.
+                (Some(message), None) if may_pull => {
+                    debug!(image, %message, "the image on the engine is for another platform; pulling");
+                    continue;
+                }
+                (Some(message), _) | (None, Some(message)) => message,
+            };
+            warn!(image, error = %problem, "image on the device fails verification");
+            self.pull_failures.insert(
+                image,
+                Failure {
+                    attempts: 1,
+                    at: self.clock.mono_ms(),
+                    message: problem,
+                    definitive: true,
+                },
+            );
         }
     }
 
@@ -113,6 +163,7 @@ impl<R: Runtime> Reconciler<R> {
         let job = PullJob {
             runtime: self.runtime.clone(),
             image: image.to_string(),
+            platform: self.platform_for(image),
             credentials,
             engine: self.engine.clone(),
             disk: self.settings.disk.clone(),
@@ -183,6 +234,7 @@ impl<R: Runtime> Reconciler<R> {
                     info!(image, "removed unused image");
                     self.images.remove(&image);
                     self.pulled.remove(&image);
+                    self.verified.remove(&image);
                     self.unused_since.remove(&image);
                     self.managed_images.remove(&image);
                     if let Err(e) = self.store.forget_image(&image) {
@@ -200,6 +252,7 @@ impl<R: Runtime> Reconciler<R> {
 struct PullJob<R: Runtime> {
     runtime: Arc<R>,
     image: String,
+    platform: Platform,
     credentials: Option<crate::manifest::RegistryCredentials>,
     engine: Option<EngineInfo>,
     disk: crate::config::DiskConfig,
@@ -208,7 +261,7 @@ struct PullJob<R: Runtime> {
 
 impl<R: Runtime> PullJob<R> {
     /// Checks the disk, pulls with progress, then verifies what arrived.
-    async fn run(self) -> Result<(), PullError> {
+    async fn run(self) -> Result<(ImageInfo, Platform), PullError> {
         self.check_disk().await?;
         let (ptx, mut prx) = mpsc::channel::<PullProgress>(32);
         let progress = self.progress.clone();
@@ -220,7 +273,12 @@ impl<R: Runtime> PullJob<R> {
         let pull = async {
             let result = self
                 .runtime
-                .pull(&self.image, self.credentials.as_ref(), Some(&ptx))
+                .pull(
+                    &self.image,
+                    &self.platform,
+                    self.credentials.as_ref(),
+                    Some(&ptx),
+                )
                 .await;
             drop(ptx); // ends the relay
             result
@@ -245,10 +303,11 @@ impl<R: Runtime> PullJob<R> {
                 message: format!("pulled, but {} is not on the engine", self.image),
                 definitive: false,
             })?;
-        verify_image(&self.image, &info, self.engine.as_ref()).map_err(|message| PullError {
+        verify_image(&self.image, &info, &self.platform).map_err(|message| PullError {
             message,
             definitive: true,
-        })
+        })?;
+        Ok((info, self.platform))
     }
 
     /// Refuses a pull when the engine's disk is above its high watermark, or would be left
@@ -277,11 +336,10 @@ impl<R: Runtime> PullJob<R> {
                 definitive: true,
             });
         }
-        let platform = crate::runtime::registry::Platform::of_this_device();
         let size = match crate::runtime::registry::image_size(
             &self.image,
             self.credentials.as_ref(),
-            &platform,
+            &self.platform,
             SIZE_TIMEOUT,
         )
         .await
@@ -327,32 +385,50 @@ fn is_definitive_pull_error(message: &str) -> bool {
     .any(|p| m.contains(p))
 }
 
-/// The image is for this device's platform, and has the digest its reference pins.
-pub fn verify_image(
-    reference: &str,
-    info: &ImageInfo,
-    engine: Option<&EngineInfo>,
-) -> Result<(), String> {
-    if let Some(engine) = engine
-        && !info.architecture.is_empty()
-        && !engine.architecture.is_empty()
-        && (info.architecture != engine.architecture
-            || (!info.os.is_empty() && info.os != engine.os))
-    {
-        return Err(format!(
-            "image {reference} is built for {}/{}; this device is {}/{} (publish an image for this platform, or a multi-platform one)",
-            info.os, info.architecture, engine.os, engine.architecture
-        ));
+/// The image is for `platform` and has the digest its reference pins.
+pub fn verify_image(reference: &str, info: &ImageInfo, platform: &Platform) -> Result<(), String> {
+    match platform_problem(reference, info, platform).or_else(|| digest_problem(reference, info)) {
+        Some(problem) => Err(problem),
+        None => Ok(()),
     }
-    if let Some((_, digest)) = reference.split_once('@')
-        && !info
-            .digests
-            .iter()
-            .any(|d| d.ends_with(&format!("@{digest}")))
-    {
-        return Err(format!(
+}
+
+/// `linux/arm/v7`, as the engine describes the image.
+pub fn describe_platform(info: &ImageInfo) -> String {
+    let os = if info.os.is_empty() {
+        "linux"
+    } else {
+        &info.os
+    };
+    match &info.variant {
+        Some(v) if !v.is_empty() => format!("{os}/{}/{v}", info.architecture),
+        _ => format!("{os}/{}", info.architecture),
+    }
+}
+
+/// Why an image does not run on `platform`, if it does not. An engine that does not say
+/// what an image is for gets the benefit of the doubt.
+fn platform_problem(reference: &str, info: &ImageInfo, platform: &Platform) -> Option<String> {
+    (!info.architecture.is_empty()
+        && !platform.runs(&info.os, &info.architecture, info.variant.as_deref()))
+    .then(|| {
+        format!(
+            "image {reference} is built for {}; the module needs {platform} (publish an image for this platform, or a multi-platform one)",
+            describe_platform(info)
+        )
+    })
+}
+
+/// Why the image on the engine is not the one the reference pins, if it is not.
+fn digest_problem(reference: &str, info: &ImageInfo) -> Option<String> {
+    let (_, digest) = reference.split_once('@')?;
+    (!info
+        .digests
+        .iter()
+        .any(|d| d.ends_with(&format!("@{digest}"))))
+    .then(|| {
+        format!(
             "image {reference} on the engine does not carry the digest the deployment pins ({digest})"
-        ));
-    }
-    Ok(())
+        )
+    })
 }

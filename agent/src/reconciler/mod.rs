@@ -44,6 +44,7 @@ use crate::clock::SharedClock;
 use crate::control::{AgentHandle, REQUEST_CAPACITY, Request};
 use crate::planner::{self, Desired, Exit, Failure, ModuleHistory};
 use crate::policy::DeviceFacts;
+use crate::runtime::registry::Platform;
 use crate::runtime::spec::config_hash;
 use crate::runtime::{EngineInfo, Observed, PullProgress, Runtime};
 use crate::state::{AgentFacts, Condition, DeploymentRef, DeploymentReport, ReportedState};
@@ -135,6 +136,11 @@ pub struct Reconciler<R: Runtime> {
     history: BTreeMap<String, ModuleHistory>,
     /// Images present on the engine and verified for this device.
     images: BTreeSet<String>,
+    /// The platform each verified image was checked for (a new pin checks it again).
+    verified: BTreeMap<String, Platform>,
+    /// What each image the agent has verified is built for, by image id: the platform a
+    /// module's container runs, for reports.
+    image_platforms: BTreeMap<String, String>,
     pulling: BTreeSet<String>,
     pulled: BTreeSet<String>,
     pull_failures: BTreeMap<String, Failure>,
@@ -239,6 +245,8 @@ impl<R: Runtime> Reconciler<R> {
             last_good,
             history,
             images: BTreeSet::new(),
+            verified: BTreeMap::new(),
+            image_platforms: BTreeMap::new(),
             pulling: BTreeSet::new(),
             pulled: BTreeSet::new(),
             pull_failures: BTreeMap::new(),

@@ -50,6 +50,8 @@ impl<R: Runtime> Reconciler<R> {
                                 .or_else(|| c.map(|c| c.image.clone()))
                                 .unwrap_or_default(),
                             image_digest: c.map(|c| c.image_id.clone()).filter(|d| !d.is_empty()),
+                            platform: c
+                                .and_then(|c| self.image_platforms.get(&c.image_id).cloned()),
                             restart_count: h.restarts,
                             exit_code: c.and_then(|c| {
                                 (c.state != ContainerState::Running)

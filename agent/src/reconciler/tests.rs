@@ -784,6 +784,71 @@ async fn an_image_for_another_platform_is_refused_before_the_switch() {
     agent.stop().await;
 }
 
+/// A multi-platform image: the engine's platform is pulled unless the module pins another;
+/// a new pin pulls that variant and replaces the container; the report says which runs.
+#[tokio::test(start_paused = true)]
+async fn the_engines_platform_is_pulled_unless_the_module_pins_one() {
+    let (dir, clock, fake) = setup();
+    let here = crate::runtime::go_arch();
+    fake.publish_image_for("r.io/m:1", "riscv64");
+    fake.publish_image_for("r.io/m:1", here);
+    let agent = Agent::start(dir.path(), &clock, &fake);
+    agent
+        .offer(&manifest(1, r#""a":{"image":"r.io/m:1"}"#))
+        .await
+        .unwrap();
+    let s = agent.until("v1 applied", MINUTE, applied(1)).await;
+    let native = format!("linux/{here}");
+    assert_eq!(s.modules["a"].platform.as_deref(), Some(native.as_str()));
+    assert_eq!(
+        fake.pulled_platforms(),
+        [("r.io/m:1".to_string(), native.clone())]
+    );
+    let before = ids(&fake);
+
+    agent
+        .offer(&manifest(
+            2,
+            r#""a":{"image":"r.io/m:1","platform":"linux/riscv64"}"#,
+        ))
+        .await
+        .unwrap();
+    let s = agent.until("v2 applied", MINUTE, applied(2)).await;
+    assert_eq!(s.modules["a"].platform.as_deref(), Some("linux/riscv64"));
+    assert_eq!(
+        fake.pulled_platforms().last(),
+        Some(&("r.io/m:1".to_string(), "linux/riscv64".to_string()))
+    );
+    assert_ne!(
+        ids(&fake),
+        before,
+        "the container runs the pinned variant now"
+    );
+
+    // A platform the image does not offer: the pull fails with the reason, the module keeps
+    // running what it ran.
+    let running = ids(&fake);
+    agent
+        .offer(&manifest(
+            3,
+            r#""a":{"image":"r.io/m:1","platform":"linux/s390x"}"#,
+        ))
+        .await
+        .unwrap();
+    let s = agent
+        .until("v3 failed", MINUTE, |s| {
+            status(s) == Some(DeploymentStatus::Failed)
+        })
+        .await;
+    assert!(
+        format!("{:?}", s.deployment).contains("no matching manifest for linux/s390x"),
+        "{:?}",
+        s.deployment
+    );
+    assert_eq!(ids(&fake), running);
+    agent.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn logs_leave_the_device_without_the_modules_secrets() {
     let (dir, clock, fake) = setup();

@@ -287,6 +287,7 @@ impl Runtime for DockerRuntime {
     async fn pull(
         &self,
         image: &str,
+        platform: &super::registry::Platform,
         credentials: Option<&RegistryCredentials>,
         progress: Option<&mpsc::Sender<PullProgress>>,
     ) -> Result<(), RuntimeError> {
@@ -312,14 +313,19 @@ impl Runtime for DockerRuntime {
             Some(_) => image.to_string(),
             None => from,
         };
+        // The platform goes with every pull: of a multi-platform image the engine pulls that
+        // variant (an API 1.32 parameter; older engines pull their own).
+        let platform = platform.to_string();
         let options = if reference.digest.is_some() {
             CreateImageOptionsBuilder::default()
                 .from_image(&from)
+                .platform(&platform)
                 .build()
         } else {
             CreateImageOptionsBuilder::default()
                 .from_image(&from)
                 .tag(&tag)
+                .platform(&platform)
                 .build()
         };
         let auth = credentials.map(|c| DockerCredentials {

@@ -24,6 +24,7 @@ use super::{
 };
 use crate::clock::SharedClock;
 use crate::manifest::RegistryCredentials;
+use crate::runtime::registry::Platform;
 
 /// How a module's process behaves in the fake engine.
 #[derive(Debug, Clone, Default)]
@@ -48,7 +49,9 @@ struct Inner {
     /// Images on the engine.
     images: BTreeMap<String, ImageInfo>,
     /// Images the registry has (what a pull can fetch).
-    registry: BTreeMap<String, ImageInfo>,
+    registry: BTreeMap<String, Vec<ImageInfo>>,
+    /// (image, platform) of every pull that found its image.
+    pulled_platforms: Vec<(String, String)>,
     behaviours: BTreeMap<String, Behaviour>,
     /// Module → the engine's message for every start of it, until cleared.
     start_failures: BTreeMap<String, String>,
@@ -73,8 +76,10 @@ pub struct FakeRuntime {
 }
 
 fn image_info(reference: &str, architecture: &str) -> ImageInfo {
+    // One id per reference and platform, as the engine's ids differ per platform.
+    let id = reference.len() * 100 + architecture.len();
     ImageInfo {
-        id: format!("sha256:{:0>64}", reference.len()),
+        id: format!("sha256:{id:0>64}"),
         tags: vec![reference.to_string()],
         digests: Vec::new(),
         created: 0,
@@ -105,7 +110,9 @@ impl FakeRuntime {
     /// Makes `reference` available to pull.
     pub fn publish_image(&self, reference: &str) {
         let info = image_info(reference, &self.architecture);
-        self.lock().registry.insert(reference.to_string(), info);
+        self.lock()
+            .registry
+            .insert(reference.to_string(), vec![info]);
     }
 
     /// Lets every image be pulled, as if the registry had them all.
@@ -113,17 +120,25 @@ impl FakeRuntime {
         self.lock().any_image = true;
     }
 
-    /// Makes `reference` available to pull, built for another platform.
+    /// Makes `reference` available to pull for another platform too: with several, the
+    /// reference is a multi-platform image and a pull picks the wanted one; with one, it is a
+    /// single-platform image, pulled whatever the platform asked (as Docker does).
     pub fn publish_image_for(&self, reference: &str, architecture: &str) {
         let info = image_info(reference, architecture);
-        self.lock().registry.insert(reference.to_string(), info);
+        self.lock()
+            .registry
+            .entry(reference.to_string())
+            .or_default()
+            .push(info);
     }
 
     /// Puts `reference` on the engine as if pulled long ago.
     pub fn load_image(&self, reference: &str) {
         let info = image_info(reference, &self.architecture);
         let mut inner = self.lock();
-        inner.registry.insert(reference.to_string(), info.clone());
+        inner
+            .registry
+            .insert(reference.to_string(), vec![info.clone()]);
         inner.images.insert(reference.to_string(), info);
     }
 
@@ -159,6 +174,11 @@ impl FakeRuntime {
             .entry(module.to_string())
             .or_default()
             .push(line.to_string());
+    }
+
+    /// The platform each successful pull asked for, in order.
+    pub fn pulled_platforms(&self) -> Vec<(String, String)> {
+        self.lock().pulled_platforms.clone()
     }
 
     /// Every call that changed the engine, in order: `pull IMAGE`, `create NAME`, `start NAME`,
@@ -289,6 +309,7 @@ impl Runtime for FakeRuntime {
     async fn pull(
         &self,
         image: &str,
+        platform: &Platform,
         _credentials: Option<&RegistryCredentials>,
         progress: Option<&mpsc::Sender<PullProgress>>,
     ) -> Result<(), RuntimeError> {
@@ -309,16 +330,34 @@ impl Runtime for FakeRuntime {
         inner.calls.push(format!("pull {image}"));
         if inner.any_image && !inner.registry.contains_key(image) {
             let info = image_info(image, &self.architecture);
-            inner.registry.insert(image.to_string(), info);
+            inner.registry.insert(image.to_string(), vec![info]);
         }
-        match inner.registry.get(image).cloned() {
+        let Some(offered) = inner.registry.get(image).cloned() else {
+            return Err(RuntimeError::Pull {
+                image: image.to_string(),
+                message: "404 manifest unknown (the registry has no such image or tag)".into(),
+            });
+        };
+        let chosen = match &offered[..] {
+            [only] => Some(only.clone()),
+            _ => offered
+                .iter()
+                .find(|i| platform.runs(&i.os, &i.architecture, i.variant.as_deref()))
+                .cloned(),
+        };
+        match chosen {
             Some(info) => {
+                inner
+                    .pulled_platforms
+                    .push((image.to_string(), platform.to_string()));
                 inner.images.insert(image.to_string(), info);
                 Ok(())
             }
             None => Err(RuntimeError::Pull {
                 image: image.to_string(),
-                message: "404 manifest unknown (the registry has no such image or tag)".into(),
+                message: format!(
+                    "no matching manifest for {platform} in the manifest list entries"
+                ),
             }),
         }
     }

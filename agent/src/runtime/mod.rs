@@ -48,10 +48,12 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         image: &str,
     ) -> impl Future<Output = Result<Option<ImageInfo>, RuntimeError>> + Send;
-    /// Pulls an image, sending progress as it goes (dropped when the receiver lags).
+    /// Pulls an image for `platform` (of a multi-platform image, that platform's variant),
+    /// sending progress as it goes (dropped when the receiver lags).
     fn pull(
         &self,
         image: &str,
+        platform: &registry::Platform,
         credentials: Option<&RegistryCredentials>,
         progress: Option<&mpsc::Sender<PullProgress>>,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;

@@ -100,6 +100,11 @@ pub struct Module {
     pub runtime: RuntimeKind,
     /// `registry/repository:tag` or `registry/repository@sha256:<64 hex>`.
     pub image: String,
+    /// The platform to pull for a multi-platform image (`linux/arm64`, `linux/arm/v7`), when
+    /// it must not be the engine's own: an armv7 image on an arm64 board, say. Without it the
+    /// engine's platform is pulled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
     #[serde(default)]
     pub image_pull_policy: PullPolicy,
     #[serde(default)]

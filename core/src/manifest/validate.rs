@@ -4,7 +4,7 @@
 //! Device-dependent checks (local policy, requirements, the version history) are not here: they
 //! belong to intake on the device, which knows the device.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use super::image::{DEFAULT_REGISTRY, ImageRef};
@@ -155,6 +155,24 @@ impl Validator {
                 used_registries.insert(registry);
             }
         }
+        // The engine keeps one image per reference: one platform per image.
+        let mut platforms: BTreeMap<&str, (&str, Option<&str>)> = BTreeMap::new();
+        for (name, module) in &d.modules {
+            let platform = module.platform.as_deref();
+            match platforms.get(module.image.as_str()) {
+                Some((other, theirs)) if *theirs != platform => self.push(
+                    format!("{}/platform", pointer("/modules", name)),
+                    format!(
+                        "module `{other}` runs the same image for {}; the engine keeps one platform per image reference, so pin the same platform or use another tag",
+                        theirs.unwrap_or("the engine's platform")
+                    ),
+                ),
+                Some(_) => {}
+                None => {
+                    platforms.insert(&module.image, (name, platform));
+                }
+            }
+        }
         for (i, route) in d.routes.iter().enumerate() {
             let path = format!("/routes/{i}");
             self.route_from(&format!("{path}/from"), &route.from, d);
@@ -199,6 +217,11 @@ impl Validator {
                 None
             }
         };
+        if let Some(platform) = &m.platform
+            && let Err(e) = crate::platform::Platform::parse(platform)
+        {
+            self.push(format!("{path}/platform"), e);
+        }
         if m.env.len() > MAX_ENV {
             self.push(
                 format!("{path}/env"),

@@ -1,52 +1,9 @@
-//! Platforms: this device's, and which entry of a multi-platform index runs on it (variants
-//! ordered as containerd orders them).
-
-use std::fmt;
+//! Which entry of a multi-platform index runs on a platform (variants ordered as containerd
+//! orders them). The platform itself is the core's.
 
 use super::manifest::{Descriptor, DescriptorPlatform};
 
-/// A platform in the names registries and Docker use (Go's `GOOS`/`GOARCH`, and the ARM
-/// variant: `linux/arm/v7`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Platform {
-    pub os: String,
-    pub architecture: String,
-    /// `v7` for 32-bit ARM devices; `None` means any variant (the baseline preferred).
-    pub variant: Option<String>,
-}
-
-impl Platform {
-    /// The platform this agent was built for, which is the device's: `linux/amd64`,
-    /// `linux/arm64`, `linux/arm/v7` (`v6`/`v5` for older ARM builds).
-    pub fn of_this_device() -> Platform {
-        let variant = if cfg!(target_arch = "arm") {
-            Some(if cfg!(target_feature = "v7") {
-                "v7"
-            } else if cfg!(target_feature = "v6") {
-                "v6"
-            } else {
-                "v5"
-            })
-        } else {
-            None
-        };
-        Platform {
-            os: std::env::consts::OS.to_string(),
-            architecture: crate::runtime::go_arch().to_string(),
-            variant: variant.map(str::to_string),
-        }
-    }
-}
-
-impl fmt::Display for Platform {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.os, self.architecture)?;
-        if let Some(v) = &self.variant {
-            write!(f, "/{v}")?;
-        }
-        Ok(())
-    }
-}
+pub use outpost_core::platform::Platform;
 
 /// A variant as containerd compares them: `vN` levels are ordered (a `v7` CPU runs `v6` and
 /// `v5` code), and a missing variant is the architecture's baseline.
@@ -226,11 +183,5 @@ mod tests {
             pick(&platform("linux", "arm64", Some("v8"))).unwrap(),
             "sha256:arm64"
         );
-
-        // This machine: the tests run on x86_64.
-        let here = Platform::of_this_device();
-        assert_eq!(here.os, "linux");
-        assert_eq!(here.architecture, crate::runtime::go_arch());
-        assert_eq!(here.variant, None);
     }
 }
