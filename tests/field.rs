@@ -56,7 +56,7 @@ fn deploy_in_background(agent: &Agent, manifest: &Value) -> std::process::Child 
         .path()
         .join(format!("bg-{}.json", manifest["version"]));
     std::fs::write(&file, manifest.to_string()).expect("write manifest");
-    Command::new(outpost_bin())
+    outpost_command()
         .arg("--config")
         .arg(&agent.config)
         .args(["deploy", "--local"])

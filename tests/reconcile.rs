@@ -191,7 +191,7 @@ fn deployments_update_remove_and_survive_agent_restarts() {
     );
     let file = agent.dir.path().join("v5.json");
     std::fs::write(&file, v5.to_string()).unwrap();
-    let mut deploy = Command::new(outpost_bin())
+    let mut deploy = outpost_command()
         .arg("--config")
         .arg(&agent.config)
         .args(["deploy", "--local"])

@@ -116,6 +116,21 @@ pub fn ctl_bin() -> PathBuf {
         .clone()
 }
 
+/// A command running the device binary: `OUTPOST_RUNNER` (for example `qemu-aarch64 -L /`)
+/// runs a binary built for another architecture, as the ARM tests do.
+pub fn outpost_command() -> Command {
+    match std::env::var("OUTPOST_RUNNER") {
+        Ok(runner) if !runner.trim().is_empty() => {
+            let mut words = runner.split_whitespace();
+            // Not empty: checked above.
+            let mut command = Command::new(words.next().expect("a runner program"));
+            command.args(words).arg(outpost_bin());
+            command
+        }
+        _ => Command::new(outpost_bin()),
+    }
+}
+
 /// `bin` of `package`; benchmarks measure the release build, which `env` names.
 fn built(env: &str, package: &str, bin: &str) -> PathBuf {
     if let Some(path) = std::env::var_os(env) {
@@ -408,7 +423,7 @@ impl Agent {
             .append(true)
             .open(self.dir.path().join("agent.log"))
             .expect("agent log");
-        let child = Command::new(outpost_bin())
+        let child = outpost_command()
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .arg("--config")
             .arg(&self.config)
@@ -453,7 +468,7 @@ impl Agent {
     }
 
     pub fn outpost(&self, args: &[&str]) -> std::process::Output {
-        Command::new(outpost_bin())
+        outpost_command()
             .arg("--config")
             .arg(&self.config)
             .args(args)

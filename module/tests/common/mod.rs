@@ -239,9 +239,13 @@ impl Running {
 
 /// The OIP request of a reference input folder (every `.npy` of `reference/<model>/inputs`).
 pub fn reference_request(model: &str) -> serde_json::Value {
-    let dir = testdata().join("reference").join(model).join("inputs");
+    reference_request_from(&testdata().join("reference").join(model).join("inputs"))
+}
+
+/// An OIP v2 request holding every `.npy` of `dir`, named by file stem.
+pub fn reference_request_from(dir: &Path) -> serde_json::Value {
     let mut inputs = Vec::new();
-    let mut entries: Vec<_> = std::fs::read_dir(&dir)
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
