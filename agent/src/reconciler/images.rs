@@ -380,6 +380,8 @@ fn is_definitive_pull_error(message: &str) -> bool {
         "authentication required",
         "denied",
         "no matching manifest",
+        // A single-platform image for another platform than the one asked for.
+        "does not match the specified platform",
     ]
     .iter()
     .any(|p| m.contains(p))
