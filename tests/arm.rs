@@ -57,15 +57,9 @@ fn a_foreign_agent_takes_a_signed_hub_deployment_to_applied() {
     let file = dir.path().join("arm-smoke.json");
     std::fs::write(&file, manifest.to_string()).unwrap();
     let args = broker.cli_flags(dir.path()).unwrap();
-    let out = Command::new(ctl_bin())
-        .args(&args)
-        .args(["deploy", "--device", &device])
-        .arg(&file)
-        .args(["--sign-key", &format!("{}.key", keys.display())])
-        // Emulation makes the agent several times slower than native.
-        .args(["--timeout", "180"])
-        .output()
-        .unwrap();
+    let sign_key = std::path::PathBuf::from(format!("{}.key", keys.display()));
+    // Emulation makes the agent several times slower than native: a longer timeout.
+    let out = ctl_deploy(&args, &device, &file, Some(&sign_key), 180);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -76,13 +70,7 @@ fn a_foreign_agent_takes_a_signed_hub_deployment_to_applied() {
     );
     // The hub's summary says applied; the device's full state (`outpost list --json`, the
     // emulated binary again, over the local API) says who reported it.
-    let status = Command::new(ctl_bin())
-        .args(&args)
-        .args(["status", "--device", &device, "--json"])
-        .output()
-        .unwrap();
-    assert!(status.status.success(), "{status:?}");
-    let summary = String::from_utf8_lossy(&status.stdout);
+    let summary = ctl_status_json(&args, &device).to_string();
     assert!(summary.contains("\"applied\""), "{summary}");
     let state = agent.state();
     assert_eq!(

@@ -6,7 +6,7 @@
 use std::process::Command;
 
 use outpost_e2e::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[test]
 fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
@@ -44,18 +44,8 @@ fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
     std::fs::write(&file, manifest.to_string()).unwrap();
     let mut args: Vec<String> = Vec::new();
     args.extend(broker.cli_flags(dir.path()).unwrap());
-    let out = Command::new(ctl_bin())
-        .args(&args)
-        .args(["deploy", "--device", &device])
-        .arg(&file)
-        .args([
-            "--sign-key",
-            &format!("{}.key", keys.display()),
-            "--timeout",
-            "90",
-        ])
-        .output()
-        .unwrap();
+    let sign_key = std::path::PathBuf::from(format!("{}.key", keys.display()));
+    let out = ctl_deploy(&args, &device, &file, Some(&sign_key), 90);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -73,15 +63,7 @@ fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
     assert_eq!(running.len(), 2, "{running:?}");
 
     // The hub's retained state says applied, names the source, and holds no secret.
-    let status = Command::new(ctl_bin())
-        .args(&args)
-        .args(["status", "--device", &device, "--json"])
-        .output()
-        .unwrap();
-    assert!(status.status.success(), "{status:?}");
-    let text = String::from_utf8_lossy(&status.stdout).into_owned();
-    let state: Value = serde_json::from_str(&text).unwrap();
-    let state_text = state.to_string();
+    let state_text = ctl_status_json(&args, &device).to_string();
     assert!(state_text.contains("\"applied\""), "{state_text}");
     assert!(
         !state_text.contains(&registry.password),
@@ -97,13 +79,7 @@ fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
     let mut v2 = manifest.clone();
     v2["version"] = json!(2);
     std::fs::write(&unsigned, v2.to_string()).unwrap();
-    let out = Command::new(ctl_bin())
-        .args(&args)
-        .args(["deploy", "--device", &device])
-        .arg(&unsigned)
-        .args(["--timeout", "30"])
-        .output()
-        .unwrap();
+    let out = ctl_deploy(&args, &device, &unsigned, None, 30);
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -111,13 +87,7 @@ fn hub_deploy_reaches_the_engine_and_applied_comes_back() {
         String::from_utf8_lossy(&out.stdout)
     );
     // The refusal is in the hub's retained state, with its reason.
-    let status = Command::new(ctl_bin())
-        .args(&args)
-        .args(["status", "--device", &device, "--json"])
-        .output()
-        .unwrap();
-    let state: Value = serde_json::from_slice(&status.stdout).unwrap();
-    let text = state.to_string();
+    let text = ctl_status_json(&args, &device).to_string();
     assert!(text.contains("accepts only signed deployments"), "{text}");
     let still: Vec<_> = containers(&device)
         .into_iter()

@@ -131,6 +131,36 @@ pub fn outpost_command() -> Command {
     }
 }
 
+/// `outpost-ctl [hub args] deploy --device DEVICE FILE [--sign-key KEY] --timeout SECS`.
+pub fn ctl_deploy(
+    hub: &[String],
+    device: &str,
+    file: &Path,
+    sign_key: Option<&Path>,
+    timeout_secs: u64,
+) -> std::process::Output {
+    let mut command = Command::new(ctl_bin());
+    command.args(hub).args(["deploy", "--device", device]).arg(file);
+    if let Some(key) = sign_key {
+        command.arg("--sign-key").arg(key);
+    }
+    command
+        .args(["--timeout", &timeout_secs.to_string()])
+        .output()
+        .expect("run outpost-ctl deploy")
+}
+
+/// `outpost-ctl [hub args] status --device DEVICE --json`: the hub's summary of the device.
+pub fn ctl_status_json(hub: &[String], device: &str) -> Value {
+    let out = Command::new(ctl_bin())
+        .args(hub)
+        .args(["status", "--device", device, "--json"])
+        .output()
+        .expect("run outpost-ctl status");
+    assert!(out.status.success(), "outpost-ctl status: {out:?}");
+    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+}
+
 /// `bin` of `package`; benchmarks measure the release build, which `env` names.
 fn built(env: &str, package: &str, bin: &str) -> PathBuf {
     if let Some(path) = std::env::var_os(env) {
