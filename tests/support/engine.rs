@@ -140,7 +140,10 @@ pub fn ctl_deploy(
     timeout_secs: u64,
 ) -> std::process::Output {
     let mut command = Command::new(ctl_bin());
-    command.args(hub).args(["deploy", "--device", device]).arg(file);
+    command
+        .args(hub)
+        .args(["deploy", "--device", device])
+        .arg(file);
     if let Some(key) = sign_key {
         command.arg("--sign-key").arg(key);
     }
