@@ -397,15 +397,17 @@ pub fn verify_image(reference: &str, info: &ImageInfo, platform: &Platform) -> R
 
 /// `linux/arm/v7`, as the engine describes the image.
 pub fn describe_platform(info: &ImageInfo) -> String {
-    let os = if info.os.is_empty() {
-        "linux"
-    } else {
-        &info.os
-    };
-    match &info.variant {
-        Some(v) if !v.is_empty() => format!("{os}/{}/{v}", info.architecture),
-        _ => format!("{os}/{}", info.architecture),
+    Platform {
+        os: if info.os.is_empty() {
+            "linux"
+        } else {
+            &info.os
+        }
+        .to_string(),
+        architecture: info.architecture.clone(),
+        variant: info.variant.clone().filter(|v| !v.is_empty()),
     }
+    .to_string()
 }
 
 /// Why an image does not run on `platform`, if it does not. An engine that does not say
