@@ -1,5 +1,7 @@
-//! Telemetry and the local bus with every real part: Mosquitto as the hub (mutual TLS,
-//! certificates made by the test, persistence on so the hub-side consumer keeps its session),
+//! Telemetry and the local bus with every real part: a real broker as the hub (Mosquitto, or
+//! the one `OUTPOST_TEST_BROKER` names; mutual TLS where the broker has it, certificates made
+//! by the test, and a hub outage the hub-side consumer's session survives — see
+//! `Broker::outage_begin`),
 //! the real agent with its embedded bus on the Docker bridge, and the test module in a
 //! container publishing through the bus with the credentials the agent gave it.
 
@@ -106,7 +108,7 @@ fn records_survive_a_hub_outage_and_kill_9_and_metrics_reach_the_hub() {
     );
 
     // 10,000 records published while the hub is down.
-    broker.stop_gracefully();
+    broker.outage_begin();
     let v1 = json!({
         "schemaVersion": "1.0", "id": "telemetry", "version": 1,
         "modules": {
@@ -130,7 +132,7 @@ fn records_survive_a_hub_outage_and_kill_9_and_metrics_reach_the_hub() {
     ));
     assert_eq!(metric(&samples, "outpost_hub_connected", ""), Some(0.0));
     let back = Instant::now();
-    broker.restart().unwrap();
+    broker.outage_end().unwrap();
     let first = wait_for(
         "the first record after the outage",
         Duration::from_secs(30),
@@ -152,7 +154,7 @@ fn records_survive_a_hub_outage_and_kill_9_and_metrics_reach_the_hub() {
     assert_complete_in_order(&readings, 10000, "after the outage");
 
     // kill -9 with 5,000 records queued: all arrive after the restart.
-    broker.stop_gracefully();
+    broker.outage_begin();
     let mut v2 = v1.clone();
     v2["version"] = json!(2);
     v2["modules"]["burst"] = json!({ "image": image, "env": {
@@ -171,7 +173,7 @@ fn records_survive_a_hub_outage_and_kill_9_and_metrics_reach_the_hub() {
         "an unchanged module is not restarted by a route change"
     );
     agent.restart(); // kill -9, then start again
-    broker.restart().unwrap();
+    broker.outage_end().unwrap();
     let burst = wait_for(
         "all 5,000 records after kill -9",
         Duration::from_secs(120),
@@ -244,7 +246,7 @@ fn a_full_outbox_drops_the_oldest_and_reports_it() {
             bus_listen()
         ),
     );
-    broker.stop_gracefully();
+    broker.outage_begin();
     let manifest = json!({
         "schemaVersion": "1.0", "id": "limits", "version": 1,
         "modules": { "sensor": { "image": image, "env": { "TESTMOD_PUBLISH_COUNT": "2000" } } },
@@ -267,7 +269,7 @@ fn a_full_outbox_drops_the_oldest_and_reports_it() {
     // 2,000 records of ~230 bytes do not fit in 64 KiB: most were dropped.
     assert!(dropped >= 1500.0, "only {dropped} dropped");
 
-    broker.restart().unwrap();
+    broker.outage_end().unwrap();
     let readings = wait_for(
         "the newest record at the hub",
         Duration::from_secs(60),
@@ -471,7 +473,7 @@ fn routes_work_on_an_external_device_broker() {
     let Some(hub) = Broker::start_persistent(Auth::MutualTls).unwrap() else {
         return;
     };
-    let Some(bus) = Broker::start(Auth::Plain).unwrap() else {
+    let Some(bus) = Broker::start_mosquitto(Auth::Plain).unwrap() else {
         return;
     };
     let registry = Registry::start();

@@ -253,10 +253,20 @@ fn run(cli: Cli) -> Result<u8> {
             println!("  device_id     {}", config.device_id);
             println!("  state_dir     {}", config.state_dir.display());
             match &config.hub {
-                Some(hub) => println!(
-                    "  hub           {}:{} (tls: {})",
-                    hub.host, hub.port, hub.tls
-                ),
+                Some(hub) => {
+                    println!(
+                        "  hub           {}:{} (tls: {})",
+                        hub.host, hub.port, hub.tls
+                    );
+                    if !hub.failover.is_empty() {
+                        let nodes: Vec<String> = hub
+                            .failover
+                            .iter()
+                            .map(|(h, p)| format!("{h}:{p}"))
+                            .collect();
+                        println!("  failover      {}", nodes.join(", "));
+                    }
+                }
                 None => println!("  hub           none (local deployments only)"),
             }
             println!("  trusted keys  {}", config.policy.trusted_keys.len());

@@ -89,6 +89,8 @@ pub fn settings(conn: &HubConnection) -> Result<(Settings, String)> {
         client_id,
         port: url.port().unwrap_or(if tls { 8883 } else { 1883 }),
         host,
+        // The operator names one node; a clustered hub shares the retained topics anyway.
+        failover: Vec::new(),
         tls: tls.then(|| TlsFiles {
             ca_file: conn.ca.clone(),
             client_auth: conn.cert.clone().zip(conn.key.clone()),

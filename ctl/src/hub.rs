@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeFilter};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -34,10 +34,18 @@ pub struct Message {
     pub retain: bool,
 }
 
+/// How long a subscription may wait for the broker's SUBACK.
+pub const SUBACK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A connection of the operator's CLI to the hub.
 pub struct Operator {
     client: AsyncClient,
     rx: mpsc::Receiver<Message>,
+    /// SUBACKs received so far, and SUBSCRIBEs sent: `subscribe` waits for its SUBACK, since
+    /// a broker that handles packets concurrently (amqtt) may route a PUBLISH sent right
+    /// after a SUBSCRIBE before the subscription exists.
+    subacks: watch::Receiver<u64>,
+    subscribes: std::sync::atomic::AtomicU64,
     stop: CancellationToken,
     prefix: String,
     sync_topic: String,
@@ -66,6 +74,7 @@ impl Operator {
         settings.client_id = format!("outpost-operator-{nonce}");
         let (client, mut eventloop) = client(&settings, None)?;
         let (tx, rx) = mpsc::channel(1024);
+        let (suback_tx, subacks) = watch::channel(0u64);
         let (ready_tx, ready_rx) = oneshot::channel();
         let stop = CancellationToken::new();
         let task_stop = stop.clone();
@@ -81,6 +90,9 @@ impl Operator {
                         if let Some(r) = ready.take() {
                             let _ = r.send(Ok(()));
                         }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        suback_tx.send_modify(|n| *n += 1);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let message = Message {
@@ -128,6 +140,8 @@ impl Operator {
         Ok(Operator {
             client,
             rx,
+            subacks,
+            subscribes: std::sync::atomic::AtomicU64::new(0),
             stop,
             prefix: prefix.to_string(),
             sync_topic: format!("{prefix}/_operator/{nonce}/sync"),
@@ -138,16 +152,26 @@ impl Operator {
         &self.prefix
     }
 
-    /// Subscribes to `filters` (QoS 1).
+    /// Subscribes to `filters` (QoS 1) and waits for the broker's acknowledgement (at most
+    /// [`SUBACK_TIMEOUT`]).
     pub async fn subscribe(&self, filters: &[String]) -> Result<(), HubError> {
         let filters: Vec<_> = filters
             .iter()
             .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
             .collect();
+        let want = 1 + self
+            .subscribes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.client
             .subscribe_many(filters)
             .await
-            .map_err(|e| HubError::Client(e.to_string()))
+            .map_err(|e| HubError::Client(e.to_string()))?;
+        let mut subacks = self.subacks.clone();
+        match tokio::time::timeout(SUBACK_TIMEOUT, subacks.wait_for(|n| *n >= want)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(HubError::Client("the connection task ended".into())),
+            Err(_) => Err(HubError::Timeout(SUBACK_TIMEOUT)),
+        }
     }
 
     /// Publishes with QoS 1.

@@ -140,8 +140,12 @@ impl Password {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub client_id: String,
+    /// The endpoint connected to (or tried) now.
     pub host: String,
     pub port: u16,
+    /// The other endpoints of a clustered hub, in the order they are tried when the current
+    /// one fails (see [`Settings::next_endpoint`]).
+    pub failover: Vec<(String, u16)>,
     /// `None` is plaintext MQTT (allowed by the configuration's rules only).
     pub tls: Option<tls::TlsFiles>,
     pub credentials: Option<(String, Password)>,
@@ -153,6 +157,20 @@ pub struct Settings {
 impl Settings {
     fn addr(&self) -> String {
         format!("{}:{}", self.host, self.port)
+    }
+
+    /// The same settings aimed at the next endpoint, the current one going to the back of
+    /// the list: a link whose connection failed tries each node of a clustered hub in turn
+    /// (as MQTT clients' server-URI lists do) and stays on the one that answers.
+    pub fn next_endpoint(&self) -> Settings {
+        let mut next = self.clone();
+        if !next.failover.is_empty() {
+            let (host, port) = next.failover.remove(0);
+            let current = (std::mem::replace(&mut next.host, host), next.port);
+            next.port = port;
+            next.failover.push(current);
+        }
+        next
     }
 
     /// What went wrong with a connection attempt, in words an operator can act on.
@@ -196,13 +214,12 @@ impl Settings {
     }
 }
 
-/// Creates the rumqttc client and event loop (nothing is connected until the loop is polled).
+/// The client options for `settings`' current endpoint; a link that fails over puts these
+/// into its event loop (`EventLoop::mqtt_options`) before the next attempt. The TLS files
+/// are read again, so a rotated certificate is picked up on reconnect.
 ///
 /// Fails when the TLS files cannot be used.
-pub fn client(
-    settings: &Settings,
-    last_will: Option<LastWill>,
-) -> Result<(AsyncClient, EventLoop), HubError> {
+pub fn options(settings: &Settings, last_will: Option<LastWill>) -> Result<MqttOptions, HubError> {
     let mut options = MqttOptions::new(&settings.client_id, &settings.host, settings.port);
     options
         .set_keep_alive(settings.keep_alive)
@@ -222,6 +239,17 @@ pub fn client(
     if let Some(will) = last_will {
         options.set_last_will(will);
     }
+    Ok(options)
+}
+
+/// Creates the rumqttc client and event loop (nothing is connected until the loop is polled).
+///
+/// Fails when the TLS files cannot be used.
+pub fn client(
+    settings: &Settings,
+    last_will: Option<LastWill>,
+) -> Result<(AsyncClient, EventLoop), HubError> {
+    let options = options(settings, last_will)?;
     let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
     let mut network = rumqttc::NetworkOptions::new();
     // Small messages both ways: without this, Nagle's algorithm and delayed ACKs add ~40 ms
@@ -235,6 +263,36 @@ pub fn client(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failover_goes_round_the_endpoints_in_order() {
+        let s = Settings {
+            client_id: "d".into(),
+            host: "a".into(),
+            port: 1,
+            failover: vec![("b".into(), 2), ("c".into(), 3)],
+            tls: None,
+            credentials: None,
+            keep_alive: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(250),
+            reconnect_max: Duration::from_secs(30),
+        };
+        let mut seen = Vec::new();
+        let mut cur = s.clone();
+        for _ in 0..4 {
+            seen.push((cur.host.clone(), cur.port));
+            cur = cur.next_endpoint();
+        }
+        assert_eq!(
+            seen,
+            [("a", 1), ("b", 2), ("c", 3), ("a", 1)].map(|(h, p)| (h.to_string(), p))
+        );
+        let single = Settings {
+            failover: vec![],
+            ..s
+        };
+        assert_eq!(single.next_endpoint().host, "a");
+    }
 
     #[test]
     fn passwords_stay_out_of_debug_output() {

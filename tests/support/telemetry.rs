@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use outpost_agent::telemetry::upstream::ReceivedBatch;
 
-use crate::hub::Broker;
+use crate::broker::Broker;
 
 /// Messages as received: (topic, payload).
 type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
@@ -32,27 +32,10 @@ impl HubConsumer {
     /// QoS 1; with a persistent broker, messages published while it reconnects wait for it.
     pub fn start(broker: &Broker, filter: &str) -> HubConsumer {
         crate::hub::init();
-        let mut options = rumqttc::MqttOptions::new(
-            format!("hub-consumer-{}", std::process::id()),
-            "localhost",
-            broker.port,
-        );
+        let mut options = broker.mqtt_options(&format!("hub-consumer-{}", std::process::id()));
         options
             .set_clean_session(false)
-            .set_keep_alive(Duration::from_secs(5))
             .set_max_packet_size(8 << 20, 1 << 20);
-        let files = outpost_agent::hub::tls::TlsFiles {
-            ca_file: Some(broker.pki.ca.clone()),
-            client_auth: Some((
-                broker.pki.client_cert.clone(),
-                broker.pki.client_key.clone(),
-            )),
-            ca_setting: "--ca",
-        };
-        let tls = outpost_agent::hub::tls::client_config(&files).expect("consumer TLS");
-        options.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
-        ));
         let (client, mut connection) = rumqttc::Client::new(options, 64);
         let received = Arc::new(Mutex::new(Vec::new()));
         let subscribed = Arc::new(Mutex::new(false));

@@ -17,40 +17,20 @@ pub(super) fn hub(h: RawHub, base: &Path, issues: &mut Issues) -> Option<HubConf
         );
         return None;
     };
-    let url = match url::Url::parse(&text) {
-        Ok(u) => u,
-        Err(e) => {
-            issues.push("hub.url", format!("`{text}` is not a URL: {e}"));
-            return None;
+    let (url, tls, host, port) = endpoint(&text, "hub.url", h.allow_insecure, issues)?;
+    let mut failover = Vec::new();
+    for (i, other) in h.failover_urls.iter().enumerate() {
+        let key = format!("hub.failover_urls[{i}]");
+        if let Some((_, other_tls, host, port)) = endpoint(other, &key, h.allow_insecure, issues) {
+            if other_tls != tls {
+                issues.push(
+                    &key,
+                    format!("`{other}` must use the same scheme as hub.url (`{}://`): the same TLS files serve every endpoint", url.scheme()),
+                );
+            }
+            failover.push((host, port));
         }
-    };
-    let tls = match url.scheme() {
-        "mqtts" => true,
-        "mqtt" => false,
-        other => {
-            issues.push(
-                "hub.url",
-                format!(
-                    "scheme `{other}` is not supported; use `mqtts://` (or `mqtt://` on loopback)"
-                ),
-            );
-            return None;
-        }
-    };
-    let Some(host) = url
-        .host_str()
-        .map(|h| h.trim_matches(['[', ']']).to_string())
-    else {
-        issues.push("hub.url", format!("`{text}` names no host"));
-        return None;
-    };
-    if !tls && !h.allow_insecure && !is_loopback(&host) {
-        issues.push(
-            "hub.url",
-            format!("`{text}` is plaintext MQTT to a remote host; use `mqtts://`, or set hub.allow_insecure = true if you accept that"),
-        );
     }
-    let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
     let ca_file = h.ca_file.map(|f| issues.file("hub.ca_file", &f, base));
     let client_auth = match (h.cert_file, h.key_file) {
         (Some(c), Some(k)) => Some((
@@ -111,6 +91,7 @@ pub(super) fn hub(h: RawHub, base: &Path, issues: &mut Issues) -> Option<HubConf
         url,
         host,
         port,
+        failover,
         tls,
         ca_file,
         client_auth,
@@ -122,6 +103,50 @@ pub(super) fn hub(h: RawHub, base: &Path, issues: &mut Issues) -> Option<HubConf
     })
 }
 
+/// One hub URL: scheme (TLS or not), host and port, or the reason it is refused under `key`.
+fn endpoint(
+    text: &str,
+    key: &str,
+    allow_insecure: bool,
+    issues: &mut Issues,
+) -> Option<(url::Url, bool, String, u16)> {
+    let url = match url::Url::parse(text) {
+        Ok(u) => u,
+        Err(e) => {
+            issues.push(key, format!("`{text}` is not a URL: {e}"));
+            return None;
+        }
+    };
+    let tls = match url.scheme() {
+        "mqtts" => true,
+        "mqtt" => false,
+        other => {
+            issues.push(
+                key,
+                format!(
+                    "scheme `{other}` is not supported; use `mqtts://` (or `mqtt://` on loopback)"
+                ),
+            );
+            return None;
+        }
+    };
+    let Some(host) = url
+        .host_str()
+        .map(|h| h.trim_matches(['[', ']']).to_string())
+    else {
+        issues.push(key, format!("`{text}` names no host"));
+        return None;
+    };
+    if !tls && !allow_insecure && !is_loopback(&host) {
+        issues.push(
+            key,
+            format!("`{text}` is plaintext MQTT to a remote host; use `mqtts://`, or set hub.allow_insecure = true if you accept that"),
+        );
+    }
+    let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+    Some((url, tls, host, port))
+}
+
 fn is_loopback(host: &str) -> bool {
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
@@ -129,6 +154,39 @@ fn is_loopback(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::super::tests::load;
+
+    #[test]
+    fn failover_urls_are_checked_like_the_url() {
+        let hub = load(
+            "device_id = \"a\"\n[hub]\nurl = \"mqtts://n1.example.com\"\nfailover_urls = [\"mqtts://n2.example.com:8884\", \"mqtts://10.0.0.3\"]\n",
+            &[],
+        )
+        .unwrap()
+        .hub
+        .unwrap();
+        assert_eq!((hub.host.as_str(), hub.port), ("n1.example.com", 8883));
+        assert_eq!(
+            hub.failover,
+            [
+                ("n2.example.com".to_string(), 8884),
+                ("10.0.0.3".to_string(), 8883)
+            ]
+        );
+        let err = load(
+            "device_id = \"a\"\n[hub]\nurl = \"mqtts://n1.example.com\"\nfailover_urls = [\"mqtt://n2.example.com\", \"nope\"]\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("hub.failover_urls[0]") && err.contains("plaintext"),
+            "{err}"
+        );
+        assert!(
+            err.contains("hub.failover_urls[1]") && err.contains("not a URL"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn plaintext_is_allowed_on_loopback_or_when_asked() {

@@ -80,6 +80,7 @@ impl Config {
                     .try_parsing(true)
                     .list_separator(",")
                     .with_list_parse_key("hub.groups")
+                    .with_list_parse_key("hub.failover_urls")
                     .with_list_parse_key("policy.trusted_keys")
                     .with_list_parse_key("policy.allowed_registries")
                     .with_list_parse_key("policy.allowed_host_paths")

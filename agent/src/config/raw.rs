@@ -31,6 +31,8 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHub {
     pub(super) url: Option<String>,
+    #[serde(default)]
+    pub(super) failover_urls: Vec<String>,
     pub(super) ca_file: Option<PathBuf>,
     pub(super) cert_file: Option<PathBuf>,
     pub(super) key_file: Option<PathBuf>,

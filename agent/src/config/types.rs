@@ -33,6 +33,9 @@ pub struct HubConfig {
     pub url: url::Url,
     pub host: String,
     pub port: u16,
+    /// Other nodes of a clustered hub (`hub.failover_urls`), tried in order when the current
+    /// one fails.
+    pub failover: Vec<(String, u16)>,
     pub tls: bool,
     /// Without it, the system's root certificates are used.
     pub ca_file: Option<PathBuf>,

@@ -33,6 +33,7 @@ pub fn settings(hub: &HubConfig, device_id: &str) -> Result<Settings, HubError> 
         client_id: device_id.to_string(),
         host: hub.host.clone(),
         port: hub.port,
+        failover: hub.failover.clone(),
         tls: hub.tls.then(|| tls::TlsFiles {
             ca_file: hub.ca_file.clone(),
             client_auth: hub.client_auth.clone(),
@@ -104,6 +105,11 @@ pub async fn drive(
     let mut backoff = Backoff::new(settings.reconnect_min, settings.reconnect_max);
     let mut ever_connected = false;
     let mut generation = 0u64;
+    // The endpoint tried now; it moves through `failover` on failures.
+    let mut current = settings.clone();
+    // Configuration errors in a row since start: the link gives up only when every endpoint
+    // answered with one (a clustered hub's node may be misconfigured on its own).
+    let mut refusals = 0usize;
     loop {
         // Cancel safety: `poll` may be dropped mid-way only here, on shutdown; rumqttc keeps
         // unsent requests in its state, and the connection is abandoned right after anyway.
@@ -117,19 +123,40 @@ pub async fn drive(
                 backoff.reset();
                 generation += 1;
                 routes.session.send_replace(generation);
-                tracing::info!(host = %settings.host, port = settings.port, session = generation, "connected to the hub");
+                tracing::info!(host = %current.host, port = current.port, session = generation, "connected to the hub");
             }
             Ok(Event::Incoming(Packet::Publish(p))) => routes.route(&p.topic, &p.payload),
             Ok(_) => {}
             Err(e) => {
                 routes.session.send_replace(0);
-                let err = settings.explain(&e);
+                let err = current.explain(&e);
                 if !ever_connected && err.is_configuration() {
-                    tracing::error!(error = %err, "cannot connect to the hub");
-                    return Err(err);
+                    refusals += 1;
+                    if refusals > current.failover.len() {
+                        tracing::error!(error = %err, "cannot connect to the hub");
+                        return Err(err);
+                    }
+                } else {
+                    refusals = 0;
                 }
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "hub connection failed");
+                if current.failover.is_empty() {
+                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "hub connection failed");
+                } else {
+                    let next = current.next_endpoint();
+                    tracing::warn!(error = %err, next_host = %next.host, next_port = next.port, retry_in_ms = delay.as_millis() as u64, "hub connection failed; trying the next endpoint");
+                    match outpost_mqtt::options(
+                        &next,
+                        Some(super::report::last_will(&routes.topics)),
+                    ) {
+                        Ok(options) => {
+                            eventloop.mqtt_options = options;
+                            current = next;
+                        }
+                        // The same files serve every endpoint: stay and retry this one.
+                        Err(e) => tracing::warn!(error = %e, "cannot set up the next endpoint"),
+                    }
+                }
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}

@@ -159,6 +159,8 @@ pub async fn run(mut ctx: Context, stop: CancellationToken) {
             tracing::debug!(error = %err, retry_in_ms = delay.as_millis() as u64, "telemetry link connection failed");
         }
         poller.abort();
+        // A clustered hub: the next attempt goes to the next node (the link does the same).
+        ctx.settings = ctx.settings.next_endpoint();
         ctx.link_session.borrow_and_update();
         tokio::select! {
             _ = stop.cancelled() => return,
