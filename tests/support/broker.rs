@@ -83,6 +83,7 @@ fn leaf(
     issuer: &CertifiedIssuer<'static, KeyPair>,
     name: &str,
     server: bool,
+    server_ips: &[std::net::IpAddr],
 ) -> Result<(String, String)> {
     let mut params = CertificateParams::new(if server {
         vec!["localhost".to_string()]
@@ -93,6 +94,9 @@ fn leaf(
         params
             .subject_alt_names
             .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        for ip in server_ips {
+            params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
     }
     params.distinguished_name.push(DnType::CommonName, name);
     validity(&mut params);
@@ -113,6 +117,16 @@ fn leaf(
 impl Pki {
     /// Generates everything into `dir`. Client certificates are for `client_name`.
     pub fn generate(dir: &Path, client_name: &str) -> Result<Pki> {
+        Pki::generate_for(dir, client_name, &[])
+    }
+
+    /// [`Pki::generate`] with a server certificate also valid for `server_ips` (the nodes
+    /// of a clustered hub).
+    pub fn generate_for(
+        dir: &Path,
+        client_name: &str,
+        server_ips: &[std::net::IpAddr],
+    ) -> Result<Pki> {
         let write = |name: &str, text: &str| -> Result<PathBuf> {
             let path = dir.join(name);
             std::fs::write(&path, text)?;
@@ -120,9 +134,9 @@ impl Pki {
         };
         let ca1 = ca("outpost test CA")?;
         let ca2 = ca("some other CA")?;
-        let (server_cert, server_key) = leaf(&ca1, "localhost", true)?;
-        let (client_cert, client_key) = leaf(&ca1, client_name, false)?;
-        let (other_cert, other_key) = leaf(&ca2, client_name, false)?;
+        let (server_cert, server_key) = leaf(&ca1, "localhost", true, server_ips)?;
+        let (client_cert, client_key) = leaf(&ca1, client_name, false, &[])?;
+        let (other_cert, other_key) = leaf(&ca2, client_name, false, &[])?;
         Ok(Pki {
             dir: dir.to_path_buf(),
             ca: write("ca.pem", &ca1.pem())?,

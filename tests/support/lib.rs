@@ -1,5 +1,6 @@
 //! Shared harness for the end-to-end tests: the real parts they run against.
 //!
+//! - [`cluster`]: a clustered hub, ejabberd nodes in network namespaces of their own;
 //! - [`drill`]: fault drills: a tmpfs to fill, a lying wall clock (libfaketime), the engine's
 //!   event log;
 //! - [`engine`]: the Docker engine, a real registry with credentials, the test module's
@@ -11,12 +12,14 @@
 //!   Prometheus endpoint parsed, module logs and environment.
 
 pub mod broker;
+pub mod cluster;
 pub mod drill;
 pub mod engine;
 pub mod hub;
 pub mod telemetry;
 
 pub use broker::*;
+pub use cluster::*;
 pub use drill::*;
 pub use engine::*;
 pub use hub::*;

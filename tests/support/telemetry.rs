@@ -31,8 +31,15 @@ impl HubConsumer {
     /// Connects with a persistent session (clean session off) and subscribes to `filter` at
     /// QoS 1; with a persistent broker, messages published while it reconnects wait for it.
     pub fn start(broker: &Broker, filter: &str) -> HubConsumer {
+        HubConsumer::connect(
+            broker.mqtt_options(&format!("hub-consumer-{}", std::process::id())),
+            filter,
+        )
+    }
+
+    /// [`HubConsumer::start`] with the connection's options given (a cluster's node).
+    pub fn connect(mut options: rumqttc::MqttOptions, filter: &str) -> HubConsumer {
         crate::hub::init();
-        let mut options = broker.mqtt_options(&format!("hub-consumer-{}", std::process::id()));
         options
             .set_clean_session(false)
             .set_max_packet_size(8 << 20, 1 << 20);
