@@ -173,6 +173,24 @@ impl Settings {
         next
     }
 
+    /// A hint for a connection the broker closed before it answered CONNECT (no CONNACK):
+    /// some brokers (amqtt) refuse a client certificate by closing the connection without a
+    /// TLS alert, which looks like a network failure and is retried.
+    pub fn hint_closed_before_connack(&self, err: &HubError) -> Option<&'static str> {
+        let with_certificate = self.tls.as_ref().is_some_and(|t| t.client_auth.is_some());
+        let closed = match err {
+            HubError::Connect { detail, .. } => {
+                detail.contains("peer closed connection")
+                    || detail.contains("Connection reset")
+                    || detail.contains("handshake eof")
+            }
+            _ => false,
+        };
+        (with_certificate && closed).then_some(
+            "the broker closed the connection before accepting it: if it verifies client certificates, check that it trusts the device's certificate (its log says why)",
+        )
+    }
+
     /// What went wrong with a connection attempt, in words an operator can act on.
     pub fn explain(&self, err: &ConnectionError) -> HubError {
         if let (Some(files), Some(tls_err)) = (&self.tls, tls::rustls_error(err)) {
@@ -292,6 +310,37 @@ mod tests {
             ..s
         };
         assert_eq!(single.next_endpoint().host, "a");
+    }
+
+    #[test]
+    fn a_connection_closed_before_connack_with_a_certificate_gets_a_hint() {
+        let mut s = Settings {
+            client_id: "d".into(),
+            host: "hub".into(),
+            port: 8883,
+            failover: vec![],
+            tls: Some(tls::TlsFiles {
+                ca_file: None,
+                client_auth: Some(("c.pem".into(), "c.key".into())),
+                ca_setting: "hub.ca_file",
+            }),
+            credentials: None,
+            keep_alive: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(250),
+            reconnect_max: Duration::from_secs(30),
+        };
+        let closed = HubError::Connect {
+            addr: "hub:8883".into(),
+            detail: "IO: peer closed connection without sending TLS close_notify".into(),
+        };
+        let refused = HubError::Connect {
+            addr: "hub:8883".into(),
+            detail: "I/O: Connection refused (os error 111)".into(),
+        };
+        assert!(s.hint_closed_before_connack(&closed).is_some());
+        assert!(s.hint_closed_before_connack(&refused).is_none());
+        s.tls.as_mut().unwrap().client_auth = None;
+        assert!(s.hint_closed_before_connack(&closed).is_none());
     }
 
     #[test]

@@ -110,6 +110,8 @@ pub async fn drive(
     // Configuration errors in a row since start: the link gives up only when every endpoint
     // answered with one (a clustered hub's node may be misconfigured on its own).
     let mut refusals = 0usize;
+    // Whether this connection got its CONNACK (a failure before it may be a silent refusal).
+    let mut acknowledged = false;
     loop {
         // Cancel safety: `poll` may be dropped mid-way only here, on shutdown; rumqttc keeps
         // unsent requests in its state, and the connection is abandoned right after anyway.
@@ -120,6 +122,7 @@ pub async fn drive(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 ever_connected = true;
+                acknowledged = true;
                 backoff.reset();
                 generation += 1;
                 routes.session.send_replace(generation);
@@ -130,6 +133,11 @@ pub async fn drive(
             Err(e) => {
                 routes.session.send_replace(0);
                 let err = current.explain(&e);
+                if !std::mem::take(&mut acknowledged)
+                    && let Some(hint) = current.hint_closed_before_connack(&err)
+                {
+                    tracing::warn!(host = %current.host, port = current.port, "{hint}");
+                }
                 if !ever_connected && err.is_configuration() {
                     refusals += 1;
                     if refusals > current.failover.len() {
