@@ -19,21 +19,25 @@ pub struct Platform {
     pub variant: Option<String>,
 }
 
+/// The ARM level of a 32-bit ARM target triple, as Docker names it: `armv7-...` and
+/// `thumbv7neon-...` are `v7`, `arm-...` (the Raspberry Pi 1's ARMv6) and `armv6-...` are
+/// `v6`, `armv5te-...` is `v5`.
+fn arm_variant(triple: &str) -> &'static str {
+    let arch = triple.split('-').next().unwrap_or_default();
+    if arch.starts_with("armv7") || arch.starts_with("thumbv7") {
+        "v7"
+    } else if arch.starts_with("armv5") {
+        "v5"
+    } else {
+        "v6"
+    }
+}
+
 impl Platform {
     /// The platform this binary was built for: `linux/amd64`, `linux/arm64`, `linux/arm/v7`
     /// (`v6`/`v5` for older ARM builds).
     pub fn of_this_build() -> Platform {
-        let variant = if cfg!(target_arch = "arm") {
-            Some(if cfg!(target_feature = "v7") {
-                "v7"
-            } else if cfg!(target_feature = "v6") {
-                "v6"
-            } else {
-                "v5"
-            })
-        } else {
-            None
-        };
+        let variant = cfg!(target_arch = "arm").then(|| arm_variant(env!("OUTPOST_BUILD_TARGET")));
         Platform {
             os: std::env::consts::OS.to_string(),
             architecture: go_arch().to_string(),
@@ -135,6 +139,14 @@ impl fmt::Display for Platform {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arm_variants_come_from_the_target_triple() {
+        assert_eq!(arm_variant("armv7-unknown-linux-gnueabihf"), "v7");
+        assert_eq!(arm_variant("thumbv7neon-unknown-linux-gnueabihf"), "v7");
+        assert_eq!(arm_variant("arm-unknown-linux-gnueabihf"), "v6");
+        assert_eq!(arm_variant("armv5te-unknown-linux-gnueabi"), "v5");
+    }
 
     #[test]
     fn parses_what_docker_names() {
