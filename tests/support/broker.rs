@@ -633,20 +633,11 @@ impl Broker {
 
     /// Stops the broker as a crash would: no clean goodbye to clients, nothing saved.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.process.take() {
-            // Its own process group (amqtt's Python, a shell in between)...
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .status();
-            // ...except ejabberd's Erlang VM, which `su` starts in a session of its own: it is
-            // found by its node name.
-            if self.kind == Kind::Ejabberd {
-                let _ = Command::new("pkill")
-                    .args(["-KILL", "-f", &format!("name {}( |$)", self.node)])
-                    .status();
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.process.take() {
+            kill_broker(
+                child,
+                (self.kind == Kind::Ejabberd).then_some(self.node.as_str()),
+            );
         }
     }
 
@@ -867,16 +858,7 @@ impl Broker {
             options.set_credentials(user, password);
         }
         if self.auth != Auth::Plain {
-            let files = TlsFiles {
-                ca_file: Some(self.pki.ca.clone()),
-                client_auth: (self.auth == Auth::MutualTls)
-                    .then(|| (self.pki.client_cert.clone(), self.pki.client_key.clone())),
-                ca_setting: "--ca",
-            };
-            let tls = outpost_agent::hub::tls::client_config(&files).expect("client TLS");
-            options.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
-            ));
+            options.set_transport(tls_transport(&self.pki, self.auth == Auth::MutualTls));
         }
         options
     }
@@ -925,7 +907,34 @@ impl Drop for Broker {
     }
 }
 
-fn set_mode(path: &Path, mode: u32) -> Result<()> {
+/// Kills a broker started in its own process group (amqtt's Python, a shell in between), and
+/// an ejabberd node's Erlang VM, which `su` starts in a session of its own: it is found by
+/// its node name.
+pub(crate) fn kill_broker(mut child: Child, erlang_node: Option<&str>) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .status();
+    if let Some(node) = erlang_node {
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &format!("name {node}( |$)")])
+            .status();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// TLS for a test client trusting the test CA, with its client certificate when asked.
+pub(crate) fn tls_transport(pki: &Pki, client_certificate: bool) -> rumqttc::Transport {
+    let files = TlsFiles {
+        ca_file: Some(pki.ca.clone()),
+        client_auth: client_certificate.then(|| (pki.client_cert.clone(), pki.client_key.clone())),
+        ca_setting: "--ca",
+    };
+    let tls = outpost_agent::hub::tls::client_config(&files).expect("client TLS");
+    rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(tls)))
+}
+
+pub(crate) fn set_mode(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(())

@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use outpost_agent::hub::link::Settings;
 use outpost_agent::hub::tls::TlsFiles;
 
-use crate::broker::{Kind, Pki};
+use crate::broker::{Kind, Pki, kill_broker, set_mode, tls_transport};
 
 /// The MQTT port of every node (TLS).
 pub const NODE_PORT: u16 = 8883;
@@ -174,15 +174,8 @@ impl Node {
 
     /// Ends the node as a power cut would.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.process.take() {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .status();
-            let _ = Command::new("pkill")
-                .args(["-KILL", "-f", &format!("name {}( |$)", self.name)])
-                .status();
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.process.take() {
+            kill_broker(child, Some(&self.name));
         }
     }
 
@@ -347,15 +340,7 @@ impl Cluster {
             rumqttc::MqttOptions::new(client_id, self.nodes[node].ip.to_string(), NODE_PORT);
         options.set_keep_alive(Duration::from_secs(5));
         options.set_credentials(&self.login.0, &self.login.1);
-        let files = TlsFiles {
-            ca_file: Some(self.pki.ca.clone()),
-            client_auth: None,
-            ca_setting: "--ca",
-        };
-        let tls = outpost_agent::hub::tls::client_config(&files).expect("client TLS");
-        options.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
-        ));
+        options.set_transport(tls_transport(&self.pki, false));
         options
     }
 
@@ -394,10 +379,4 @@ impl Cluster {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
-}
-
-fn set_mode(path: &Path, mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(())
 }
