@@ -600,19 +600,7 @@ impl Broker {
     }
 
     fn ejabberdctl_args(&self) -> Vec<String> {
-        let d = self.dir.path();
-        vec![
-            "--config".into(),
-            d.join("ejabberd.yml").display().to_string(),
-            "--ctl-config".into(),
-            d.join("ejabberdctl.cfg").display().to_string(),
-            "--spool".into(),
-            d.join("spool").display().to_string(),
-            "--logs".into(),
-            d.join("logs").display().to_string(),
-            "--node".into(),
-            self.node.clone(),
-        ]
+        ejabberdctl_args(self.dir.path(), &self.node)
     }
 
     fn ejabberdctl(&self, args: &[&str]) -> Result<()> {
@@ -905,6 +893,23 @@ impl Drop for Broker {
             eprintln!("{} files kept in {}", self.kind.name(), to.display());
         }
     }
+}
+
+/// `ejabberdctl`'s options for a node whose configuration, spool and logs are all in `dir`.
+pub(crate) fn ejabberdctl_args(dir: &Path, node: &str) -> Vec<String> {
+    let path = |name: &str| dir.join(name).display().to_string();
+    vec![
+        "--config".into(),
+        path("ejabberd.yml"),
+        "--ctl-config".into(),
+        path("ejabberdctl.cfg"),
+        "--spool".into(),
+        path("spool"),
+        "--logs".into(),
+        path("logs"),
+        "--node".into(),
+        node.to_string(),
+    ]
 }
 
 /// Kills a broker started in its own process group (amqtt's Python, a shell in between), and

@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use outpost_agent::hub::link::Settings;
 use outpost_agent::hub::tls::TlsFiles;
 
-use crate::broker::{Kind, Pki, kill_broker, set_mode, tls_transport};
+use crate::broker::{Kind, Pki, ejabberdctl_args, kill_broker, set_mode, tls_transport};
 
 /// The MQTT port of every node (TLS).
 pub const NODE_PORT: u16 = 8883;
@@ -119,23 +119,14 @@ pub struct Node {
 
 impl Node {
     fn ctl_args(&self) -> Vec<String> {
-        let d = &self.dir;
-        vec![
-            "netns".into(),
+        let mut args = vec![
+            "netns".to_string(),
             "exec".into(),
             self.ns.clone(),
             "ejabberdctl".into(),
-            "--config".into(),
-            d.join("ejabberd.yml").display().to_string(),
-            "--ctl-config".into(),
-            d.join("ejabberdctl.cfg").display().to_string(),
-            "--spool".into(),
-            d.join("spool").display().to_string(),
-            "--logs".into(),
-            d.join("logs").display().to_string(),
-            "--node".into(),
-            self.name.clone(),
-        ]
+        ];
+        args.extend(ejabberdctl_args(&self.dir, &self.name));
+        args
     }
 
     fn ctl(&self, args: &[&str]) -> Result<String> {
