@@ -250,7 +250,20 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Config(ConfigCommand::Check) => {
             let config = load_config(&cli.config)?;
             println!("{}: ok", config.source.display());
-            println!("  device_id     {}", config.device_id);
+            match &config.provisioning {
+                None => println!("  device_id     {}", config.device_id),
+                Some(p) => {
+                    let files = crate::provision::IdentityFiles::new(&config.state_dir);
+                    match crate::provision::identity::load(&files) {
+                        Ok(Some(id)) => println!("  device_id     {} (provisioned)", id.device_id),
+                        Ok(None) => println!(
+                            "  device_id     (given at first boot by the responder on {}:{}, prefix {})",
+                            p.host, p.port, p.topic_prefix
+                        ),
+                        Err(e) => println!("  device_id     unknown: {e}"),
+                    }
+                }
+            }
             println!("  state_dir     {}", config.state_dir.display());
             match &config.hub {
                 Some(hub) => {

@@ -45,12 +45,19 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Outbox(#[from] crate::telemetry::outbox::OutboxError),
+    #[error(transparent)]
+    Provision(#[from] crate::provision::ProvisionError),
 }
 
 impl DaemonError {
     /// Whether restarting cannot help (a configuration problem): the binary exits 78 then.
     pub fn is_configuration(&self) -> bool {
         matches!(self, DaemonError::Hub(e) if e.is_configuration())
+            // A damaged identity needs a person: restarting would only fail again.
+            || matches!(
+                self,
+                DaemonError::Provision(crate::provision::ProvisionError::Identity { .. })
+            )
     }
 }
 
@@ -59,6 +66,25 @@ impl DaemonError {
 /// Fails at start-up when the store cannot be opened or the engine cannot be reached; once
 /// running, failures are retried, not returned.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    // First boot by claim: nothing else starts before the device knows who it is.
+    let (config, renewal) = match (&config.provisioning, &config.hub) {
+        (Some(p), Some(hub)) => {
+            let files = crate::provision::IdentityFiles::new(&config.state_dir);
+            let Some(identity) = crate::provision::claim::ensure(p, hub, &files, &shutdown).await?
+            else {
+                return Ok(());
+            };
+            let applied = crate::provision::apply(config.clone(), &identity, &files);
+            let renewal = crate::provision::renew::Context {
+                provisioning: p.clone(),
+                hub: applied.hub.clone().unwrap_or_else(|| hub.clone()),
+                files,
+                identity,
+            };
+            (applied, Some(renewal))
+        }
+        _ => (config, None),
+    };
     let (store, recovery) = Store::open(&config.state_dir, config.disk.store_reserve_bytes)?;
     if let Some(r) = &recovery {
         warn!(moved_to = %r.moved_to.display(), reason = %r.reason,
@@ -208,6 +234,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         });
     } else {
         info!("no [hub] configured: local deployments only");
+    }
+    if let Some(renewal) = renewal {
+        tasks.spawn(crate::provision::renew::run(renewal, shutdown.clone()));
     }
     tasks.close();
     shutdown.cancelled().await;

@@ -8,6 +8,7 @@
 //! - [`hub`]: the hub link (MQTT with TLS: deployments in, state and presence out, commands)
 //!   and the operator's side of it.
 //! - [`config`]: the device configuration, read raw and validated.
+//! - [`provision`]: first boot by claim and certificate renewal (the device's own identity).
 //! - [`logging`]: tracing set-up (human or JSON).
 //! - [`cli`]: the `outpost` command line (the binary only calls [`cli::main`]).
 
@@ -23,6 +24,7 @@ pub mod disk;
 pub mod fsutil;
 pub mod hub;
 pub mod logging;
+pub mod provision;
 pub mod reconciler;
 pub mod runtime;
 pub mod store;

@@ -9,6 +9,7 @@ pub mod connect;
 pub mod deploy;
 pub mod hub;
 pub mod manifest;
+pub mod provision;
 pub mod status;
 pub mod telemetry;
 
@@ -17,6 +18,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
+
+use tokio_util::sync::CancellationToken;
 
 use crate::connect::HubConnection;
 use crate::deploy::parse_expiry;
@@ -166,6 +169,10 @@ pub enum Command {
     /// Create signing keys.
     #[command(subcommand)]
     Keys(crate::manifest::KeysCommand),
+    /// The provisioning responder: gives devices flashed from one image their own identity at
+    /// first boot, and renews their certificates (see docs/provisioning.md).
+    #[command(subcommand)]
+    Provision(crate::provision::ProvisionCommand),
 }
 
 /// Parses `args` (the program name first) and runs the command; returns the exit code.
@@ -196,8 +203,24 @@ where
     }
 }
 
-/// Runs a command; hub commands on a runtime of their own.
-/// Runs a hub command on a runtime of its own; returns the exit code.
+/// SIGINT or SIGTERM (the responder runs as a service).
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Runs a command: manifest and key tools directly, hub commands on a runtime of their own;
+/// returns the exit code.
 fn run(cli: Cli) -> Result<u8> {
     let command = match cli.command {
         Command::Manifest(c) => return crate::manifest::run(c),
@@ -212,6 +235,24 @@ fn run(cli: Cli) -> Result<u8> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let (settings, prefix) = connect::settings(conn)?;
+        if let Command::Provision(crate::provision::ProvisionCommand::Serve(args)) = &command {
+            // Logs are the responder's output: what it issued and refused, as it happens.
+            let _ = tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .try_init();
+            let stop = CancellationToken::new();
+            let signal = stop.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                signal.cancel();
+            });
+            crate::provision::serve(settings, &prefix, args, stop).await?;
+            return Ok(0);
+        }
         let timeout = Duration::from_secs(conn.connect_timeout);
         let op = match Operator::connect(&settings, &prefix, timeout).await {
             Ok(op) => op,
@@ -295,7 +336,9 @@ fn run(cli: Cli) -> Result<u8> {
                 )
                 .await
             }
-            Command::Manifest(_) | Command::Keys(_) => unreachable!("handled before connecting"),
+            Command::Manifest(_) | Command::Keys(_) | Command::Provision(_) => {
+                unreachable!("handled before connecting")
+            }
         }
     })
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::{AlertDescription, CertificateError, RootCertStore};
 
 use crate::HubError;
@@ -68,12 +68,25 @@ pub fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig, HubError>
         }
     }
     // The provider is passed explicitly so this works even if nobody installed a default.
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| HubError::TlsSetup(e.to_string()))?
-    .with_root_certificates(roots);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| HubError::TlsSetup(e.to_string()))?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| HubError::TlsSetup(e.to_string()))?
+        // The standard WebPKI checks, with one change: the time they are judged at is never
+        // before this build could run (see `FlooredTime`).
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(FlooredTime {
+            inner: verifier,
+            floor: UnixTime::since_unix_epoch(std::time::Duration::from_millis(
+                outpost_core::time::PLAUSIBLE_AFTER_MS,
+            )),
+        }));
     match &files.client_auth {
         None => Ok(builder.with_no_client_auth()),
         Some((cert, key)) => {
@@ -93,6 +106,62 @@ pub fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig, HubError>
                 ))
             })
         }
+    }
+}
+
+/// The broker's certificate judged at the device's time, or at the earliest time this build
+/// can run if the clock reads earlier.
+///
+/// A device without a real-time clock boots at 1970: every certificate is "not valid yet"
+/// then, and the device could never reach the hub that would let it learn the time (through
+/// NTP or a deployment). A clock that reads earlier than the build cannot be right, so the
+/// floor takes its place — as systemd sets the clock to its build time at boot. Nothing else
+/// changes: the chain, names and signatures are checked as before, and an expired certificate
+/// is still refused when the clock is set.
+#[derive(Debug)]
+struct FlooredTime {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    floor: UnixTime,
+}
+
+impl rustls::client::danger::ServerCertVerifier for FlooredTime {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let now = if now.as_secs() < self.floor.as_secs() {
+            self.floor
+        } else {
+            now
+        };
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 

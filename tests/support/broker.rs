@@ -46,6 +46,8 @@ use rcgen::{
 pub struct Pki {
     pub dir: PathBuf,
     pub ca: PathBuf,
+    /// The CA's private key: a provisioning responder signs device certificates with it.
+    pub ca_key: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
@@ -140,6 +142,7 @@ impl Pki {
         Ok(Pki {
             dir: dir.to_path_buf(),
             ca: write("ca.pem", &ca1.pem())?,
+            ca_key: write("ca.key", &ca1.key().serialize_pem())?,
             server_cert: write("server.pem", &server_cert)?,
             server_key: write("server.key", &server_key)?,
             client_cert: write("client.pem", &client_cert)?,
@@ -148,6 +151,29 @@ impl Pki {
             other_client_cert: write("other-client.pem", &other_cert)?,
             other_client_key: write("other-client.key", &other_key)?,
         })
+    }
+}
+
+impl Pki {
+    /// Another client certificate from the test CA, for `name` (`{name}.pem`, `{name}.key`).
+    pub fn issue_client(&self, name: &str) -> Result<(PathBuf, PathBuf)> {
+        let key = KeyPair::from_pem(&std::fs::read_to_string(&self.ca_key)?)?;
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(&self.ca)?, key)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        validity(&mut params);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let leaf_key = KeyPair::generate()?;
+        let cert = params.signed_by(&leaf_key, &issuer)?;
+        let (cert_path, key_path) = (
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem())?;
+        std::fs::write(&key_path, leaf_key.serialize_pem())?;
+        set_mode(&cert_path, 0o644)?;
+        Ok((cert_path, key_path))
     }
 }
 
@@ -304,6 +330,8 @@ pub struct Broker {
     /// Ejabberd's node name (one per broker, so several can run at once).
     node: String,
     acl: Option<Acl>,
+    /// A whole Mosquitto ACL file (see [`Broker::start_mosquitto_acl_file`]).
+    acl_file: Option<String>,
 }
 
 fn free_port() -> Result<u16> {
@@ -361,6 +389,20 @@ impl Broker {
         Broker::start_full(kind, auth, false, true, Some(acl))
     }
 
+    /// Mosquitto with mutual TLS, each client named by its certificate
+    /// (`use_identity_as_username`), and the access rules of `acl_file` (the file's text).
+    /// The operator's certificate ([`Pki::client_cert`], used by [`Broker::cli_flags`]) is
+    /// issued to `operator`; [`Pki::issue_client`] makes more.
+    pub fn start_mosquitto_acl_file(operator: &str, acl_file: &str) -> Result<Broker> {
+        Broker::start_custom(
+            Kind::Mosquitto,
+            Auth::MutualTls,
+            operator,
+            Some(acl_file.to_string()),
+        )?
+        .context("Mosquitto is required (scripts/setup installs it)")
+    }
+
     fn start_with(
         kind: Kind,
         asked: Auth,
@@ -370,12 +412,33 @@ impl Broker {
         Broker::start_full(kind, asked, persistent, exact, None)
     }
 
+    fn start_custom(
+        kind: Kind,
+        auth: Auth,
+        client_name: &str,
+        acl_file: Option<String>,
+    ) -> Result<Option<Broker>> {
+        Broker::start_inner(kind, auth, false, true, None, client_name, acl_file)
+    }
+
     fn start_full(
         kind: Kind,
         asked: Auth,
         persistent: bool,
         exact: bool,
         acl: Option<Acl>,
+    ) -> Result<Option<Broker>> {
+        Broker::start_inner(kind, asked, persistent, exact, acl, "device", None)
+    }
+
+    fn start_inner(
+        kind: Kind,
+        asked: Auth,
+        persistent: bool,
+        exact: bool,
+        acl: Option<Acl>,
+        client_name: &str,
+        acl_file: Option<String>,
     ) -> Result<Option<Broker>> {
         let Some(_) = kind.program() else {
             return Ok(None);
@@ -399,7 +462,7 @@ impl Broker {
         // Brokers drop root (Mosquitto to `mosquitto`, ejabberd runs as `ejabberd`): they must
         // be able to read the files.
         set_mode(dir.path(), 0o755)?;
-        let pki = Pki::generate(dir.path(), "device")?;
+        let pki = Pki::generate(dir.path(), client_name)?;
         let port = free_port()?;
         let log = dir.path().join(format!("{}.log", kind.name()));
         let mut broker = Broker {
@@ -414,6 +477,7 @@ impl Broker {
             log,
             dir,
             acl,
+            acl_file,
         };
         broker.configure(persistent)?;
         for entry in std::fs::read_dir(broker.dir.path())? {
@@ -492,6 +556,10 @@ impl Broker {
                         rules.push_str(&format!("topic write {t}\n"));
                     }
                     std::fs::write(d.join("acl"), rules)?;
+                    conf.push_str(&format!("acl_file {}\n", d.join("acl").display()));
+                }
+                if let Some(text) = &self.acl_file {
+                    std::fs::write(d.join("acl"), text)?;
                     conf.push_str(&format!("acl_file {}\n", d.join("acl").display()));
                 }
                 std::fs::write(d.join("mosquitto.conf"), conf)?;

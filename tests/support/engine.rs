@@ -410,6 +410,22 @@ impl Agent {
     /// test prepares the state folder (a tmpfs) or the environment, then calls
     /// [`Agent::spawn`].
     pub fn configure(device: &str, runtime: &str, extra: &str) -> Agent {
+        Agent::write_config(
+            device,
+            &format!("device_id = \"{device}\"\n"),
+            runtime,
+            extra,
+        )
+    }
+
+    /// As [`Agent::configure`] for a device named at first boot (`[provisioning]` in
+    /// `extra`): the configuration has no `device_id`; `device` is the name the test expects
+    /// it to get (its containers are cleared).
+    pub fn configure_provisioned(device: &str, extra: &str) -> Agent {
+        Agent::write_config(device, "", "", extra)
+    }
+
+    fn write_config(device: &str, id_line: &str, runtime: &str, extra: &str) -> Agent {
         require_docker();
         let dir = tempfile::tempdir().expect("agent dir");
         // Agents of parallel tests share the engine: each gets its own bus port on the bridge
@@ -424,7 +440,7 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "device_id = \"{device}\"\nstate_dir = \"{root}/state\"\nlog_level = \"info,outpost_agent=debug\"\n\
+                "{id_line}state_dir = \"{root}/state\"\nlog_level = \"info,outpost_agent=debug\"\n\
                  [api]\nsocket = \"{root}/api.sock\"\n[runtime]\nstop_grace_secs = 2\n{runtime}\n{extra}\n",
                 root = dir.path().display()
             ),
@@ -448,6 +464,21 @@ impl Agent {
 
     /// Starts `outpost run` and waits for its API socket.
     pub fn spawn(&mut self) {
+        self.spawn_detached();
+        self.wait_ready(Duration::from_secs(20));
+    }
+
+    /// Waits for the agent's API socket (a provisioning device serves it once it has its
+    /// identity).
+    pub fn wait_ready(&self, within: Duration) {
+        let socket = self.dir.path().join("api.sock");
+        wait_for("the agent's API socket", within, || {
+            socket.exists().then_some(())
+        });
+    }
+
+    /// Starts `outpost run` without waiting for it.
+    pub fn spawn_detached(&mut self) {
         let socket = self.dir.path().join("api.sock");
         // A killed agent leaves its socket behind; wait for the new one, not the old.
         let _ = std::fs::remove_file(&socket);
@@ -466,9 +497,6 @@ impl Agent {
             .spawn()
             .expect("start outpost run");
         self.child = Some(child);
-        wait_for("the agent's API socket", Duration::from_secs(20), || {
-            socket.exists().then_some(())
-        });
     }
 
     /// The agent's process id while it runs.

@@ -3,12 +3,13 @@
 //! Every problem is reported at once, each naming its key and value.
 //!
 //! Layout: `raw` (the serde form), `validate` (the top-level keys, `[runtime]`, `[api]`,
-//! `[disk]`, and the gathering of issues), `hub`, `policy`, `bus`, `telemetry` (one section
+//! `[disk]`, and the gathering of issues), `hub`, `provisioning`, `policy`, `bus`, `telemetry` (one section
 //! each), `types` (the validated form).
 
 mod bus;
 mod hub;
 mod policy;
+mod provisioning;
 mod raw;
 mod telemetry;
 mod types;
@@ -19,7 +20,10 @@ use std::path::{Path, PathBuf};
 use raw::RawConfig;
 use validate::validate;
 
-pub use types::{BusConfig, Config, DiskConfig, HubConfig, RuntimeConfig, TelemetryConfig};
+pub use types::{
+    BusConfig, Config, DiskConfig, HubConfig, ProvisioningConfig, RuntimeConfig, SerialSource,
+    TelemetryConfig,
+};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/outpost/config.toml";
 
@@ -239,6 +243,80 @@ mod tests {
     fn a_missing_file_says_what_to_do() {
         let err = Config::load(Path::new("/nonexistent/outpost.toml"), []).unwrap_err();
         assert!(err.to_string().contains("--config"));
+    }
+}
+
+#[cfg(test)]
+mod provisioning_tests {
+    use super::tests::{issues, load};
+    use super::*;
+
+    const HUB: &str = "[hub]\nurl = \"mqtts://hub.example.com\"\nca_file = \"ca.pem\"\n";
+
+    #[test]
+    fn a_golden_image_config_has_no_device_id() {
+        let c = load(
+            &format!(
+                "{HUB}[provisioning]\nclaim_cert_file = \"ca.pem\"\nclaim_key_file = \"ca.pem\"\n\
+                 serial_file = \"/etc/machine-id\"\n"
+            ),
+            &[],
+        )
+        .unwrap();
+        let p = c.provisioning.unwrap();
+        assert_eq!(c.device_id, "");
+        assert_eq!((p.host.as_str(), p.port), ("hub.example.com", 8883));
+        assert_eq!(p.topic_prefix, "outpost/_provisioning");
+        assert_eq!(p.serial, SerialSource::File("/etc/machine-id".into()));
+        assert!(
+            p.ca_file.unwrap().ends_with("ca.pem"),
+            "hub.ca_file by default"
+        );
+    }
+
+    #[test]
+    fn provisioning_mistakes_are_named() {
+        let found = issues(load(
+            &format!(
+                "device_id = \"cam-1\"\n{HUB}cert_file = \"ca.pem\"\nkey_file = \"ca.pem\"\n\
+                 [provisioning]\nclaim_cert_file = \"missing.pem\"\nserial_file = \"/s\"\n\
+                 serial_command = \"cat /s\"\n"
+            ),
+            &[],
+        ));
+        assert_eq!(
+            found,
+            [
+                "device_id: must be left out with [provisioning]: the responder names the device at first boot",
+                "hub.cert_file: must be left out with [provisioning]: the device's certificate is issued at first boot",
+            ]
+            .into_iter()
+            .map(String::from)
+            .chain(found.iter().skip(2).cloned())
+            .collect::<Vec<_>>()
+        );
+        let rest = found[2..].join("\n");
+        assert!(
+            rest.contains("provisioning.claim_cert_file: file"),
+            "{rest}"
+        );
+        assert!(
+            rest.contains("provisioning.claim_key_file: is required"),
+            "{rest}"
+        );
+        assert!(
+            rest.contains("give serial_file or serial_command, not both"),
+            "{rest}"
+        );
+        let found = issues(load(
+            "[provisioning]\nclaim_cert_file = \"ca.pem\"\nclaim_key_file = \"ca.pem\"\nserial_file = \"/s\"\n",
+            &[],
+        ));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("provisioning: needs a [hub] section"),
+            "{found:?}"
+        );
     }
 }
 

@@ -13,6 +13,7 @@ pub(super) struct RawConfig {
     pub(super) log_level: Option<String>,
     pub(super) log_format: Option<String>,
     pub(super) hub: Option<RawHub>,
+    pub(super) provisioning: Option<RawProvisioning>,
     #[serde(default)]
     pub(super) runtime: RawRuntime,
     #[serde(default)]
@@ -45,6 +46,19 @@ pub(super) struct RawHub {
     pub(super) allow_insecure: bool,
     pub(super) keep_alive_secs: Option<u64>,
     pub(super) reconnect_max_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProvisioning {
+    pub(super) url: Option<String>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) claim_cert_file: Option<PathBuf>,
+    pub(super) claim_key_file: Option<PathBuf>,
+    pub(super) serial_file: Option<PathBuf>,
+    pub(super) serial_command: Option<String>,
+    pub(super) topic_prefix: Option<String>,
+    pub(super) retry_max_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -19,6 +19,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `None` runs the device without a hub (local deployments only).
     pub hub: Option<HubConfig>,
+    /// First boot by claim: the device's id, certificate and groups come from the responder
+    /// (`device_id` is empty until then).
+    pub provisioning: Option<ProvisioningConfig>,
     pub runtime: RuntimeConfig,
     pub policy: PolicyConfig,
     /// The local API's Unix socket (owner-only), used by `outpost deploy --local`, `list`, `logs`.
@@ -26,6 +29,31 @@ pub struct Config {
     pub bus: BusConfig,
     pub telemetry: TelemetryConfig,
     pub disk: DiskConfig,
+}
+
+/// `[provisioning]`, validated.
+#[derive(Debug, Clone)]
+pub struct ProvisioningConfig {
+    pub host: String,
+    pub port: u16,
+    pub failover: Vec<(String, u16)>,
+    pub ca_file: Option<PathBuf>,
+    pub claim_cert: PathBuf,
+    pub claim_key: PathBuf,
+    pub serial: SerialSource,
+    pub topic_prefix: String,
+    /// The longest wait between attempts while the hub or the responder is away (or refuses).
+    pub retry_max: Duration,
+}
+
+/// Where the device's serial comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialSource {
+    /// A file's content, trimmed of whitespace and NULs (`/etc/machine-id`,
+    /// `/proc/device-tree/serial-number`).
+    File(PathBuf),
+    /// A command run by `/bin/sh -c`; its standard output, trimmed.
+    Command(String),
 }
 
 #[derive(Debug, Clone)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::bus::bus;
 use super::hub::hub;
 use super::policy::policy;
+use super::provisioning::provisioning;
 use super::raw::{RawConfig, RawDisk, RawRuntime};
 use super::telemetry::telemetry;
 use super::{Config, ConfigIssue, DiskConfig, RuntimeConfig, SYSTEM_PATHS};
@@ -77,7 +78,14 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<Config
     let mut issues = Issues(Vec::new());
 
     let device_id = raw.device_id.unwrap_or_default();
-    if device_id.is_empty() {
+    if raw.provisioning.is_some() {
+        if !device_id.is_empty() {
+            issues.push(
+                "device_id",
+                "must be left out with [provisioning]: the responder names the device at first boot",
+            );
+        }
+    } else if device_id.is_empty() {
         issues.push(
             "device_id",
             "is required: the name this device has on the hub",
@@ -124,6 +132,9 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<Config
     };
 
     let hub = raw.hub.and_then(|h| hub(h, base, &mut issues));
+    let provisioning = raw
+        .provisioning
+        .and_then(|p| provisioning(p, hub.as_ref(), base, &mut issues));
 
     let runtime = runtime(raw.runtime, &mut issues);
 
@@ -155,6 +166,11 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<Config
                 .chain(h.credentials.iter().map(|(_, file)| file.clone()))
                 .chain(h.ca_file.clone())
         }))
+        .chain(provisioning.iter().flat_map(|p| {
+            [p.claim_cert.clone(), p.claim_key.clone()]
+                .into_iter()
+                .chain(p.ca_file.clone())
+        }))
         .collect();
 
     let bus = bus(raw.bus, base, &mut issues);
@@ -173,6 +189,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<Config
         log_level,
         log_format,
         hub,
+        provisioning,
         runtime,
         policy,
         api_socket,

@@ -148,21 +148,24 @@ pub async fn drive(
                     refusals = 0;
                 }
                 let delay = backoff.next_delay();
-                if current.failover.is_empty() {
+                let next = if current.failover.is_empty() {
                     tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "hub connection failed");
+                    current.clone()
                 } else {
                     let next = current.next_endpoint();
                     tracing::warn!(error = %err, next_host = %next.host, next_port = next.port, retry_in_ms = delay.as_millis() as u64, "hub connection failed; trying the next endpoint");
-                    match outpost_mqtt::options(
-                        &next,
-                        Some(super::report::last_will(&routes.topics)),
-                    ) {
-                        Ok(options) => {
-                            eventloop.mqtt_options = options;
-                            current = next;
-                        }
-                        // The same files serve every endpoint: stay and retry this one.
-                        Err(e) => tracing::warn!(error = %e, "cannot set up the next endpoint"),
+                    next
+                };
+                // The options (and the TLS files) are read again for every new connection: a
+                // renewed device certificate is used from the next connection on.
+                match outpost_mqtt::options(&next, Some(super::report::last_will(&routes.topics))) {
+                    Ok(options) => {
+                        eventloop.mqtt_options = options;
+                        current = next;
+                    }
+                    // The files were good at start: keep what was read then and retry.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the connection's files again; retrying with the previous ones")
                     }
                 }
                 tokio::select! {

@@ -1,7 +1,8 @@
 //! What travels between a device and the hub, as both sides read it: topic names, presence,
-//! commands and telemetry batches. Reported state is [`crate::state`].
+//! commands, telemetry batches and provisioning. Reported state is [`crate::state`].
 
 pub mod command;
 pub mod presence;
+pub mod provisioning;
 pub mod telemetry;
 pub mod topics;
