@@ -1,6 +1,7 @@
 //! What travels between a device and the hub, as both sides read it: topic names, presence,
-//! commands and telemetry batches. Reported state is [`crate::state`].
+//! commands, files sent in chunks and telemetry batches. Reported state is [`crate::state`].
 
+pub mod bundle;
 pub mod command;
 pub mod presence;
 pub mod telemetry;
