@@ -285,7 +285,10 @@ fn run(cli: Cli) -> Result<u8> {
                 if bundle.left_out.is_empty() {
                     String::new()
                 } else {
-                    format!("; left out over the size cap: {}", bundle.left_out.join(", "))
+                    format!(
+                        "; left out over the size cap: {}",
+                        bundle.left_out.join(", ")
+                    )
                 }
             );
             Ok(0)

@@ -18,16 +18,27 @@ use crate::{EXIT_REFUSED, EXIT_TIMEOUT};
 /// The device command whose answer is a file in chunks (the agent's `support-bundle`).
 pub const SUPPORT_BUNDLE: &str = "support-bundle";
 
+/// How the answer is taken: printed (as JSON with `json`), or for a file answer written to
+/// `out`.
+pub(crate) struct Answer<'a> {
+    pub timeout: Duration,
+    pub out: Option<&'a Path>,
+    pub json: bool,
+}
+
 pub(crate) async fn cmd(
     mut op: Operator,
     device: &str,
     name: &str,
     args: Option<&str>,
     sign: Option<(&Path, Duration)>,
-    timeout: Duration,
-    out: Option<&Path>,
-    json_out: bool,
+    answer: Answer<'_>,
 ) -> Result<u8> {
+    let Answer {
+        timeout,
+        out,
+        json: json_out,
+    } = answer;
     if !is_level(device) || !is_level(name) {
         bail!("device and command names are 1 to 128 letters, digits, `.`, `_` or `-`");
     }
@@ -72,7 +83,9 @@ pub(crate) async fn cmd(
         let Some(m) = op.recv_until(deadline).await? else {
             let (got, of) = assembly.progress();
             if got > 0 {
-                eprintln!("{device} sent {got} of {of} chunks within {timeout:?}; try a longer --timeout");
+                eprintln!(
+                    "{device} sent {got} of {of} chunks within {timeout:?}; try a longer --timeout"
+                );
             } else {
                 eprintln!("no answer from {device} within {timeout:?} (is it online?)");
             }
@@ -85,18 +98,29 @@ pub(crate) async fn cmd(
             serde_json::from_slice(&m.payload).context("the device's reply is not JSON")?;
         let ok = reply.get("ok").and_then(Value::as_bool).unwrap_or(false);
         if let (true, true, Some(out)) = (file_answer, ok, out) {
-            let chunk: Chunk = serde_json::from_value(reply.get("result").cloned().unwrap_or_default())
-                .context("the device's reply is not a chunk of a file")?;
-            let Some(file) = assembly.add(chunk).context("the file from the device is damaged")? else {
+            let chunk: Chunk =
+                serde_json::from_value(reply.get("result").cloned().unwrap_or_default())
+                    .context("the device's reply is not a chunk of a file")?;
+            let Some(file) = assembly
+                .add(chunk)
+                .context("the file from the device is damaged")?
+            else {
                 continue;
             };
             std::fs::write(out, &file)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             let digest = outpost_core::intake::hex_sha256(&file);
             if json_out {
-                println!("{}", json!({"file": out.display().to_string(), "bytes": file.len(), "sha256": digest}));
+                println!(
+                    "{}",
+                    json!({"file": out.display().to_string(), "bytes": file.len(), "sha256": digest})
+                );
             } else {
-                println!("wrote {} ({} bytes, sha256 {digest})", out.display(), file.len());
+                println!(
+                    "wrote {} ({} bytes, sha256 {digest})",
+                    out.display(),
+                    file.len()
+                );
             }
             return Ok(0);
         }

@@ -295,9 +295,11 @@ fn run(cli: Cli) -> Result<u8> {
                     &name,
                     args.as_deref(),
                     sign_key.as_deref().map(|k| (k, expires_in)),
-                    Duration::from_secs(timeout),
-                    out.as_deref(),
-                    output.json,
+                    cmd::Answer {
+                        timeout: Duration::from_secs(timeout),
+                        out: out.as_deref(),
+                        json: output.json,
+                    },
                 )
                 .await
             }

@@ -23,8 +23,7 @@ pub async fn check(config: &Config, gateway: Option<Option<IpAddr>>) -> Finding 
             url.host_str().unwrap_or_default(),
             url.port_or_known_default().unwrap_or(1883)
         );
-        return match tokio::time::timeout(STEP_TIMEOUT, tokio::net::TcpStream::connect(&at)).await
-        {
+        return match tokio::time::timeout(STEP_TIMEOUT, tokio::net::TcpStream::connect(&at)).await {
             Ok(Ok(_)) => Finding::ok("bus-port", format!("external bus at {at} accepts TCP")),
             Ok(Err(e)) => Finding::error(
                 "bus-port",
@@ -33,7 +32,10 @@ pub async fn check(config: &Config, gateway: Option<Option<IpAddr>>) -> Finding 
             ),
             Err(_) => Finding::error(
                 "bus-port",
-                format!("external bus at {at}: no answer within {} s", STEP_TIMEOUT.as_secs()),
+                format!(
+                    "external bus at {at}: no answer within {} s",
+                    STEP_TIMEOUT.as_secs()
+                ),
                 "start the device's broker, or correct bus.external_url",
             ),
         };
@@ -64,7 +66,9 @@ pub async fn check(config: &Config, gateway: Option<Option<IpAddr>>) -> Finding 
             } else {
                 Finding::error(
                     "bus-port",
-                    format!("{addr} is in use, and not by a running agent (its API does not answer)"),
+                    format!(
+                        "{addr} is in use, and not by a running agent (its API does not answer)"
+                    ),
                     format!(
                         "stop what listens there (ss -ltnp 'sport = :{}'), or set bus.listen to another address",
                         addr.port()

@@ -69,7 +69,13 @@ pub async fn check(config: &Config) -> HubOutcome {
 /// Every check against one endpoint; later steps only once the earlier ones passed.
 async fn endpoint(hub: &HubConfig, s: &Settings, topics: &Topics, many: bool) -> HubOutcome {
     let at = format!("{}:{}", s.host, s.port);
-    let name = |n: &str| if many { format!("{n} {at}") } else { n.to_string() };
+    let name = |n: &str| {
+        if many {
+            format!("{n} {at}")
+        } else {
+            n.to_string()
+        }
+    };
     let mut out = HubOutcome::default();
     let started = Instant::now();
     let stream = match tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect(&at)).await {
@@ -108,15 +114,16 @@ async fn endpoint(hub: &HubConfig, s: &Settings, topics: &Topics, many: bool) ->
     match &s.tls {
         None => {
             drop(stream);
-            out.findings.push(if hub.url.host_str().is_some_and(is_loopback) {
-                Finding::ok(&name("hub-tls"), "not used: plaintext MQTT on loopback")
-            } else {
-                Finding::warning(
-                    &name("hub-tls"),
-                    "not used: plaintext MQTT to a remote hub (hub.allow_insecure)",
-                    "use an mqtts:// URL and a CA in hub.ca_file",
-                )
-            });
+            out.findings
+                .push(if hub.url.host_str().is_some_and(is_loopback) {
+                    Finding::ok(&name("hub-tls"), "not used: plaintext MQTT on loopback")
+                } else {
+                    Finding::warning(
+                        &name("hub-tls"),
+                        "not used: plaintext MQTT to a remote hub (hub.allow_insecure)",
+                        "use an mqtts:// URL and a CA in hub.ca_file",
+                    )
+                });
         }
         Some(files) => match handshake(stream, s, files).await {
             Ok((summary, server)) => {
@@ -192,7 +199,8 @@ async fn mqtt(
     name: &(dyn Fn(&str) -> String + Sync),
 ) -> Vec<Finding> {
     let at = format!("{}:{}", s.host, s.port);
-    let fail = |check: &str, e: HubError| Finding::error(&name(check), format!("{at}: {e}"), fix_for(&e));
+    let fail =
+        |check: &str, e: HubError| Finding::error(&name(check), format!("{at}: {e}"), fix_for(&e));
     let (client, mut eventloop) = match outpost_mqtt::client(s, None) {
         Ok(c) => c,
         Err(e) => return vec![fail("hub-mqtt", e)],
@@ -233,7 +241,7 @@ async fn mqtt(
             match eventloop.poll().await {
                 Err(e) => return Err(s.explain(&e).to_string()),
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    if ack.return_codes.iter().any(|c| *c == SubscribeReasonCode::Failure) {
+                    if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
                         return Ok(Some(format!(
                             "the broker refused the subscription to {topic}, so the probe cannot be read back"
                         )));

@@ -84,7 +84,10 @@ fn disk_space(config: &Config) -> Finding {
     let Some(usage) = crate::disk::usage(&config.state_dir) else {
         return Finding::warning(
             "disk-space",
-            format!("cannot measure the filesystem of {}", config.state_dir.display()),
+            format!(
+                "cannot measure the filesystem of {}",
+                config.state_dir.display()
+            ),
             "check it by hand: df -h STATE_DIR",
         );
     };

@@ -21,8 +21,12 @@ pub enum Standing {
     NotYetValid,
     Expired,
     /// Valid, but under 30 days left or past two thirds of its lifetime: renew it.
-    Renew { days_left: u64 },
-    Valid { days_left: u64 },
+    Renew {
+        days_left: u64,
+    },
+    Valid {
+        days_left: u64,
+    },
 }
 
 /// Under this, renewal is due whatever the lifetime.
@@ -60,7 +64,9 @@ fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 4 || rest.len() < n {
             return None;
         }
-        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
         (len, &rest[n..])
     };
     (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
@@ -132,7 +138,8 @@ pub fn pem_file_validity(path: &std::path::Path) -> Result<Validity, String> {
         .next()
         .and_then(Result::ok)
         .ok_or_else(|| format!("{} holds no PEM certificate", path.display()))?;
-    validity(&first).ok_or_else(|| format!("{} holds a certificate that cannot be read", path.display()))
+    validity(&first)
+        .ok_or_else(|| format!("{} holds a certificate that cannot be read", path.display()))
 }
 
 #[cfg(test)]

@@ -77,10 +77,11 @@ fn store_summary(config: &Config) -> Value {
     if !config.state_dir.join("outpost.redb").exists() {
         return json!({"absent": format!("no store in {}", config.state_dir.display())});
     }
-    let (store, _) = match crate::store::Store::open(&config.state_dir, config.disk.store_reserve_bytes) {
-        Ok(s) => s,
-        Err(e) => return json!({"error": e.to_string()}),
-    };
+    let (store, _) =
+        match crate::store::Store::open(&config.state_dir, config.disk.store_reserve_bytes) {
+            Ok(s) => s,
+            Err(e) => return json!({"error": e.to_string()}),
+        };
     let brief = |d: Option<crate::store::StoredDeployment>| {
         d.map(|d| {
             json!({
@@ -146,7 +147,8 @@ pub async fn container_log(rt: &DockerRuntime, id: &str) -> Result<String, Strin
 /// The environment values of a container (what a module printing its configuration would
 /// leak), to redact from its log when the agent is not there to do it.
 pub async fn container_secrets(rt: &DockerRuntime, id: &str) -> Vec<String> {
-    let inspected = tokio::time::timeout(SOURCE_TIMEOUT, rt.docker().inspect_container(id, None)).await;
+    let inspected =
+        tokio::time::timeout(SOURCE_TIMEOUT, rt.docker().inspect_container(id, None)).await;
     let env = match inspected {
         Ok(Ok(info)) => info.config.and_then(|c| c.env).unwrap_or_default(),
         _ => Vec::new(),

@@ -94,9 +94,11 @@ fn strip_private_keys(text: &str) -> String {
     while let Some(start) = rest.find("-----BEGIN ") {
         let header_end = rest[start..].find("-----\n").map(|i| start + i);
         let is_key = header_end.is_some_and(|h| rest[start..h].contains("PRIVATE KEY"));
-        let end = rest[start..]
-            .find("-----END ")
-            .and_then(|e| rest[start + e + 9..].find("-----").map(|f| start + e + 9 + f + 5));
+        let end = rest[start..].find("-----END ").and_then(|e| {
+            rest[start + e + 9..]
+                .find("-----")
+                .map(|f| start + e + 9 + f + 5)
+        });
         match (is_key, end) {
             (true, Some(end)) => {
                 out.push_str(&rest[..start]);
@@ -156,7 +158,9 @@ async fn build(path: &Path, config: Result<Config, ConfigError>, origin: Origin<
     let mut state = json!({"error": "no configuration"});
     if let Ok(c) = &config {
         for file in [
-            c.hub.as_ref().and_then(|h| h.credentials.as_ref().map(|(_, f)| f.clone())),
+            c.hub
+                .as_ref()
+                .and_then(|h| h.credentials.as_ref().map(|(_, f)| f.clone())),
             c.bus.external_credentials.as_ref().map(|(_, f)| f.clone()),
         ]
         .into_iter()
@@ -176,7 +180,9 @@ async fn build(path: &Path, config: Result<Config, ConfigError>, origin: Origin<
         match crate::check::engine::connect(c).await {
             Err(e) => {
                 engine = json!({"error": e});
-                notes.push(format!("module logs: absent, the engine did not answer ({e})"));
+                notes.push(format!(
+                    "module logs: absent, the engine did not answer ({e})"
+                ));
             }
             Ok(rt) => {
                 engine = gather::engine_facts(&rt, &c.device_id).await;
@@ -205,7 +211,10 @@ async fn build(path: &Path, config: Result<Config, ConfigError>, origin: Origin<
                             if let Ok(more) = handle.secrets(&name).await {
                                 secrets.extend(more);
                             }
-                            match handle.logs(&name, gather::MODULE_LOG_LINES, MODULE_LOG_BYTES).await {
+                            match handle
+                                .logs(&name, gather::MODULE_LOG_LINES, MODULE_LOG_BYTES)
+                                .await
+                            {
                                 Ok(Ok(text)) => Ok(text),
                                 Ok(Err(e)) => Err(e),
                                 Err(e) => Err(e.to_string()),
@@ -267,7 +276,13 @@ async fn build(path: &Path, config: Result<Config, ConfigError>, origin: Origin<
     for (name, text) in modules {
         let safe: String = name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .take(80)
             .collect();
         pending.push((format!("modules/{safe}.log"), text));
@@ -351,7 +366,10 @@ mod tests {
         let text = "a\n-----BEGIN PRIVATE KEY-----\nMIIEsecret\n-----END PRIVATE KEY-----\nb hunter2-password abc\n\
                     -----BEGIN CERTIFICATE-----\nMIIcert\n-----END CERTIFICATE-----\n";
         let out = r.apply(text);
-        assert!(!out.contains("MIIEsecret") && !out.contains("hunter2"), "{out}");
+        assert!(
+            !out.contains("MIIEsecret") && !out.contains("hunter2"),
+            "{out}"
+        );
         assert!(out.contains("[private key redacted]"));
         assert!(out.contains("abc"), "too short to redact");
         assert!(out.contains("MIIcert"), "certificates are not secret");

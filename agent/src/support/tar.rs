@@ -44,7 +44,8 @@ impl TarGz {
         {
             return Err(TarError::Name(name.to_string()));
         }
-        self.gz.write_all(&header(name, data.len() as u64, self.mtime))?;
+        self.gz
+            .write_all(&header(name, data.len() as u64, self.mtime))?;
         self.gz.write_all(data)?;
         let pad = (BLOCK - data.len() % BLOCK) % BLOCK;
         self.gz.write_all(&[0u8; BLOCK][..pad])?;
@@ -114,7 +115,9 @@ mod tests {
             b"hello\n"
         );
         assert_eq!(
-            std::fs::read(dir.path().join("modules/a.log")).unwrap().len(),
+            std::fs::read(dir.path().join("modules/a.log"))
+                .unwrap()
+                .len(),
             1000
         );
         assert!(dir.path().join("empty").is_file());

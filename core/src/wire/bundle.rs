@@ -120,7 +120,10 @@ impl Assembly {
         if self.parts.len() < chunk.chunks as usize {
             return Ok(None);
         }
-        let file: Vec<u8> = std::mem::take(&mut self.parts).into_values().flatten().collect();
+        let file: Vec<u8> = std::mem::take(&mut self.parts)
+            .into_values()
+            .flatten()
+            .collect();
         if file.len() as u64 != chunk.size {
             return Err(ChunkError::WrongSize {
                 got: file.len() as u64,
@@ -155,7 +158,11 @@ mod tests {
         chunks.reverse();
         let mut a = Assembly::default();
         assert_eq!(a.add(chunks[0].clone()), Ok(None));
-        assert_eq!(a.add(chunks[0].clone()), Ok(None), "a duplicate is harmless");
+        assert_eq!(
+            a.add(chunks[0].clone()),
+            Ok(None),
+            "a duplicate is harmless"
+        );
         assert_eq!(a.add(chunks[1].clone()), Ok(None));
         assert_eq!(a.add(chunks[2].clone()), Ok(Some(file)));
     }
@@ -191,9 +198,6 @@ mod tests {
         assert_eq!(a.add(other), Err(ChunkError::Inconsistent { chunk: 1 }));
         let mut wild = chunks[1].clone();
         wild.chunk = 9;
-        assert!(matches!(
-            a.add(wild),
-            Err(ChunkError::OutOfRange { .. })
-        ));
+        assert!(matches!(a.add(wild), Err(ChunkError::OutOfRange { .. })));
     }
 }
