@@ -133,6 +133,139 @@ impl Members {
     }
 }
 
+/// What the sources gave, redactions included.
+struct Gathered {
+    state: serde_json::Value,
+    engine: serde_json::Value,
+    /// Each module's log, its own secrets already taken out.
+    modules: Vec<(String, String)>,
+    redactor: Redactor,
+    notes: Vec<String>,
+}
+
+/// The whole time module logs may take, whatever their number: with the checks running
+/// beside them, a bundle stays within the hub command's 30 s.
+pub const MODULE_LOGS_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn gather_all(c: &Config, origin: Origin<'_>) -> Gathered {
+    let mut g = Gathered {
+        state: json!(null),
+        engine: json!(null),
+        modules: Vec::new(),
+        redactor: Redactor::default(),
+        notes: Vec::new(),
+    };
+    for file in [
+        c.hub
+            .as_ref()
+            .and_then(|h| h.credentials.as_ref().map(|(_, f)| f.clone())),
+        c.bus.external_credentials.as_ref().map(|(_, f)| f.clone()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Ok(p) = outpost_mqtt::Password::read(&file) {
+            g.redactor.add(p.expose().to_string());
+        }
+    }
+    g.state = match origin {
+        Origin::Agent(handle) => {
+            let s = handle.state.borrow().clone();
+            json!({"from": "the running agent", "state": s})
+        }
+        Origin::Cli => gather::state(c).await,
+    };
+    let rt = match crate::check::engine::connect(c).await {
+        Ok(rt) => rt,
+        Err(e) => {
+            g.engine = json!({"error": e});
+            g.notes.push(format!(
+                "module logs: absent, the engine did not answer ({e})"
+            ));
+            return g;
+        }
+    };
+    g.engine = gather::engine_facts(&rt, &c.device_id).await;
+    let containers = match tokio::time::timeout(
+        gather::SOURCE_TIMEOUT,
+        crate::runtime::Runtime::list(&rt, &c.device_id),
+    )
+    .await
+    {
+        Ok(Ok(list)) => list,
+        _ => Vec::new(),
+    };
+    let agent_runs = matches!(origin, Origin::Agent(_))
+        || crate::api::running_state(&c.api_socket, std::time::Duration::from_secs(2))
+            .await
+            .is_some();
+    let deadline = tokio::time::Instant::now() + MODULE_LOGS_BUDGET;
+    for container in containers.iter().take(MAX_MODULES) {
+        let name = if container.module.is_empty() {
+            container.name.clone()
+        } else {
+            container.module.clone()
+        };
+        let fetch = async {
+            let mut secrets = gather::container_secrets(&rt, &container.id).await;
+            let text = match origin {
+                Origin::Agent(handle) => {
+                    if let Ok(more) = handle.secrets(&name).await {
+                        secrets.extend(more);
+                    }
+                    match handle
+                        .logs(&name, gather::MODULE_LOG_LINES, MODULE_LOG_BYTES)
+                        .await
+                    {
+                        Ok(Ok(text)) => Ok(text),
+                        Ok(Err(e)) => Err(e),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                Origin::Cli if agent_runs => gather::module_log_via_api(c, &name)
+                    .await
+                    .ok_or_else(|| "the agent did not send the log".to_string()),
+                Origin::Cli => gather::container_log(&rt, &container.id).await,
+            };
+            (secrets, text)
+        };
+        // Out of time, the log is not taken: without its secrets it could not be redacted.
+        let Ok((secrets, text)) = tokio::time::timeout_at(deadline, fetch).await else {
+            g.modules.push((
+                name,
+                format!(
+                    "(no log: the {} s budget for module logs was spent)\n",
+                    MODULE_LOGS_BUDGET.as_secs()
+                ),
+            ));
+            continue;
+        };
+        let text = match text {
+            Ok(t) => {
+                let (t, cut) = gather::tail(&t, MODULE_LOG_BYTES);
+                if cut {
+                    g.notes.push(format!(
+                        "modules/{name}.log: the last {} KiB only",
+                        MODULE_LOG_BYTES / 1024
+                    ));
+                }
+                t
+            }
+            Err(e) => format!("(no log: {e})\n"),
+        };
+        let mut own = Redactor::default();
+        for s in &secrets {
+            own.add(s.clone());
+            // Long ones (passwords, tokens) go from every member too.
+            if s.len() >= 8 {
+                g.redactor.add(s.clone());
+            }
+        }
+        g.modules.push((name, own.apply(&text)));
+    }
+    g
+}
+
 async fn build(path: &Path, config: Result<Config, ConfigError>, origin: Origin<'_>) -> Bundle {
     let now = outpost_core::time::unix_now();
     let stamp = outpost_core::time::format_rfc3339(now).replace([':', '-'], "");
@@ -141,117 +274,40 @@ async fn build(path: &Path, config: Result<Config, ConfigError>, origin: Origin<
         total: 0,
         left_out: Vec::new(),
     };
-    let mut redactor = Redactor::default();
-    let mut notes: Vec<String> = Vec::new();
     let device = config
         .as_ref()
         .map_or("unknown".to_string(), |c| c.device_id.clone());
-
-    let report = match &config {
-        Ok(c) => crate::check::run_with(c).await,
-        Err(e) => crate::check::Report {
-            findings: vec![crate::check::local::config_error(path, e)],
-        },
+    // The checks wait on the hub and the engine; the sources on the engine, the agent and the
+    // journal: side by side, each with its own timeouts.
+    let checks = async {
+        match &config {
+            Ok(c) => crate::check::run_with(c).await,
+            Err(e) => crate::check::Report {
+                findings: vec![crate::check::local::config_error(path, e)],
+            },
+        }
     };
-    let mut modules: Vec<(String, String)> = Vec::new();
-    let mut engine = json!({"error": "no configuration"});
-    let mut state = json!({"error": "no configuration"});
-    if let Ok(c) = &config {
-        for file in [
-            c.hub
-                .as_ref()
-                .and_then(|h| h.credentials.as_ref().map(|(_, f)| f.clone())),
-            c.bus.external_credentials.as_ref().map(|(_, f)| f.clone()),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if let Ok(p) = outpost_mqtt::Password::read(&file) {
-                redactor.add(p.expose().to_string());
-            }
+    let sources = async {
+        match &config {
+            Ok(c) => Some(gather_all(c, origin).await),
+            Err(_) => None,
         }
-        state = match origin {
-            Origin::Agent(handle) => {
-                let s = handle.state.borrow().clone();
-                json!({"from": "the running agent", "state": s})
-            }
-            Origin::Cli => gather::state(c).await,
-        };
-        match crate::check::engine::connect(c).await {
-            Err(e) => {
-                engine = json!({"error": e});
-                notes.push(format!(
-                    "module logs: absent, the engine did not answer ({e})"
-                ));
-            }
-            Ok(rt) => {
-                engine = gather::engine_facts(&rt, &c.device_id).await;
-                let containers = match tokio::time::timeout(
-                    gather::SOURCE_TIMEOUT,
-                    crate::runtime::Runtime::list(&rt, &c.device_id),
-                )
-                .await
-                {
-                    Ok(Ok(list)) => list,
-                    _ => Vec::new(),
-                };
-                let agent_runs = matches!(origin, Origin::Agent(_))
-                    || crate::api::running_state(&c.api_socket, std::time::Duration::from_secs(2))
-                        .await
-                        .is_some();
-                for container in containers.iter().take(MAX_MODULES) {
-                    let name = if container.module.is_empty() {
-                        container.name.clone()
-                    } else {
-                        container.module.clone()
-                    };
-                    let mut secrets = gather::container_secrets(&rt, &container.id).await;
-                    let text = match origin {
-                        Origin::Agent(handle) => {
-                            if let Ok(more) = handle.secrets(&name).await {
-                                secrets.extend(more);
-                            }
-                            match handle
-                                .logs(&name, gather::MODULE_LOG_LINES, MODULE_LOG_BYTES)
-                                .await
-                            {
-                                Ok(Ok(text)) => Ok(text),
-                                Ok(Err(e)) => Err(e),
-                                Err(e) => Err(e.to_string()),
-                            }
-                        }
-                        Origin::Cli if agent_runs => gather::module_log_via_api(c, &name)
-                            .await
-                            .ok_or_else(|| "the agent did not send the log".to_string()),
-                        Origin::Cli => gather::container_log(&rt, &container.id).await,
-                    };
-                    let text = match text {
-                        Ok(t) => {
-                            let (t, cut) = gather::tail(&t, MODULE_LOG_BYTES);
-                            if cut {
-                                notes.push(format!(
-                                    "modules/{name}.log: the last {} KiB only",
-                                    MODULE_LOG_BYTES / 1024
-                                ));
-                            }
-                            t
-                        }
-                        Err(e) => format!("(no log: {e})\n"),
-                    };
-                    let mut own = Redactor::default();
-                    for s in &secrets {
-                        own.add(s.clone());
-                        // Long ones (passwords, tokens) go from every member too.
-                        if s.len() >= 8 {
-                            redactor.add(s.clone());
-                        }
-                    }
-                    modules.push((name, own.apply(&text)));
-                }
-            }
-        }
-    }
-    let agent_log = match gather::agent_log().await {
+    };
+    let (report, gathered, journal) = tokio::join!(checks, sources, gather::agent_log());
+    let Gathered {
+        state,
+        engine,
+        modules,
+        redactor,
+        mut notes,
+    } = gathered.unwrap_or_else(|| Gathered {
+        state: json!({"error": "no configuration"}),
+        engine: json!({"error": "no configuration"}),
+        modules: Vec::new(),
+        redactor: Redactor::default(),
+        notes: Vec::new(),
+    });
+    let agent_log = match journal {
         Ok(text) => gather::tail(&text, AGENT_LOG_BYTES).0,
         Err(note) => {
             notes.push(format!("agent.log: {note}"));
