@@ -158,6 +158,7 @@ fn a_healthy_device_passes_every_check() {
     let Some(broker) = mutual_tls() else { return };
     let device = Device::new(&broker);
     let c = device.check();
+    eprintln!("{}", c.text);
     for check in [
         "config",
         "state-dir",
@@ -241,6 +242,27 @@ fn a_hub_that_is_down_or_black_holed_fails_within_seconds() {
         "check took {:?} against a black-holed hub",
         c.elapsed
     );
+}
+
+#[test]
+fn each_failover_endpoint_is_checked_on_its_own() {
+    let Some(broker) = mutual_tls() else { return };
+    let mut device = Device::new(&broker);
+    let down = free_port();
+    device.hub = format!(
+        "{}failover_urls = [\"mqtts://localhost:{down}\"]\n",
+        broker.device_hub_section()
+    );
+    let c = device.check();
+    let up = format!("localhost:{}", broker.port);
+    c.expect(&format!("hub-acl {up}"), "ok", "read back", "-");
+    c.expect(
+        &format!("hub-reachable localhost:{down}"),
+        "error",
+        "refused",
+        "hub.failover_urls",
+    );
+    assert_eq!(c.code, 2);
 }
 
 #[test]

@@ -225,7 +225,7 @@ async fn mqtt(
         &name("hub-mqtt"),
         format!("{at} accepted CONNECT as client `{}`", s.client_id),
     )];
-    let nonce = format!("check-{}", crate::hub::unix_now()) + &random_suffix();
+    let nonce = format!("check-{}-{}", crate::hub::unix_now(), random_suffix());
     let topic = topics.response(&nonce);
     let acl_fix = format!(
         "let this device publish to and read `{}` (the broker's ACL; docs/hub.md#topics)",

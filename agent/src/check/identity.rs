@@ -32,9 +32,15 @@ pub fn check(config: &Config) -> Identity {
     // "provisioned, device id X" (ok) from identity.json, or, with no identity there yet,
     // "provisioning configured, not yet provisioned" (warning, fix: let the agent reach the
     // hub and the responder; its log says why it was refused).
+    let login = hub
+        .credentials
+        .as_ref()
+        .map(|(user, file)| login(user, file));
     if let Some((cert, key)) = &hub.client_auth {
         let (finding, certificate) = certificate(cert, key);
         let mut findings = vec![finding];
+        // A certificate and a login may both be configured: both must work.
+        findings.extend(login);
         if let Some(v) = &certificate {
             findings.push(expiry(cert, v, outpost_core::time::unix_now()));
         }
@@ -43,30 +49,34 @@ pub fn check(config: &Config) -> Identity {
             certificate,
         };
     }
-    let finding = match &hub.credentials {
-        Some((user, file)) => match outpost_mqtt::Password::read(file) {
-            Ok(_) => Finding::ok(
-                "identity",
-                format!(
-                    "logs in as `{user}` (password file {} readable)",
-                    file.display()
-                ),
-            ),
-            Err(e) => Finding::error(
-                "identity",
-                e.to_string(),
-                "make hub.password_file readable by the agent's user and hold the password (one line)",
-            ),
-        },
-        None => Finding::warning(
+    let finding = login.unwrap_or_else(|| {
+        Finding::warning(
             "identity",
             "no client certificate and no login: the device connects anonymously",
             "give the device its own identity: hub.cert_file and hub.key_file (or hub.username and hub.password_file)",
-        ),
-    };
+        )
+    });
     Identity {
         findings: vec![finding],
         certificate: None,
+    }
+}
+
+/// The login's password file: readable, and not empty.
+fn login(user: &str, file: &Path) -> Finding {
+    match outpost_mqtt::Password::read(file) {
+        Ok(_) => Finding::ok(
+            "identity",
+            format!(
+                "logs in as `{user}` (password file {} readable)",
+                file.display()
+            ),
+        ),
+        Err(e) => Finding::error(
+            "identity",
+            e.to_string(),
+            "make hub.password_file readable by the agent's user and hold the password (one line)",
+        ),
     }
 }
 
