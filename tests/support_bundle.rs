@@ -13,6 +13,10 @@ use serde_json::json;
 
 const HUB_PASSWORD: &str = "hubpw-7f3a9c-planted";
 const MODULE_SECRET: &str = "tok-e41b-bundle-secret";
+/// Five lines of 100 KB of random base64 (incompressible past base64's 3/4), then the
+/// environment, then a marker.
+const NOISY: &str = "for i in 1 2 3 4 5; do head -c 75000 /dev/urandom | base64 | tr -d '\\n'; echo; done; \
+                     env; echo done printing; exec sleep 3600";
 
 struct Setup {
     broker: Broker,
@@ -22,7 +26,8 @@ struct Setup {
 }
 
 /// A broker with a password login (the planted password), an agent logging in with it and
-/// presenting the test client certificate, and a module that prints its whole environment.
+/// presenting the test client certificate, and a module that prints its whole environment
+/// after about 500 KB of random text (so the bundle, compressed, takes several chunks).
 fn setup(name: &str) -> Option<Setup> {
     let broker = Broker::start_exact(Auth::Password {
         username: "device".into(),
@@ -44,7 +49,7 @@ fn setup(name: &str) -> Option<Setup> {
         "modules": { "app": {
             "image": image,
             "env": { "API_TOKEN": MODULE_SECRET },
-            "createOptions": { "Cmd": ["sh", "-c", "env; echo done printing; exec sleep 3600"] }
+            "createOptions": { "Cmd": ["sh", "-c", NOISY] }
         } }
     });
     let (code, out) = agent.deploy(&d, 120);
@@ -225,7 +230,14 @@ fn the_operator_gets_the_bundle_over_the_hub() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("sha256"));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("sha256"), "{said}");
+    let size = std::fs::metadata(&file).expect("bundle").len();
+    eprintln!("bundle over the hub: {size} bytes; {said}");
+    assert!(
+        size > outpost_core_chunk_bytes(),
+        "{size} bytes: the bundle should have taken several chunks"
+    );
     let members = assert_bundle(&file, &s.secrets);
     let check = &members
         .iter()
@@ -241,4 +253,9 @@ fn the_operator_gets_the_bundle_over_the_hub() {
         .expect("outpost-ctl");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--out"));
+}
+
+/// The device's chunk size (`outpost_core::wire::bundle::CHUNK_BYTES`, 256 KiB).
+fn outpost_core_chunk_bytes() -> u64 {
+    256 * 1024
 }
