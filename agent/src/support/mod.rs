@@ -415,6 +415,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn members_past_the_cap_are_left_out_and_named() {
+        let mut m = Members {
+            list: Vec::new(),
+            total: 0,
+            left_out: Vec::new(),
+        };
+        m.add("a", "x".repeat(MAX_CONTENT_BYTES - 10));
+        m.add("b", "y".repeat(11));
+        m.add("c", "z".repeat(10));
+        assert_eq!(m.total, MAX_CONTENT_BYTES);
+        assert_eq!(m.left_out, ["b"]);
+        let readme = readme("d", 0, &m.left_out, &[]);
+        assert!(
+            readme.contains("Left out over the 7 MiB cap: b"),
+            "{readme}"
+        );
+    }
+
+    #[test]
     fn private_keys_and_known_secrets_are_taken_out() {
         let mut r = Redactor::default();
         r.add("hunter2-password".into());
