@@ -180,3 +180,31 @@ pub fn expiry(cert: &Path, v: &Validity, now: u64) -> Finding {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::Level;
+
+    /// Provisioning keeps the key and the chain in one PEM (`identity/device.pem`): the same
+    /// check reads it when given that file twice.
+    #[test]
+    fn one_pem_with_key_and_chain_is_an_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "cam-7");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let pem = dir.path().join("device.pem");
+        std::fs::write(&pem, format!("{}{}", key.serialize_pem(), cert.pem())).unwrap();
+        let (finding, validity) = certificate(&pem, &pem);
+        assert_eq!(finding.level, Level::Ok, "{finding:?}");
+        assert!(finding.message.contains("cam-7"));
+        assert!(validity.is_some());
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&pem, format!("{}{}", other.serialize_pem(), cert.pem())).unwrap();
+        assert_eq!(certificate(&pem, &pem).0.level, Level::Error);
+    }
+}
