@@ -40,7 +40,10 @@ pub fn state_dir(config: &Config) -> Vec<Finding> {
             Finding::warning(
                 "state-dir",
                 format!("{} does not exist yet", dir.display()),
-                "`outpost run` creates it at start; or create it now: install -d -m 700 STATE_DIR",
+                format!(
+                    "`outpost run` creates it at start; or create it now: install -d -m 700 {}",
+                    dir.display()
+                ),
             )
         } else {
             Finding::error(
@@ -88,7 +91,7 @@ fn disk_space(config: &Config) -> Finding {
                 "cannot measure the filesystem of {}",
                 config.state_dir.display()
             ),
-            "check it by hand: df -h STATE_DIR",
+            format!("check it by hand: df -h {}", config.state_dir.display()),
         );
     };
     let used = usage.used_percent();
