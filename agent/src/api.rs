@@ -387,6 +387,22 @@ impl<R: Runtime> Ctx<R> {
     }
 }
 
+/// The running agent's reported state, or `None` when no agent answers on `path` within
+/// `within` (not running, or not ours to reach): how `check` and the support bundle tell
+/// whether the agent runs.
+pub async fn running_state(path: &Path, within: Duration) -> Option<ReportedState> {
+    let mut state = None;
+    let asked = call(path, &ApiRequest::State, |event| {
+        if let ApiEvent::State { state: s } = event {
+            state = Some(*s);
+        }
+    });
+    match tokio::time::timeout(within, asked).await {
+        Ok(Ok(())) => state,
+        _ => None,
+    }
+}
+
 /// The client side, for the CLI: sends one request and hands each event to `on_event`.
 pub async fn call(
     path: &Path,

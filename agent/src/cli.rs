@@ -79,6 +79,20 @@ pub enum Command {
     /// Check the device configuration file and show what it resolves to.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Check that this device can run: configuration, state directory, identity, hub (reach,
+    /// TLS, MQTT, access rules), certificates, trusted keys, engine, log rotation, clock, bus.
+    /// Exit code: 0 all ok, 1 a warning, 2 an error.
+    Check {
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Write a tar.gz for support: configuration (no secrets), check results, state, agent
+    /// and module logs, engine facts.
+    SupportBundle {
+        /// Where to write it (default: outpost-support-DEVICE-TIME.tar.gz here).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -246,6 +260,38 @@ fn run(cli: Cli) -> Result<u8> {
                 print!("{}", v.text);
             }
             Ok(if v.refused == 0 { 0 } else { EXIT_REFUSED })
+        }
+        Command::Check { output } => {
+            let report = block_on(crate::check::run(&cli.config, std::env::vars()));
+            if output.json {
+                println!("{}", serde_json::to_string_pretty(&report.json())?);
+            } else {
+                use std::io::IsTerminal as _;
+                let color =
+                    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+                print!("{}", report.human(color));
+            }
+            Ok(report.worst().exit_code())
+        }
+        Command::SupportBundle { out } => {
+            let bundle = block_on(crate::support::from_cli(&cli.config, std::env::vars()));
+            let out = out.unwrap_or_else(|| PathBuf::from(&bundle.file_name));
+            crate::support::write_private(&out, &bundle.bytes)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "wrote {} ({} bytes{})",
+                out.display(),
+                bundle.bytes.len(),
+                if bundle.left_out.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; left out over the size cap: {}",
+                        bundle.left_out.join(", ")
+                    )
+                }
+            );
+            Ok(0)
         }
         Command::Config(ConfigCommand::Check) => {
             let config = load_config(&cli.config)?;

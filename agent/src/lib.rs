@@ -10,11 +10,14 @@
 //! - [`config`]: the device configuration, read raw and validated.
 //! - [`provision`]: first boot by claim and certificate renewal (the device's own identity).
 //! - [`logging`]: tracing set-up (human or JSON).
+//! - [`check`]: `outpost check`, one finding per check with its fix.
+//! - [`support`]: `outpost support-bundle` and the hub's `support-bundle` command.
 //! - [`cli`]: the `outpost` command line (the binary only calls [`cli::main`]).
 
 pub mod api;
 pub use outpost_core::{binding, intake, manifest, planner, policy, signing, state};
 pub mod bus;
+pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -28,4 +31,5 @@ pub mod provision;
 pub mod reconciler;
 pub mod runtime;
 pub mod store;
+pub mod support;
 pub mod telemetry;

@@ -141,7 +141,8 @@ pub enum Command {
         #[arg(long, default_value = "30d", value_parser = parse_expiry)]
         expires_in: Duration,
     },
-    /// Send a command (restart-module, logs, ping, state) and print the device's answer.
+    /// Send a command (restart-module, logs, ping, state, support-bundle) and print the
+    /// device's answer; `support-bundle` writes the bundle to --out after checking its digest.
     Cmd {
         /// The device to ask.
         #[arg(long)]
@@ -160,6 +161,9 @@ pub enum Command {
         /// Seconds to wait for the answer.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+        /// Where to write a file the device answers with (`support-bundle`).
+        #[arg(long)]
+        out: Option<PathBuf>,
         #[command(flatten)]
         output: Output,
     },
@@ -323,6 +327,7 @@ fn run(cli: Cli) -> Result<u8> {
                 sign_key,
                 expires_in,
                 timeout,
+                out,
                 output,
             } => {
                 cmd::cmd(
@@ -331,8 +336,11 @@ fn run(cli: Cli) -> Result<u8> {
                     &name,
                     args.as_deref(),
                     sign_key.as_deref().map(|k| (k, expires_in)),
-                    Duration::from_secs(timeout),
-                    output.json,
+                    cmd::Answer {
+                        timeout: Duration::from_secs(timeout),
+                        out: out.as_deref(),
+                        json: output.json,
+                    },
                 )
                 .await
             }

@@ -40,7 +40,9 @@ pub const DEFAULT_TAIL: usize = 100;
 /// How long one command may take before it is answered with an error.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// The commands this agent knows, for the error reply to any other.
-pub const KNOWN: &[&str] = &["restart-module", "logs", "ping", "state"];
+pub const KNOWN: &[&str] = &["restart-module", "logs", "ping", "state", SUPPORT_BUNDLE];
+/// The command whose answer is a file, sent in chunks (`outpost_core::wire::bundle`).
+pub const SUPPORT_BUNDLE: &str = "support-bundle";
 /// The furthest ahead a signed command may expire: what the replay memory must cover.
 pub const MAX_COMMAND_LIFETIME: Duration = Duration::from_secs(3600);
 /// Request ids remembered against replay; beyond it, new signed commands wait for old ones
@@ -61,6 +63,8 @@ pub struct Context {
     pub rejected: watch::Receiver<Option<DeploymentReport>>,
     /// With keys, only signed commands are carried out.
     pub trusted: TrustedKeys,
+    /// The agent's configuration, for `support-bundle` (its checks and its redacted copy).
+    pub config: std::sync::Arc<crate::config::Config>,
 }
 
 /// Request ids of signed commands taken, with when each expires (Unix ms).
@@ -120,6 +124,15 @@ async fn handle_one(ctx: &Context, seen: &mut Seen, command: Command) {
         Err(why) => {
             tracing::warn!(command = %command.name, id = %request.id, %why, "command refused");
             Err(why)
+        }
+        Ok(()) if command.name == SUPPORT_BUNDLE => {
+            // Its answer is several replies, sent as they are cut; only a failure is left
+            // for the single reply below.
+            match tokio::time::timeout(COMMAND_TIMEOUT, support_bundle(ctx, &request.id)).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(format!("timed out after {COMMAND_TIMEOUT:?}")),
+            }
         }
         Ok(()) => {
             match tokio::time::timeout(COMMAND_TIMEOUT, execute(ctx, &command.name, &request.args))
@@ -291,6 +304,28 @@ async fn execute(ctx: &Context, name: &str, args: &Value) -> Result<Value, Strin
             KNOWN.join(", ")
         )),
     }
+}
+
+/// Makes the support bundle and publishes it in numbered chunks on the request's responses
+/// topic, each `{"id", "ok": true, "result": Chunk}`; the operator checks the digest of the
+/// whole (`outpost_core::wire::bundle`).
+async fn support_bundle(ctx: &Context, id: &str) -> Result<(), String> {
+    let bundle = crate::support::from_agent(&ctx.config, &ctx.handle).await;
+    let chunks = outpost_core::wire::bundle::split(&bundle.bytes).map_err(|e| e.to_string())?;
+    tracing::info!(
+        bytes = bundle.bytes.len(),
+        chunks = chunks.len(),
+        "support bundle made; sending"
+    );
+    for chunk in chunks {
+        let reply = json!({"id": id, "ok": true, "result": chunk});
+        let bytes = serde_json::to_vec(&reply).map_err(|e| e.to_string())?;
+        ctx.client
+            .publish(ctx.topics.response(id), QoS::AtLeastOnce, false, bytes)
+            .await
+            .map_err(|e| format!("chunk not sent: {e}"))?;
+    }
+    Ok(())
 }
 
 fn module_arg(args: &Value) -> Result<String, String> {

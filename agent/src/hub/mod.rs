@@ -10,7 +10,8 @@
 //!   [`AgentHandle::offer`]; refusals are reported in the state's `lastRejected`.
 //! - [`select`]: the pure precedence rule between the device's and its groups' deployments.
 //! - [`report`]: reported state (retained, debounced) and presence (retained, last will).
-//! - [`commands`]: `restart-module`, `logs`, `ping`, `state`, answered on the responses topic.
+//! - [`commands`]: `restart-module`, `logs`, `ping`, `state`, `support-bundle` (in chunks),
+//!   answered on the responses topic.
 //! - [`operator`]: the operator's side (`outpost-ctl deploy | status | watch | cmd`).
 //!
 //! The tasks talk through bounded channels and `watch`es, each is owned by a
@@ -108,6 +109,7 @@ pub async fn run_with(
             handle: handle.clone(),
             rejected: rejected_rx,
             trusted: config.policy.trusted_keys.clone(),
+            config: std::sync::Arc::new(config.clone()),
         },
         commands_rx,
         stop.clone(),

@@ -72,6 +72,12 @@ impl DockerRuntime {
         Ok(DockerRuntime { docker })
     }
 
+    /// The bollard client, for what the [`Runtime`] trait does not ask (`check`'s and the
+    /// support bundle's engine facts).
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
     async fn observe(&self, id: &str) -> Result<Option<Observed>, RuntimeError> {
         let info = match self.docker.inspect_container(id, None).await {
             Ok(info) => info,
