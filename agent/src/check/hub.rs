@@ -38,7 +38,14 @@ pub async fn check(config: &Config) -> HubOutcome {
             server_certificate: None,
         };
     };
-    let settings = match link::settings(hub, &format!("{}-check", config.device_id)) {
+    // Not provisioned yet (no device id): the claim identity connects, and may publish only
+    // its request, so there is no probe to read back.
+    let client_id = if config.device_id.is_empty() {
+        format!("claim-check-{}", random_suffix())
+    } else {
+        format!("{}-check", config.device_id)
+    };
+    let settings = match link::settings(hub, &client_id) {
         Ok(s) => s,
         Err(e) => {
             return HubOutcome {
@@ -47,7 +54,8 @@ pub async fn check(config: &Config) -> HubOutcome {
             };
         }
     };
-    let topics = Topics::new(&hub.topic_prefix, &config.device_id);
+    let topics =
+        (!config.device_id.is_empty()).then(|| Topics::new(&hub.topic_prefix, &config.device_id));
     let mut endpoints = vec![settings.clone()];
     for _ in &hub.failover {
         let next = endpoints[endpoints.len() - 1].next_endpoint();
@@ -55,7 +63,7 @@ pub async fn check(config: &Config) -> HubOutcome {
     }
     let runs = endpoints
         .iter()
-        .map(|s| endpoint(hub, s, &topics, endpoints.len() > 1));
+        .map(|s| endpoint(hub, s, topics.as_ref(), endpoints.len() > 1));
     let mut out = HubOutcome::default();
     for one in futures_util::future::join_all(runs).await {
         out.findings.extend(one.findings);
@@ -67,7 +75,12 @@ pub async fn check(config: &Config) -> HubOutcome {
 }
 
 /// Every check against one endpoint; later steps only once the earlier ones passed.
-async fn endpoint(hub: &HubConfig, s: &Settings, topics: &Topics, many: bool) -> HubOutcome {
+async fn endpoint(
+    hub: &HubConfig,
+    s: &Settings,
+    topics: Option<&Topics>,
+    many: bool,
+) -> HubOutcome {
     let at = format!("{}:{}", s.host, s.port);
     let name = |n: &str| {
         if many {
@@ -195,7 +208,7 @@ async fn handshake(
 /// it, and wait to read it back.
 async fn mqtt(
     s: &Settings,
-    topics: &Topics,
+    topics: Option<&Topics>,
     name: &(dyn Fn(&str) -> String + Sync),
 ) -> Vec<Finding> {
     let at = format!("{}:{}", s.host, s.port);
@@ -225,6 +238,13 @@ async fn mqtt(
         &name("hub-mqtt"),
         format!("{at} accepted CONNECT as client `{}`", s.client_id),
     )];
+    let Some(topics) = topics else {
+        out.push(Finding::ok(
+            &name("hub-acl"),
+            "not probed: the claim identity may only ask for provisioning",
+        ));
+        return out;
+    };
     let nonce = format!("check-{}-{}", crate::hub::unix_now(), random_suffix());
     let topic = topics.response(&nonce);
     let acl_fix = format!(

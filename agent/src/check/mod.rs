@@ -170,6 +170,7 @@ pub async fn run(path: &Path, env: impl IntoIterator<Item = (String, String)>) -
 pub async fn run_with(config: &Config) -> Report {
     let mut findings = vec![local::config_ok(config)];
     findings.extend(local::state_dir(config));
+    let config = &provisioning(config, &mut findings);
     let identity = identity::check(config);
     findings.extend(identity.findings);
     findings.push(local::trusted_keys(config));
@@ -184,6 +185,65 @@ pub async fn run_with(config: &Config) -> Report {
     ));
     findings.push(bus::check(config, engine.bridge_gateway).await);
     Report { findings }
+}
+
+/// With `[provisioning]`: the configuration as the agent will run it — with its identity once
+/// provisioned, else with the claim identity (so the claim certificate and the hub are
+/// checked) — and a finding on how provisioning stands.
+fn provisioning(config: &Config, findings: &mut Vec<Finding>) -> Config {
+    let Some(p) = &config.provisioning else {
+        return config.clone();
+    };
+    let files = crate::provision::IdentityFiles::new(&config.state_dir);
+    match crate::provision::identity::load(&files) {
+        Ok(Some(id)) => {
+            findings.push(Finding::ok(
+                "provisioning",
+                format!(
+                    "provisioned as `{}` (serial {}, groups {:?})",
+                    id.device_id, id.serial, id.groups
+                ),
+            ));
+            crate::provision::apply(config.clone(), &id, &files)
+        }
+        Ok(None) => {
+            findings.push(match crate::provision::identity::last_refusal(&files) {
+                Some(r) => Finding::error(
+                    "provisioning",
+                    format!("the responder refused serial `{}`: {}", r.serial, r.reason),
+                    "ask the operator to allow this serial (outpost-ctl provision serve --allow-list / --allow-pattern), or to run the responder with --reissue for a replaced board; the agent keeps asking",
+                ),
+                None => Finding::warning(
+                    "provisioning",
+                    format!(
+                        "not provisioned yet: at start the agent asks the responder on {}:{} (prefix {})",
+                        p.host, p.port, p.topic_prefix
+                    ),
+                    "start the agent with the hub reachable and `outpost-ctl provision serve` running; its log says how provisioning goes",
+                ),
+            });
+            let mut claim = config.clone();
+            if let Some(hub) = claim.hub.as_mut() {
+                hub.client_auth = Some((p.claim_cert.clone(), p.claim_key.clone()));
+                hub.ca_file.clone_from(&p.ca_file);
+                hub.host.clone_from(&p.host);
+                hub.port = p.port;
+                hub.failover.clone_from(&p.failover);
+            }
+            claim
+        }
+        Err(e) => {
+            findings.push(Finding::error(
+                "provisioning",
+                e.to_string(),
+                format!(
+                    "move {} aside and restart the agent to provision again (it refuses to start with a damaged identity)",
+                    files.dir.display()
+                ),
+            ));
+            config.clone()
+        }
+    }
 }
 
 #[cfg(test)]
