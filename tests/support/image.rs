@@ -71,24 +71,25 @@ pub fn cargo_deb() -> PathBuf {
     root.join("bin/cargo-deb")
 }
 
-/// The `outpost` package (amd64) of this test run's dev build, made once per test binary by
-/// `scripts/package-deb amd64 --profile dev --no-build` into TARGET/debian-test.
+/// The `outpost` package (amd64) of the `outpost` the tests run ([`outpost_bin`]: this run's
+/// dev build, or `OUTPOST_BIN`), made once per test binary by
+/// `scripts/package-deb amd64 --profile dev --no-build` into TARGET/debian-test. The binary
+/// is staged where that command looks (a target folder of its own, `debug/outpost`), so the
+/// package holds exactly the binary the other tests run, wherever it was built.
 pub fn package_deb() -> PathBuf {
     static DEB: OnceLock<PathBuf> = OnceLock::new();
     DEB.get_or_init(|| {
         let bin = outpost_bin();
-        // outpost_bin() is TARGET/debug/outpost: package-deb finds it from the target dir.
-        let target = bin
-            .parent()
-            .and_then(Path::parent)
-            .expect("TARGET/debug/outpost")
-            .to_path_buf();
-        let out = target_dir().join("debian-test");
+        let work = target_dir().join("debian-test");
+        let stage = work.join("stage");
+        std::fs::create_dir_all(stage.join("debug")).unwrap();
+        std::fs::copy(&bin, stage.join("debug/outpost"))
+            .unwrap_or_else(|e| panic!("cannot stage {}: {e}", bin.display()));
         let stdout = crate::run(
             Command::new(workspace().join("scripts/package-deb"))
                 .args(["amd64", "--profile", "dev", "--no-build", "--out"])
-                .arg(&out)
-                .env("CARGO_TARGET_DIR", &target)
+                .arg(&work)
+                .env("CARGO_TARGET_DIR", &stage)
                 .env("CARGO_DEB", cargo_deb()),
         );
         let deb = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
