@@ -308,15 +308,9 @@ fn the_golden_tree_has_the_agent_enabled_with_a_provisioning_config() {
     tree.first_boot_machine_id("0123456789abcdef0123456789abcdef");
     let out = output(tree.outpost().args(["config", "check"]));
     let said = text(&out);
-    if said.contains("unknown field `provisioning`") {
-        // This build predates [provisioning] (issue 15 parts 1-5, built beside this): the
-        // agent reads the tree's file and refuses the section as a configuration error.
-        assert_eq!(out.status.code(), Some(78), "{said}");
-        eprintln!("NOTE: this agent has no [provisioning] yet; its config check says:\n{said}");
-    } else {
-        assert!(
-            out.status.success(),
-            "config check in the golden tree:\n{said}"
-        );
-    }
+    assert!(
+        out.status.success(),
+        "config check in the golden tree:\n{said}"
+    );
+    assert!(said.contains("given at first boot"), "{said}");
 }

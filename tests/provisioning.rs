@@ -313,6 +313,34 @@ fn the_claim_identity_can_only_ask_and_a_serial_not_allowed_is_refused() {
         .expect("refusal.json");
     assert!(refusal.contains("XX-1"), "{refusal}");
     assert!(identity(&outsider).is_none());
+    // `outpost check` names the refusal and what to do.
+    let finding = check_finding(&outsider, "provisioning");
+    assert_eq!(finding["level"], "error", "{finding}");
+    assert!(
+        finding["message"]
+            .as_str()
+            .unwrap()
+            .contains("not allowed by this responder"),
+        "{finding}"
+    );
+    assert!(
+        finding["fix"].as_str().unwrap().contains("--allow"),
+        "{finding}"
+    );
+}
+
+/// `outpost check --json`'s finding named `name`.
+fn check_finding(agent: &Agent, name: &str) -> Value {
+    let out = agent.outpost(&["check", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("check --json: {e}: {out:?}"));
+    report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == name)
+        .unwrap_or_else(|| panic!("no `{name}` finding in {report}"))
+        .clone()
 }
 
 /// `mosquitto_sub` flags for the operator's certificate.
@@ -491,4 +519,85 @@ fn a_clock_at_1970_neither_loops_nor_lapses() {
         "renewals: {at_1970} at 1970, {} right after the jump",
         after_jump - before_jump
     );
+}
+
+/// The golden image's tree (scripts/golden-image: debootstrap, the package, a provisioning
+/// config) boots its agent through first boot: the tree's binary and configuration, the serial
+/// from the tree's /etc/machine-id, the state in the tree's /var/lib/outpost.
+#[test]
+fn the_golden_image_tree_boots_the_agent_through_provisioning() {
+    let cargo_deb = cargo_deb().display().to_string();
+    if !have_tools(
+        "golden image",
+        &["dpkg-deb", "debootstrap", "chroot", &cargo_deb],
+        true,
+    ) {
+        return;
+    }
+    let broker = hub();
+    let dir = tempfile::tempdir().unwrap();
+    let claim = broker.pki.issue_client("_claim").unwrap();
+    let tree = golden_tree(
+        "amd64",
+        &Golden {
+            hub_url: broker.url(),
+            ca_file: broker.pki.ca.clone(),
+            claim_cert: claim.0.clone(),
+            claim_key: claim.1.clone(),
+            serial_file: None,
+        },
+    );
+    let _responder = Responder::start(
+        &broker,
+        dir.path(),
+        &dir.path().join("responder"),
+        &["--allow-any"],
+    );
+    // The board's first boot: systemd writes its machine id, the image's serial source.
+    let machine_id = format!(
+        "{:032x}",
+        u128::from(std::process::id()) * 0x9e37_79b9_7f4a_7c15
+    );
+    tree.first_boot_machine_id(&machine_id);
+    std::fs::create_dir_all(tree.root.join("run/outpost")).unwrap();
+    let log = dir.path().join("tree-agent.log");
+    let mut agent = tree
+        .outpost_from_host()
+        .arg("run")
+        .env(
+            "OUTPOST__PROVISIONING__SERIAL_FILE",
+            tree.root.join("etc/machine-id"),
+        )
+        .env("OUTPOST__BUS__LISTEN", bus_listen())
+        .env("OUTPOST__HUB__RECONNECT_MAX_SECS", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let identity = tree.root.join("var/lib/outpost/identity/identity.json");
+    let device = format!("cam-{machine_id}");
+    let args = broker.cli_flags(dir.path()).unwrap();
+    let result = std::panic::catch_unwind(|| {
+        wait_for(
+            "the tree's agent provisioned",
+            Duration::from_secs(90),
+            || identity.exists().then_some(()),
+        );
+        let id: Value = serde_json::from_slice(&std::fs::read(&identity).unwrap()).unwrap();
+        assert_eq!(id["deviceId"], device);
+        wait_for(
+            "the device online on the hub",
+            Duration::from_secs(60),
+            || online(&args, &device).then_some(()),
+        );
+    });
+    let _ = agent.kill();
+    let _ = agent.wait();
+    if let Err(e) = result {
+        eprintln!(
+            "---- tree agent log ----\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::panic::resume_unwind(e);
+    }
 }
