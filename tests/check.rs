@@ -311,10 +311,7 @@ fn certificate(dir: &Path, name: &str, from: i64, to: i64) -> (PathBuf, PathBuf)
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "device");
-    let day = |d: i64| {
-        let (y, m, dd) = civil(d);
-        rcgen::date_time_ymd(y, m, dd)
-    };
+    let day = |d: i64| time::OffsetDateTime::from_unix_timestamp(d * 86_400).expect("a date");
     params.not_before = day(from);
     params.not_after = day(to);
     let key = rcgen::KeyPair::generate().expect("key");
@@ -326,23 +323,6 @@ fn certificate(dir: &Path, name: &str, from: i64, to: i64) -> (PathBuf, PathBuf)
     std::fs::write(&c, cert.pem()).expect("cert");
     std::fs::write(&k, key.serialize_pem()).expect("key");
     (c, k)
-}
-
-/// (year, month, day) of a Unix day number.
-fn civil(days: i64) -> (i32, u8, u8) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (
-        (yoe + era * 400 + i64::from(m <= 2)) as i32,
-        m as u8,
-        d as u8,
-    )
 }
 
 #[test]

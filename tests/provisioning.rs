@@ -422,23 +422,54 @@ fn online(args: &[String], device: &str) -> bool {
     out.status.success() && text.contains("\"online\":true")
 }
 
+/// A hub, a responder issuing 30-second certificates, and a configured (not started) agent.
+struct Renewing {
+    broker: Broker,
+    dir: tempfile::TempDir,
+    /// The responder's state folder (its record).
+    state: PathBuf,
+    device: String,
+    agent: Agent,
+    _responder: Responder,
+}
+
+impl Renewing {
+    fn start(name: &str) -> Renewing {
+        let broker = hub();
+        let dir = tempfile::tempdir().unwrap();
+        let claim = broker.pki.issue_client("_claim").unwrap();
+        let state = dir.path().join("responder");
+        let responder = Responder::start(
+            &broker,
+            dir.path(),
+            &state,
+            &["--allow-any", "--validity-secs", "30"],
+        );
+        let serial = serial(name);
+        let agent = provisioned_agent(&broker, &claim, &serial);
+        Renewing {
+            broker,
+            dir,
+            state,
+            device: format!("cam-{serial}"),
+            agent,
+            _responder: responder,
+        }
+    }
+}
+
 /// Short-lived certificates (30 s): renewed at two thirds, and the renewed one is what the
 /// device reconnects with once the first has expired.
 #[test]
 fn short_lived_certificates_are_renewed_and_used_after_the_first_expires() {
-    let mut broker = hub();
-    let dir = tempfile::tempdir().unwrap();
-    let claim = broker.pki.issue_client("_claim").unwrap();
-    let state = dir.path().join("responder");
-    let _responder = Responder::start(
-        &broker,
-        dir.path(),
-        &state,
-        &["--allow-any", "--validity-secs", "30"],
-    );
-    let serial = serial("r");
-    let device = format!("cam-{serial}");
-    let mut agent = provisioned_agent(&broker, &claim, &serial);
+    let Renewing {
+        mut broker,
+        dir,
+        state,
+        device,
+        mut agent,
+        _responder,
+    } = Renewing::start("r");
     agent.spawn_detached();
     agent.wait_ready(Duration::from_secs(60));
     let first = identity(&agent).unwrap();
@@ -467,19 +498,14 @@ fn short_lived_certificates_are_renewed_and_used_after_the_first_expires() {
 /// measures, not in a loop; when NTP jumps the clock to now it renews at most once more.
 #[test]
 fn a_clock_at_1970_neither_loops_nor_lapses() {
-    let mut broker = hub();
-    let dir = tempfile::tempdir().unwrap();
-    let claim = broker.pki.issue_client("_claim").unwrap();
-    let state = dir.path().join("responder");
-    let _responder = Responder::start(
-        &broker,
-        dir.path(),
-        &state,
-        &["--allow-any", "--validity-secs", "30"],
-    );
-    let serial = serial("t");
-    let device = format!("cam-{serial}");
-    let mut agent = provisioned_agent(&broker, &claim, &serial);
+    let Renewing {
+        mut broker,
+        dir,
+        state,
+        device,
+        mut agent,
+        _responder,
+    } = Renewing::start("t");
     let clock = dir.path().join("faketime");
     std::fs::write(&clock, offset_to_1970()).unwrap();
     agent.env.extend(faketime_env(&clock));

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use outpost_core::wire::provisioning::DEFAULT_PREFIX;
+use outpost_core::wire::provisioning::prefix_for;
 
 use super::raw::RawProvisioning;
 use super::types::{HubConfig, ProvisioningConfig, SerialSource};
@@ -115,7 +115,7 @@ pub(super) fn provisioning(
     };
     let topic_prefix = p
         .topic_prefix
-        .unwrap_or_else(|| default_prefix(&hub.topic_prefix));
+        .unwrap_or_else(|| prefix_for(&hub.topic_prefix));
     if topic_prefix.is_empty()
         || topic_prefix.contains(['+', '#'])
         || topic_prefix.starts_with('/')
@@ -146,10 +146,3 @@ pub(super) fn provisioning(
     })
 }
 
-/// `{hub.topic_prefix}/_provisioning`: the fleet's `_` space, never a device's.
-fn default_prefix(hub_prefix: &str) -> String {
-    match DEFAULT_PREFIX.strip_prefix("outpost/") {
-        Some(leaf) => format!("{hub_prefix}/{leaf}"),
-        None => DEFAULT_PREFIX.to_string(),
-    }
-}

@@ -22,6 +22,12 @@ use super::topics::is_level;
 /// The responder's topic prefix unless configured otherwise.
 pub const DEFAULT_PREFIX: &str = "outpost/_provisioning";
 
+/// The responder's prefix for a fleet whose topics start with `fleet_prefix`:
+/// `{fleet_prefix}/_provisioning`.
+pub fn prefix_for(fleet_prefix: &str) -> String {
+    format!("{fleet_prefix}/_provisioning")
+}
+
 /// Whether a responder must never hand out `name`: `{prefix}/groups/…` holds group deployments
 /// and `{prefix}/_…` the operator's and the responder's topics, so a device of that name could
 /// read or write them (the agent refuses the same names in `device_id`).
@@ -144,6 +150,7 @@ mod tests {
     #[test]
     fn request_topics_round_trip() {
         let p = DEFAULT_PREFIX;
+        assert_eq!(prefix_for("outpost"), p);
         let t = request_topic(p, Kind::Claim, &claim_client_id("SN-42"));
         assert_eq!(t, "outpost/_provisioning/claim/claim-SN-42/request");
         assert_eq!(classify_request(p, &t), Some((Kind::Claim, "claim-SN-42")));

@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Args, Subcommand};
 use outpost_core::backoff::Backoff;
 use outpost_core::wire::provisioning::{
-    DEFAULT_PREFIX, Kind, classify_request, request_filter, response_topic,
+    Kind, classify_request, prefix_for, request_filter, response_topic,
 };
 use outpost_mqtt::Settings;
 use rumqttc::{Event, Packet, QoS};
@@ -109,14 +109,6 @@ impl ServeArgs {
     }
 }
 
-/// The responder's topic prefix for the fleet `prefix`.
-pub fn default_prefix(fleet_prefix: &str) -> String {
-    match DEFAULT_PREFIX.strip_prefix("outpost/") {
-        Some(leaf) => format!("{fleet_prefix}/{leaf}"),
-        None => DEFAULT_PREFIX.to_string(),
-    }
-}
-
 /// Runs the responder until `stop`: connects (and reconnects) to the hub, subscribes to
 /// claims and renewals, answers each.
 pub async fn serve(
@@ -132,7 +124,7 @@ pub async fn serve(
     let prefix = args
         .topic_prefix
         .clone()
-        .unwrap_or_else(|| default_prefix(fleet_prefix));
+        .unwrap_or_else(|| prefix_for(fleet_prefix));
     // Its own client id: an operator's other commands must not disconnect it.
     settings.client_id = "outpost-provisioner".into();
     let (client, mut eventloop) = outpost_mqtt::client(&settings, None)?;
