@@ -145,4 +145,3 @@ pub(super) fn provisioning(
         retry_max: Duration::from_secs(retry_max),
     })
 }
-
