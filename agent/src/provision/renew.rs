@@ -126,16 +126,10 @@ async fn renew_once(ctx: &Context, current: &Identity) -> Result<Identity, Renew
         serial: current.serial.clone(),
         csr: identity::csr(&key, &current.device_id)?,
     };
-    let mut settings = claim::settings(&ctx.provisioning, &ctx.hub, &current.serial);
-    settings.client_id = format!("{}-renew", current.device_id);
-    settings.host.clone_from(&ctx.hub.host);
-    settings.port = ctx.hub.port;
-    settings.failover.clone_from(&ctx.hub.failover);
-    if let Some(tls) = settings.tls.as_mut() {
-        tls.ca_file.clone_from(&ctx.hub.ca_file);
-        tls.client_auth = Some((ctx.files.pem.clone(), ctx.files.pem.clone()));
-        tls.ca_setting = "hub.ca_file";
-    }
+    // The device's own connection settings (its certificate, the hub's CA and endpoints), as a
+    // client of their own beside the link and the telemetry drain.
+    let settings = crate::hub::link::settings(&ctx.hub, &format!("{}-renew", current.device_id))
+        .map_err(exchange::ExchangeError::Hub)?;
     let response = match exchange::exchange(
         &settings,
         &ctx.provisioning.topic_prefix,
