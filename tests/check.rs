@@ -170,6 +170,7 @@ fn a_healthy_device_passes_every_check() {
         "hub-mqtt",
         "hub-acl",
         "trusted-keys",
+        "agent-update",
         "engine",
         "log-rotation",
         "clock",

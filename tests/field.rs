@@ -320,6 +320,8 @@ fn after_a_reboot_modules_come_back_in_startup_order_uncounted() {
         stop.arg(id);
     }
     run(&mut stop);
+    // The agent learns of a reboot from the boot id it noted at its last start.
+    std::fs::write(agent.state_dir().join("boot"), "another-boot").expect("note another boot");
     agent.spawn();
     let state = wait_for("every module running again", MINUTE, || {
         let s = agent.try_state();

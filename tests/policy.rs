@@ -84,6 +84,35 @@ fn added_capabilities_are_refused_unless_listed_and_every_module_gets_the_defaul
 }
 
 #[test]
+fn a_module_past_its_memory_limit_is_reported_out_of_memory() {
+    let image = "outpost-test/busybox:policy-oom";
+    busybox_image(image);
+    let device = format!("pol-oom-{}", std::process::id());
+    let agent = Agent::start(&device, "");
+    // A 96 MiB buffer under a 32 MiB limit (no swap on top): the kernel ends it.
+    let hog = json!({ "hog": { "image": image, "restartPolicy": "never",
+        "resources": { "memoryMb": 32 },
+        "createOptions": { "Cmd": ["dd", "if=/dev/zero", "of=/dev/null", "bs=96M", "count=2"] } } });
+    let _ = agent.deploy(&manifest(1, hog), 60);
+    let hog = wait_for(
+        "the module ended by its memory limit",
+        Duration::from_secs(60),
+        || {
+            let m = agent.try_state()["modules"]["hog"].clone();
+            (m["exitCode"] == 137).then_some(m)
+        },
+    );
+    // The exit code alone does not tell it from a `kill -9`: the report says why.
+    assert_eq!(inspect(&device, "hog", "{{.State.OOMKilled}}"), "true");
+    assert!(
+        hog["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("out of memory")),
+        "{hog}"
+    );
+}
+
+#[test]
 fn a_planted_link_is_not_followed_into_the_host() {
     let image = "outpost-test/busybox:policy-link";
     busybox_image(image);

@@ -299,6 +299,20 @@ fn a_deployment_that_cannot_start_rolls_back_and_bad_credentials_are_reported() 
         out.contains(&format!("pulling {image}")),
         "no pull progress: {out}"
     );
+    // Not a terminal: plain lines, a handful per image, and no colour codes anywhere (the
+    // command's output nor the agent's log file).
+    assert!(
+        out.lines().filter(|l| l.contains("pulling")).count() <= 40,
+        "{out}"
+    );
+    assert!(
+        !out.contains('\u{1b}'),
+        "escape codes in piped output: {out:?}"
+    );
+    assert!(
+        !agent.log().contains('\u{1b}'),
+        "escape codes in the agent's log file"
+    );
     let good_id = by_module(&device)["app"][0].0.clone();
 
     // v2 names an image that does not exist: rolled back to v1 within the window.

@@ -56,6 +56,15 @@ pub enum ApiRequest {
     Restart {
         module: String,
     },
+    /// Take the module's update lock: a new deployment that would replace, stop or remove it
+    /// waits until `unlock` or the deployment's lock deadline.
+    Lock {
+        module: String,
+    },
+    /// Release the module's update lock.
+    Unlock {
+        module: String,
+    },
 }
 
 fn default_wait() -> u64 {
@@ -80,6 +89,10 @@ pub enum ApiEvent {
         status: String,
         current: u64,
         total: u64,
+    },
+    /// The deployment waits for an update window or lock (`deploy`, once per change).
+    Waiting {
+        message: String,
     },
     /// The deployment reached a final status (applied, failed, rolled-back) or the wait ended.
     Done {
@@ -201,10 +214,18 @@ pub fn parse_request(line: &str) -> Result<ApiRequest, String> {
                 return Err("bad request: `since` is negative".into());
             }
         }
-        ApiRequest::Restart { module } => module_ok(module)?,
+        ApiRequest::Restart { module }
+        | ApiRequest::Lock { module }
+        | ApiRequest::Unlock { module } => module_ok(module)?,
         ApiRequest::State | ApiRequest::Deploy { .. } => {}
     }
     Ok(request)
+}
+
+/// Which of lock and unlock a request is, once its fields are moved out.
+enum RequestKind {
+    Lock,
+    Other,
 }
 
 async fn send(stream: &mut UnixStream, event: &ApiEvent) -> std::io::Result<()> {
@@ -225,6 +246,10 @@ impl<R: Runtime> Ctx<R> {
             Err(message) => {
                 return send(&mut stream, &ApiEvent::Error { message }).await;
             }
+        };
+        let request_kind = match request {
+            ApiRequest::Lock { .. } => RequestKind::Lock,
+            _ => RequestKind::Other,
         };
         match request {
             ApiRequest::State => {
@@ -307,6 +332,17 @@ impl<R: Runtime> Ctx<R> {
                 };
                 send(&mut stream, &event).await
             }
+            ApiRequest::Lock { module } | ApiRequest::Unlock { module } => {
+                let hold = matches!(request_kind, RequestKind::Lock);
+                let event = match self.handle.lock(&module, hold, "api").await {
+                    Ok(Ok(_)) => ApiEvent::Ok,
+                    Ok(Err(message)) => ApiEvent::Error { message },
+                    Err(e) => ApiEvent::Error {
+                        message: e.to_string(),
+                    },
+                };
+                send(&mut stream, &event).await
+            }
         }
     }
 
@@ -348,16 +384,27 @@ impl<R: Runtime> Ctx<R> {
         // Untrusted input: a wait near u64::MAX would overflow the instant (a panic).
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(wait_secs.min(MAX_WAIT_SECS));
+        let mut told: Option<String> = None;
         loop {
-            let (status, reasons) = {
+            let (status, reasons, waiting) = {
                 let s = state.borrow_and_update();
                 match &s.deployment {
-                    Some(d) if d.id == id && d.version == version => {
-                        (Some(d.status), d.reasons.clone())
-                    }
-                    _ => (None, vec![]),
+                    Some(d) if d.id == id && d.version == version => (
+                        Some(d.status),
+                        d.reasons.clone(),
+                        d.waiting.as_ref().map(|w| w.message.clone()),
+                    ),
+                    _ => (None, vec![], None),
                 }
             };
+            // A waiting deployment is not done: say why once, and keep waiting.
+            if let Some(message) = waiting
+                && status == Some(DeploymentStatus::Waiting)
+                && told.as_ref() != Some(&message)
+            {
+                told = Some(message.clone());
+                send(stream, &ApiEvent::Waiting { message }).await?;
+            }
             if let Some(status) = status
                 && matches!(
                     status,

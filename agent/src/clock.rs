@@ -90,6 +90,20 @@ impl Clock for SystemClock {
     }
 }
 
+/// Notes this boot in `{state_dir}/boot` and says whether the agent's last start was in another
+/// boot (or it cannot tell: no file, no boot id): whether this start follows a reboot.
+pub fn note_boot(state_dir: &std::path::Path, clock: &dyn Clock) -> bool {
+    let path = state_dir.join("boot");
+    let now = clock.boot_id();
+    let before = std::fs::read_to_string(&path).ok();
+    if !now.is_empty()
+        && let Err(e) = crate::fsutil::write_atomic(&path, now.as_bytes(), 0o600)
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot note this boot; the next start will count as after a reboot");
+    }
+    now.is_empty() || before.is_none_or(|b| b.trim() != now)
+}
+
 /// A monotonic deadline remembered across agent restarts: valid in the boot that set it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BootInstant {
@@ -180,6 +194,17 @@ mod tests {
             SystemClock::new().boot_id(),
             "one boot, one id"
         );
+    }
+
+    #[tokio::test]
+    async fn a_start_follows_a_reboot_unless_the_last_one_was_in_this_boot() {
+        let dir = tempfile::tempdir().expect("a state folder");
+        let clock = FakeClock::new(0, 0);
+        assert!(note_boot(dir.path(), &clock), "no note yet: cannot tell");
+        assert!(!note_boot(dir.path(), &clock), "the same boot");
+        clock.reboot("boot-2");
+        assert!(note_boot(dir.path(), &clock), "another boot");
+        assert!(!note_boot(dir.path(), &clock));
     }
 
     #[tokio::test(start_paused = true)]

@@ -47,6 +47,15 @@ pub enum Request {
         name: String,
         reply: oneshot::Sender<Vec<String>>,
     },
+    /// Take (`hold`) or release a module's update lock (docs/reconciler.md#update-windows-and-locks).
+    /// The reply says whether anything changed, or why it cannot be done.
+    Lock {
+        module: String,
+        hold: bool,
+        /// Who asks: `api` or `bus`, for the record and the log.
+        via: &'static str,
+        reply: oneshot::Sender<Result<bool, String>>,
+    },
 }
 
 /// What a client of the agent holds: a way to ask, and the latest state.
@@ -126,6 +135,26 @@ impl AgentHandle {
                 name: name.to_string(),
                 tail,
                 max_bytes,
+                reply,
+            })
+            .await
+            .map_err(|_| ControlError::Closed)?;
+        rx.await.map_err(|_| ControlError::Closed)
+    }
+
+    /// Takes (`hold`) or releases `module`'s update lock; `Ok(Ok(changed))`.
+    pub async fn lock(
+        &self,
+        module: &str,
+        hold: bool,
+        via: &'static str,
+    ) -> Result<Result<bool, String>, ControlError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Lock {
+                module: module.to_string(),
+                hold,
+                via,
                 reply,
             })
             .await

@@ -61,11 +61,40 @@ impl DaemonError {
     }
 }
 
-/// Runs the agent until `shutdown` is cancelled.
+/// Why the agent stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Told to (a signal, or the token cancelled).
+    Stopped,
+    /// An update of the agent is staged (or, on trial, committed): the launcher takes over.
+    Handover,
+}
+
+/// Runs the agent until `shutdown` is cancelled, in `role` (which binary it is, whether on
+/// trial: [`crate::update::launch`]).
 ///
 /// Fails at start-up when the store cannot be opened or the engine cannot be reached; once
 /// running, failures are retried, not returned.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+pub async fn run(
+    config: Config,
+    role: crate::update::Role,
+    shutdown: CancellationToken,
+) -> Result<Exit, DaemonError> {
+    let handover = crate::update::Handover::new(shutdown.clone());
+    run_until(config, role, handover.clone(), shutdown).await?;
+    Ok(if handover.is_requested() {
+        Exit::Handover
+    } else {
+        Exit::Stopped
+    })
+}
+
+async fn run_until(
+    config: Config,
+    role: crate::update::Role,
+    handover: crate::update::Handover,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
     // First boot by claim: nothing else starts before the device knows who it is.
     let (config, renewal) = match (&config.provisioning, &config.hub) {
         (Some(p), Some(hub)) => {
@@ -90,7 +119,41 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         warn!(moved_to = %r.moved_to.display(), reason = %r.reason,
             "the store was damaged and has been replaced by an empty one");
     }
-    let runtime = Arc::new(DockerRuntime::connect(&config.runtime.docker_socket).await?);
+    // The engine when the device has one; the process runtime always (process modules run
+    // as the policy allows them).
+    let docker = match config.runtime.kind {
+        crate::manifest::RuntimeKind::Docker => {
+            Some(DockerRuntime::connect(&config.runtime.docker_socket).await?)
+        }
+        crate::manifest::RuntimeKind::Process => {
+            info!("no container engine (runtime.kind = \"process\"): process modules only");
+            None
+        }
+    };
+    let process = crate::runtime::process::ProcessRuntime::new(&config.state_dir).map_err(|e| {
+        RuntimeError::Engine {
+            op: "prepare",
+            target: config.state_dir.join("processes").display().to_string(),
+            message: e.to_string(),
+        }
+    })?;
+    // Process modules' cgroups, where the kernel offers cgroup v2; found once, before any
+    // module starts. A device whose policy runs no executables is left alone.
+    let process = if !config.runs_process_modules() {
+        process
+    } else {
+        match crate::runtime::process::cgroup::prepare(&config.runtime.process_cgroup) {
+            Ok(placement) => {
+                info!(limits = %placement.describe(), "process modules' limits");
+                process.with_cgroups(Some(placement))
+            }
+            Err(why) => {
+                info!(%why, "process modules' limits: setrlimit only (memory), no cgroup v2");
+                process
+            }
+        }
+    };
+    let runtime = Arc::new(crate::runtime::combined::Combined { docker, process });
     let clock: crate::clock::SharedClock = Arc::new(crate::clock::SystemClock::new());
     let (outbox, outbox_writer) = Outbox::open(
         &config.state_dir,
@@ -107,25 +170,56 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     // The stored deployment's routes from the first moment the bus accepts a message: an
     // empty table would acknowledge what arrives before the reconciler starts, and route it
     // nowhere.
-    let stored_routes = store
-        .desired()?
+    // A deployment waiting for its window or a lock has not switched: the one before it
+    // routes until then.
+    let desired = store.desired()?;
+    let waiting = match (&desired, store.gate()?) {
+        (Some(d), Some(g)) => g.digest == d.digest && !g.passed,
+        _ => false,
+    };
+    let in_force = if waiting { store.last_good()? } else { desired };
+    let stored_routes = in_force
         .map(|d| RouteTable::for_deployment(&d.deployment))
         .unwrap_or_default();
+    let locks = crate::bus::LockHandle::default();
     let (routes_tx, routes_rx) = watch::channel(Arc::new(stored_routes));
     let module_env = crate::bus::start::start(
         &config,
         runtime.as_ref(),
-        routes_rx,
+        crate::bus::start::FromReconciler {
+            routes: routes_rx,
+            locks: locks.clone(),
+        },
         &outbox,
         &counters.bus,
         &tasks,
         &shutdown,
     )
     .await?;
+    let (agent_spec_tx, agent_spec_rx) = watch::channel(None);
+    let (passes_tx, passes_rx) = watch::channel(0u64);
+    let (agent_status_tx, agent_status_rx) = watch::channel(crate::update::AgentStatus {
+        slot: role.slot,
+        update: None,
+    });
+    let system_clock: crate::clock::SharedClock = Arc::new(crate::clock::SystemClock::new());
+    let after_reboot = crate::clock::note_boot(&config.state_dir, system_clock.as_ref());
+    if after_reboot {
+        info!(
+            "first start in this boot: modules found ended come back, whatever their restart policy"
+        );
+    } else {
+        info!(
+            "restarted in the same boot: modules that ended meanwhile follow their restart policy"
+        );
+    }
     let settings = Settings {
         device: config.device_id.clone(),
         policy: config.policy.clone(),
-        facts: crate::telemetry::metrics::device_facts(),
+        facts: crate::policy::DeviceFacts {
+            engine: config.runtime.kind == crate::manifest::RuntimeKind::Docker,
+            ..crate::telemetry::metrics::device_facts()
+        },
         stop_grace: config.runtime.stop_grace,
         max_concurrent_pulls: config.runtime.max_concurrent_pulls,
         max_parallel_actions: config.runtime.max_parallel_actions,
@@ -134,7 +228,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         module_env,
         routes: config.bus.enabled.then_some(routes_tx),
         deployments: counters.deployments.clone(),
-        clock: Arc::new(crate::clock::SystemClock::new()),
+        clock: system_clock.clone(),
         conditions: Some(crate::telemetry::health::watch_outbox(
             &outbox, &tasks, &shutdown,
         )),
@@ -145,9 +239,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
                 r.moved_to.display()
             )
         }),
+        agent_spec: Some(agent_spec_tx),
+        passes: Some(passes_tx),
+        agent_status: Some(agent_status_rx),
+        artifacts: Some(crate::artifacts::Artifacts::new(
+            &config.state_dir,
+            crate::fetch::Fetcher::new(config.update.ca_file.as_deref(), config.disk.pull_reserve_bytes),
+            config.runtime.max_concurrent_pulls,
+        )),
+        maintenance: config.maintenance.clone(),
+        locks_dir: Some(config.state_dir.join("locks")),
+        after_reboot,
     };
     let parts = Reconciler::build(settings, runtime.clone(), store)?;
-    info!(device = %config.device_id, version = env!("CARGO_PKG_VERSION"), "outpost agent starting");
+    let _ = locks.set(parts.handle.clone());
+    info!(device = %config.device_id, version = outpost_core::version::current(),
+        slot = role.slot.name(), on_trial = role.trial, "outpost agent starting");
 
     let (prometheus_tx, prometheus_rx) = watch::channel(None);
     if let Some(addr) = config.telemetry.metrics_listen {
@@ -208,8 +315,39 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         });
     }
     let (hub_tx, mut hub_rx) = tokio::sync::oneshot::channel();
+    let (session_tx, session_rx) = watch::channel(0u64);
+    let update_paths = crate::update::record::Paths::new(&config.state_dir);
+    if role.trial {
+        tasks.spawn(crate::update::gate::run(
+            crate::update::gate::Context {
+                paths: update_paths,
+                slot: role.slot,
+                version: outpost_core::version::current().to_string(),
+                probation: config.update.probation,
+                hub: config.hub.is_some().then(|| session_rx.clone()),
+                passes: passes_rx,
+                status: agent_status_tx,
+                handover,
+            },
+            shutdown.clone(),
+        ));
+    } else {
+        tasks.spawn(crate::update::updater::run(
+            crate::update::updater::Context {
+                paths: update_paths,
+                slot: role.slot,
+                platform: outpost_core::platform::Platform::of_this_build().to_string(),
+                config: config.update.clone(),
+                reserve: config.disk.pull_reserve_bytes,
+                spec: agent_spec_rx,
+                status: agent_status_tx,
+                handover,
+                state: parts.handle.state.clone(),
+            },
+            shutdown.clone(),
+        ));
+    }
     if let Some(hub) = &config.hub {
-        let (session_tx, session_rx) = watch::channel(0u64);
         let mut settings = crate::hub::link::settings(hub, &config.device_id)?;
         settings.client_id = format!("{}-telemetry", config.device_id);
         tasks.spawn(upstream::run(

@@ -12,9 +12,14 @@
 //! - [`logging`]: tracing set-up (human or JSON).
 //! - [`check`]: `outpost check`, one finding per check with its fix.
 //! - [`support`]: `outpost support-bundle` and the hub's `support-bundle` command.
+//! - [`update`]: the agent's updates of itself (slots, launcher, health gate, rollback), with
+//!   [`fetch`] for the download.
+//! - [`artifacts`]: the files deployments pin by digest for their modules (models): fetched
+//!   with [`fetch`], stored once by digest, linked into each module's folder.
 //! - [`cli`]: the `outpost` command line (the binary only calls [`cli::main`]).
 
 pub mod api;
+pub mod artifacts;
 pub use outpost_core::{binding, intake, manifest, planner, policy, signing, state};
 pub mod bus;
 pub mod check;
@@ -23,7 +28,9 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod demo;
 pub mod disk;
+pub mod fetch;
 pub mod fsutil;
 pub mod hub;
 pub mod logging;
@@ -33,3 +40,4 @@ pub mod runtime;
 pub mod store;
 pub mod support;
 pub mod telemetry;
+pub mod update;

@@ -33,6 +33,12 @@ pub fn filter(level: &str) -> EnvFilter {
     filter
 }
 
+/// Whether standard error is a terminal and colour is not turned off (`NO_COLOR`, no-color.org).
+pub fn colour_wanted() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     #[default]
@@ -48,8 +54,11 @@ pub fn init(format: LogFormat, default_level: &str) {
         .filter(|l| EnvFilter::try_new(l).is_ok())
         .unwrap_or_else(|| default_level.to_string());
     let filter = filter(&level);
+    // Colour only for a person at a terminal: a log written to a file, a pipe or the journal
+    // carries no escape codes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_wanted())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),

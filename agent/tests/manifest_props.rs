@@ -56,6 +56,8 @@ fn module() -> impl Strategy<Value = Module> {
             |(image, pull, status, restart, order, env, create, res, req)| Module {
                 runtime: RuntimeKind::Docker,
                 image,
+                command: Vec::new(),
+                working_dir: None,
                 platform: None,
                 image_pull_policy: pull,
                 status,
@@ -73,6 +75,7 @@ fn module() -> impl Strategy<Value = Module> {
                     min_memory_mb,
                 }),
                 security: None,
+                artifacts: Vec::new(),
             },
         )
 }
@@ -149,6 +152,10 @@ fn deployment() -> impl Strategy<Value = Deployment> {
             )| Deployment {
                 target,
                 expires_at,
+                agent: None,
+                artifacts: BTreeMap::new(),
+                urgent: false,
+                update_lock_deadline_secs: None,
                 schema_version,
                 id,
                 version,

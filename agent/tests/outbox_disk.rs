@@ -412,6 +412,7 @@ async fn a_module_is_not_acknowledged_what_cannot_be_stored_and_is_told_why() {
         routes,
         outbox.clone(),
         counters.clone(),
+        Default::default(),
         stop.clone(),
     ));
 

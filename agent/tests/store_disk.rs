@@ -135,6 +135,7 @@ fn report(version: u64) -> DeploymentReport {
         reasons: vec![],
         digest: Some(format!("digest-{version}")),
         updated_at: 1,
+        waiting: None,
     }
 }
 

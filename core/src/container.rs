@@ -30,6 +30,8 @@ pub mod labels {
     /// The module's startup group when the container was created: leaving modules are stopped
     /// in reverse startup order.
     pub const STARTUP_ORDER: &str = "io.outpost.startup-order";
+    /// `process` on a process module's record (absent on containers): which runtime runs it.
+    pub const RUNTIME: &str = "io.outpost.runtime";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -83,7 +83,14 @@ pub fn intake(bytes: &[u8], trusted: &TrustedKeys) -> Result<Accepted, IntakeErr
             .into());
         }
     };
-    let deployment = manifest::parse(&payload)?;
+    let mut deployment = manifest::parse(&payload)?;
+    // A process module's executable stands where an image would: the planner stages it (is
+    // it on the device?), the reports show it, like an image.
+    for m in deployment.modules.values_mut() {
+        if m.runtime == manifest::RuntimeKind::Process && m.image.is_empty() {
+            m.image = m.command.first().cloned().unwrap_or_default();
+        }
+    }
     Ok(Accepted {
         deployment,
         provenance,

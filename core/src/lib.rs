@@ -35,4 +35,6 @@ pub mod signing;
 pub mod spec;
 pub mod state;
 pub mod time;
+pub mod version;
+pub mod window;
 pub mod wire;

@@ -13,7 +13,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::manifest::validate::{Bind, registry_of};
-use crate::manifest::{Arch, Deployment, ImageRef, Issue, Module, NetworkMode, pointer};
+use crate::manifest::{
+    Arch, Deployment, ImageRef, Issue, Module, NetworkMode, RuntimeKind, pointer,
+};
 use crate::signing::TrustedKeys;
 
 /// What this device lets a deployment do, whatever the hub says: deny by default. The default
@@ -59,6 +61,10 @@ pub struct PolicyConfig {
     /// Host paths no bind may reach, whatever the prefixes say: the agent's state and
     /// configuration, the engine's socket, the API socket, /proc, /sys, /dev, /boot.
     pub forbidden_host_paths: Vec<PathBuf>,
+    /// Executables a process module may run: exact paths, or folders (ending in `/`) whose
+    /// files it may run. Empty: no process module runs on this device. A process module runs
+    /// outside any container, as the agent's user: each entry is root's trust.
+    pub allowed_executables: Vec<PathBuf>,
 }
 
 /// Paths no bind may reach on any device.
@@ -88,6 +94,7 @@ impl Default for PolicyConfig {
             max_pids_limit: 8192,
             allow_image_tags: false,
             forbidden_host_paths: SYSTEM_PATHS.iter().map(PathBuf::from).collect(),
+            allowed_executables: Vec::new(),
         }
     }
 }
@@ -116,6 +123,39 @@ const DANGEROUS_CAPABILITIES: &[(&str, &str)] = &[
     ("CHECKPOINT_RESTORE", "restores processes with chosen state"),
 ];
 
+/// The module's `requires` against the device's facts.
+fn requirements(at: &str, m: &Module, device: DeviceFacts, issues: &mut Vec<Issue>) {
+    if let Some(req) = &m.requires {
+        if !req.arch.is_empty() && !device.arch.is_some_and(|a| req.arch.contains(&a)) {
+            issues.push(Issue::new(
+                format!("{at}/requires/arch"),
+                format!(
+                    "this device is {}, the module runs on {}",
+                    device
+                        .arch
+                        .map_or("an unknown architecture".to_string(), |a| a.to_string()),
+                    req.arch
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        if let Some(min) = req.min_memory_mb
+            && device.memory_mb < min
+        {
+            issues.push(Issue::new(
+                format!("{at}/requires/minMemoryMb"),
+                format!(
+                    "this device has {} MiB of memory, the module needs {min}",
+                    device.memory_mb
+                ),
+            ));
+        }
+    }
+}
+
 /// The engine volume a manifest's volume name stands for: scoped to this device, unless the
 /// policy lists the name (a volume the device's owner shares on purpose).
 pub fn volume_name(policy: &PolicyConfig, device: &str, name: &str) -> String {
@@ -131,6 +171,22 @@ pub fn volume_name(policy: &PolicyConfig, device: &str, name: &str) -> String {
 pub struct DeviceFacts {
     pub arch: Option<Arch>,
     pub memory_mb: u64,
+    /// Whether a container engine runs docker modules here (`runtime.kind = "docker"`).
+    pub engine: bool,
+}
+
+/// Whether `exe` is one of the policy's executables (exactly, or a file under a folder entry
+/// ending in `/`).
+pub fn executable_allowed(policy: &PolicyConfig, exe: &str) -> bool {
+    let path = Path::new(exe);
+    policy.allowed_executables.iter().any(|allowed| {
+        let text = allowed.to_string_lossy();
+        if text.ends_with('/') {
+            path.parent() == Some(allowed.as_path()) || path.starts_with(allowed)
+        } else {
+            path == allowed
+        }
+    })
 }
 
 /// Every way `d` breaks the device's policy or requirements.
@@ -138,6 +194,33 @@ pub fn check(d: &Deployment, policy: &PolicyConfig, device: DeviceFacts) -> Vec<
     let mut issues = Vec::new();
     for (name, m) in &d.modules {
         let at = pointer("/modules", name);
+        if m.runtime == RuntimeKind::Process {
+            if let Some(exe) = m.command.first()
+                && !executable_allowed(policy, exe)
+            {
+                issues.push(Issue::new(
+                    format!("{at}/command/0"),
+                    if policy.allowed_executables.is_empty() {
+                        format!(
+                            "this device runs no process modules: `{exe}` would run outside any container, \
+                             as the agent's user (policy.allowed_executables lists what may run)"
+                        )
+                    } else {
+                        format!("`{exe}` is not one of the executables this device allows (policy.allowed_executables)")
+                    },
+                ));
+            }
+            resources(&at, m, policy, &mut issues);
+            requirements(&at, m, device, &mut issues);
+            continue;
+        }
+        if !device.engine {
+            issues.push(Issue::new(
+                format!("{at}/runtime"),
+                "this device has no container engine (runtime.kind = \"process\"): it runs process modules only",
+            ));
+            continue;
+        }
         let registry = registry_of(&m.image);
         if !policy.allowed_registries.is_empty() && !policy.allowed_registries.contains(&registry) {
             issues.push(Issue::new(
@@ -268,35 +351,15 @@ pub fn check(d: &Deployment, policy: &PolicyConfig, device: DeviceFacts) -> Vec<
                 }
             }
         }
-        if let Some(req) = &m.requires {
-            if !req.arch.is_empty() && !device.arch.is_some_and(|a| req.arch.contains(&a)) {
-                issues.push(Issue::new(
-                    format!("{at}/requires/arch"),
-                    format!(
-                        "this device is {}, the module runs on {}",
-                        device
-                            .arch
-                            .map_or("an unknown architecture".to_string(), |a| a.to_string()),
-                        req.arch
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ));
-            }
-            if let Some(min) = req.min_memory_mb
-                && device.memory_mb < min
-            {
-                issues.push(Issue::new(
-                    format!("{at}/requires/minMemoryMb"),
-                    format!(
-                        "this device has {} MiB of memory, the module needs {min}",
-                        device.memory_mb
-                    ),
-                ));
-            }
-        }
+        requirements(&at, m, device, &mut issues);
+    }
+    if d.agent.is_some() && policy.trusted_keys.is_empty() {
+        // Replacing the agent is root on the device: only a signature may ask for it.
+        issues.push(Issue::new(
+            "/agent",
+            "this device trusts no signing keys, so it takes no agent update: an agent update \
+             must come in a deployment signed by a key in policy.trusted_keys",
+        ));
     }
     issues
 }
@@ -475,6 +538,7 @@ mod tests {
 
     fn facts() -> DeviceFacts {
         DeviceFacts {
+            engine: true,
             arch: Some(Arch::X86_64),
             memory_mb: 1024,
         }
@@ -492,6 +556,35 @@ mod tests {
             .into_iter()
             .map(|i| (i.path, i.message))
             .collect()
+    }
+
+    #[test]
+    fn an_agent_update_needs_a_device_that_trusts_keys() {
+        let mut d = deployment(
+            r#"{"image":"ghcr.io/x/a@sha256:0000000000000000000000000000000000000000000000000000000000000000"}"#,
+        );
+        d.agent = Some(crate::manifest::AgentSpec {
+            version: "1.4.2".into(),
+            artifacts: [(
+                "linux/arm64".to_string(),
+                crate::manifest::Artifact {
+                    url: "https://dl.example.com/outpost".into(),
+                    sha256: "ab".repeat(32),
+                    size: 10,
+                },
+            )]
+            .into(),
+        });
+        let refused = check(&d, &PolicyConfig::default(), facts());
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0].path, "/agent");
+        assert!(refused[0].message.contains("trusts no signing keys"));
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let signed = PolicyConfig {
+            trusted_keys: crate::signing::TrustedKeys::new([key.verifying_key()]),
+            ..PolicyConfig::default()
+        };
+        assert!(check(&d, &signed, facts()).is_empty());
     }
 
     #[test]

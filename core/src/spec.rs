@@ -11,6 +11,12 @@ use crate::manifest::validate::Bind;
 use crate::manifest::{Module, NetworkMode};
 use crate::policy::PolicyConfig;
 
+/// Where a module's artifacts appear inside its container (read-only).
+pub const ARTIFACTS_MOUNT: &str = "/outpost/artifacts";
+/// The variable that tells a module where its artifacts are: [`ARTIFACTS_MOUNT`] in a
+/// container, the host folder for a process.
+pub const ARTIFACTS_ENV: &str = "OUTPOST_ARTIFACTS_DIR";
+
 /// Raised when what the agent itself puts into every container changes, so that running
 /// containers are recreated with it (version 2: the policy's hardening defaults).
 const SPEC_VERSION: u32 = 2;
@@ -73,6 +79,19 @@ struct HashInput<'a> {
     security: &'a Option<crate::manifest::Security>,
     extra_env: &'a BTreeMap<String, String>,
     effective: Effective,
+    /// A process module's (left out for containers, whose hashes stay as they were).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    runtime: Option<&'static str>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    command: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    working_dir: &'a Option<String>,
+    /// The names of the artifacts the module reads (sorted), not their digests: a new digest
+    /// is a link swapped in the module's artifact folder, which the module sees without a
+    /// restart; a new name changes the folder's promise and the environment, so it recreates.
+    /// Left out when empty, so that hashes from before artifacts existed stay the same.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    artifacts: Vec<&'a str>,
 }
 
 /// A stable hash of what the module's container is made from.
@@ -91,6 +110,16 @@ pub fn config_hash(
         security: &module.security,
         extra_env,
         effective: Effective::of(device, module, policy),
+        runtime: (module.runtime == crate::manifest::RuntimeKind::Process)
+            .then_some(module.runtime.as_str()),
+        command: &module.command,
+        working_dir: &module.working_dir,
+        artifacts: {
+            let mut names: Vec<&str> = module.artifacts.iter().map(String::as_str).collect();
+            names.sort_unstable();
+            names.dedup();
+            names
+        },
     };
     // Serializing plain data with string keys cannot fail.
     let bytes = serde_json::to_vec(&input).expect("hash input serializes");
@@ -118,6 +147,11 @@ pub fn container_spec(
     let effective = Effective::of(device, module, policy);
     let mut env: Vec<String> = module.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.extend(extra_env.iter().map(|(k, v)| format!("{k}={v}")));
+    if !module.artifacts.is_empty() {
+        // The folder itself is bound by the agent, which knows where it lives on the host
+        // (`outpost_agent::artifacts`); the mount point is fixed, so it needs no hash of its own.
+        env.push(format!("{ARTIFACTS_ENV}={ARTIFACTS_MOUNT}"));
+    }
     let options = module.create_options.clone().unwrap_or_default();
     let host = options.host_config.unwrap_or_default();
     let mut all_labels = options.labels;
@@ -140,15 +174,33 @@ pub fn container_spec(
         all_labels.insert(k.to_string(), v);
     }
     let resources = module.resources.clone().unwrap_or_default();
+    // A process module: the executable stands where the image does, its arguments where the
+    // command does.
+    let process = module.runtime == crate::manifest::RuntimeKind::Process;
+    if process {
+        all_labels.insert(
+            labels::RUNTIME.to_string(),
+            module.runtime.as_str().to_string(),
+        );
+    }
+    let (image, cmd, working_dir) = if process {
+        (
+            module.command.first().cloned().unwrap_or_default(),
+            Some(module.command.iter().skip(1).cloned().collect()),
+            module.working_dir.clone(),
+        )
+    } else {
+        (module.image.clone(), options.cmd, options.working_dir)
+    };
     ContainerSpec {
         name: container_name(device, name),
-        image: module.image.clone(),
+        image,
         env,
         labels: all_labels,
-        cmd: options.cmd,
+        cmd,
         entrypoint: options.entrypoint,
         user: options.user,
-        working_dir: options.working_dir,
+        working_dir,
         binds: effective.binds,
         // A port binding without an address binds the policy's first one (loopback by
         // default), never every interface.
@@ -247,6 +299,31 @@ mod tests {
             config_hash(&a, &none, "d", &p),
             config_hash(&a, &none, "d", &lower)
         );
+    }
+
+    #[test]
+    fn hash_follows_artifact_names_not_digests() {
+        let none = BTreeMap::new();
+        let p = PolicyConfig::default();
+        let plain = config_hash(&module(), &none, "d", &p);
+        let mut m = module();
+        m.artifacts = vec!["model".into(), "labels".into()];
+        let named = config_hash(&m, &none, "d", &p);
+        assert_ne!(plain, named, "a new name recreates");
+        m.artifacts.reverse();
+        assert_eq!(
+            config_hash(&m, &none, "d", &p),
+            named,
+            "order does not matter"
+        );
+        // Digests live in the deployment's `artifacts`, which the hash never sees.
+        let spec = container_spec("d", "x", 1, "app", &m, &none, &p);
+        assert!(
+            spec.env
+                .contains(&format!("{ARTIFACTS_ENV}={ARTIFACTS_MOUNT}"))
+        );
+        let spec = container_spec("d", "x", 1, "app", &module(), &none, &p);
+        assert!(!spec.env.iter().any(|e| e.starts_with(ARTIFACTS_ENV)));
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub enum DeploymentStatus {
     Received,
     /// Being carried out (pulls, creates, starts).
     Applying,
+    /// Stored and staged as far as it can be, but not switched yet: outside the device's
+    /// update windows, or a module it would replace holds its update lock (see `waiting`).
+    /// The modules of the deployment before it keep running untouched.
+    Waiting,
     /// Every module is in its desired status.
     Applied,
     /// Did not become healthy and there is no rollback (or the rollback failed too).
@@ -53,6 +57,38 @@ pub struct DeploymentReport {
     pub digest: Option<String>,
     /// Unix seconds of the last status change.
     pub updated_at: u64,
+    /// Why a `waiting` deployment waits, and until when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
+}
+
+/// Why a deployment has not been switched yet (docs/reconciler.md#update-windows-and-locks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Waiting {
+    pub reason: WaitReason,
+    /// When the next update window opens (Unix seconds, by the device's clock); absent when
+    /// the device's clock is not set, so no window can be judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opens_at: Option<u64>,
+    /// The modules whose update locks hold the deployment back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<String>,
+    /// When the locks stop holding it (Unix seconds, by the device's clock; the agent keeps
+    /// the deadline on its monotonic clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<u64>,
+    /// The same in words, for people.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WaitReason {
+    /// Outside every update window of the device (`[maintenance] windows`).
+    UpdateWindow,
+    /// A module it would replace, stop or remove holds its update lock.
+    UpdateLock,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +145,52 @@ pub struct AgentFacts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_version: Option<String>,
     pub uptime_secs: u64,
+    /// Which binary runs: `installed` (the one the service starts) or the update slot `a` or
+    /// `b` (docs/operations.md#updating-the-agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// The last or current agent update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<AgentUpdate>,
+}
+
+/// Where an agent update stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdatePhase {
+    /// The new build is being fetched (see `progress`).
+    Downloading,
+    /// Its digest and its self-test (`outpost --version`) are being checked.
+    Verifying,
+    /// The running agent is handing over to the new one; modules keep running.
+    Switching,
+    /// The new agent runs and has not passed its health gate yet.
+    Probation,
+    /// The new agent passed its health gate and is the one the device keeps.
+    Committed,
+    /// The new agent failed its health gate; the previous one runs again.
+    RolledBack,
+    /// The new build could not be fetched or did not verify; nothing was switched.
+    Failed,
+    /// The deployment names an agent this device does not take (no build for its platform,
+    /// updates disabled, a version already rolled back); the agent is left as it is.
+    Skipped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentUpdate {
+    /// The version the update is for.
+    pub version: String,
+    pub phase: UpdatePhase,
+    /// Why it failed, was rolled back or skipped; what probation still waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Bytes fetched so far, while downloading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downloaded_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_bytes: Option<u64>,
 }
 
 /// The whole reported state of a device.
@@ -153,11 +235,13 @@ impl AgentFacts {
     /// Facts known without asking the runtime.
     pub fn local(uptime_secs: u64) -> AgentFacts {
         AgentFacts {
-            version: env!("CARGO_PKG_VERSION").to_string(),
+            version: crate::version::current().to_string(),
             arch: std::env::consts::ARCH.to_string(),
             os: std::env::consts::OS.to_string(),
             runtime_version: None,
             uptime_secs,
+            slot: None,
+            update: None,
         }
     }
 }

@@ -45,7 +45,13 @@ pub struct Operator {
     /// a broker that handles packets concurrently (amqtt) may route a PUBLISH sent right
     /// after a SUBSCRIBE before the subscription exists.
     subacks: watch::Receiver<u64>,
-    subscribes: std::sync::atomic::AtomicU64,
+    subscribes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Every filter subscribed so far: a reconnect is a clean session without them, so the
+    /// connection task subscribes them again (a long `watch` or rollout keeps hearing).
+    filters: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Connections made so far (1 after `connect`): a reconnect is a new clean session, whose
+    /// subscriptions are gone.
+    sessions: watch::Receiver<u64>,
     stop: CancellationToken,
     prefix: String,
     sync_topic: String,
@@ -75,6 +81,11 @@ impl Operator {
         let (client, mut eventloop) = client(&settings, None)?;
         let (tx, rx) = mpsc::channel(1024);
         let (suback_tx, subacks) = watch::channel(0u64);
+        let (session_tx, sessions) = watch::channel(0u64);
+        let subscribes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let filters: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let (task_client, task_subscribes, task_filters) =
+            (client.clone(), subscribes.clone(), filters.clone());
         let (ready_tx, ready_rx) = oneshot::channel();
         let stop = CancellationToken::new();
         let task_stop = stop.clone();
@@ -87,8 +98,23 @@ impl Operator {
                 };
                 match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        session_tx.send_modify(|n| *n += 1);
                         if let Some(r) = ready.take() {
                             let _ = r.send(Ok(()));
+                        } else {
+                            // A new clean session: subscribe again to what this connection
+                            // followed. `try_`: this task drains the request channel, so it
+                            // must not wait on it; the SUBACK is counted as a subscribe's.
+                            let again: Vec<_> = task_filters
+                                .lock()
+                                .map(|f| f.clone())
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce))
+                                .collect();
+                            if !again.is_empty() && task_client.try_subscribe_many(again).is_ok() {
+                                task_subscribes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
                         }
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -141,7 +167,9 @@ impl Operator {
             client,
             rx,
             subacks,
-            subscribes: std::sync::atomic::AtomicU64::new(0),
+            subscribes,
+            filters,
+            sessions,
             stop,
             prefix: prefix.to_string(),
             sync_topic: format!("{prefix}/_operator/{nonce}/sync"),
@@ -152,9 +180,22 @@ impl Operator {
         &self.prefix
     }
 
+    /// How many times the connection was made (1 after `connect`); a long-running reader
+    /// subscribes again when it grows.
+    pub fn session(&self) -> u64 {
+        *self.sessions.borrow()
+    }
+
     /// Subscribes to `filters` (QoS 1) and waits for the broker's acknowledgement (at most
     /// [`SUBACK_TIMEOUT`]).
     pub async fn subscribe(&self, filters: &[String]) -> Result<(), HubError> {
+        if let Ok(mut kept) = self.filters.lock() {
+            for f in filters {
+                if !kept.contains(f) {
+                    kept.push(f.clone());
+                }
+            }
+        }
         let filters: Vec<_> = filters
             .iter()
             .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
@@ -185,6 +226,31 @@ impl Operator {
             .publish(topic, QoS::AtLeastOnce, retain, payload)
             .await
             .map_err(|e| HubError::Client(e.to_string()))
+    }
+
+    /// Publishes with QoS 1 while keeping the inbox moving: a burst of publishes (a wave of a
+    /// rollout) while devices answer would otherwise fill the inbox, stall the connection task
+    /// and with it the publish. Messages that arrive meanwhile go to `inbox`.
+    pub async fn publish_collecting(
+        &mut self,
+        topic: &str,
+        retain: bool,
+        payload: Vec<u8>,
+        inbox: &mut Vec<Message>,
+    ) -> Result<(), HubError> {
+        let publish = self
+            .client
+            .publish(topic, QoS::AtLeastOnce, retain, payload);
+        tokio::pin!(publish);
+        loop {
+            tokio::select! {
+                r = &mut publish => return r.map_err(|e| HubError::Client(e.to_string())),
+                m = self.rx.recv() => match m {
+                    Some(m) => inbox.push(m),
+                    None => return Err(HubError::Client("the connection task ended".into())),
+                },
+            }
+        }
     }
 
     /// The next message, or `None` at `deadline`.
@@ -263,6 +329,9 @@ pub enum Progress {
     Waiting,
     /// Received or applying.
     InProgress(DeploymentStatus),
+    /// Accepted and staged, but held back by the device's update window or a module's update
+    /// lock: the device's words (when the window opens, which lock, its deadline).
+    Held(String),
     Applied,
     /// Failed or rolled back, with the reasons.
     Failed(DeploymentStatus, Vec<Issue>),
@@ -273,13 +342,17 @@ pub enum Progress {
 
 impl Progress {
     pub fn is_final(&self) -> bool {
-        !matches!(self, Progress::Waiting | Progress::InProgress(_))
+        !matches!(
+            self,
+            Progress::Waiting | Progress::InProgress(_) | Progress::Held(_)
+        )
     }
 
     pub fn label(&self) -> String {
         match self {
             Progress::Waiting => "waiting".into(),
             Progress::InProgress(s) => status_name(*s),
+            Progress::Held(why) => why.clone(),
             Progress::Applied => "applied".into(),
             Progress::Failed(s, _) => status_name(*s),
             Progress::Rejected(_) => "rejected".into(),
@@ -321,6 +394,10 @@ pub fn progress(state: &ReportedState, digest: &str, group: Option<&str>) -> Pro
                 s @ (DeploymentStatus::Received | DeploymentStatus::Applying) => {
                     Progress::InProgress(s)
                 }
+                DeploymentStatus::Waiting => match &d.waiting {
+                    Some(w) => Progress::Held(w.message.clone()),
+                    None => Progress::InProgress(DeploymentStatus::Waiting),
+                },
             };
         }
     }
@@ -496,6 +573,7 @@ mod tests {
                 reasons: vec![],
                 digest: Some(digest.into()),
                 updated_at: 1,
+                waiting: None,
             }),
             last_rejected: None,
             last_good: None,
@@ -513,6 +591,20 @@ mod tests {
             Progress::InProgress(DeploymentStatus::Applying)
         );
         assert_eq!(progress(&s, "bb", None), Progress::Waiting);
+        // Held by the device's window: not final, and the device's words are the label.
+        let mut s = state(Source::Device, "aa", DeploymentStatus::Waiting);
+        if let Some(d) = &mut s.deployment {
+            d.waiting = Some(outpost_core::state::Waiting {
+                reason: outpost_core::state::WaitReason::UpdateWindow,
+                opens_at: Some(2),
+                modules: vec![],
+                deadline: None,
+                message: "waiting for the update window (opens at …)".into(),
+            });
+        }
+        let p = progress(&s, "aa", None);
+        assert!(!p.is_final());
+        assert_eq!(p.label(), "waiting for the update window (opens at …)");
         let s = state(Source::Device, "aa", DeploymentStatus::Applied);
         assert_eq!(progress(&s, "aa", None), Progress::Applied);
         let mut s = state(Source::Device, "aa", DeploymentStatus::Applied);

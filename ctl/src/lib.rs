@@ -4,12 +4,14 @@
 //! `outpost-core` and the connection of `outpost-mqtt`; it has no Unix-only code, so it builds
 //! for the operator's laptop as well as for a device.
 
+pub mod agent;
 pub mod cmd;
 pub mod connect;
 pub mod deploy;
 pub mod hub;
 pub mod manifest;
 pub mod provision;
+pub mod rollout;
 pub mod status;
 pub mod telemetry;
 
@@ -167,12 +169,20 @@ pub enum Command {
         #[command(flatten)]
         output: Output,
     },
+    /// Roll a deployment out to a fleet in waves (canary first), aborting on failures; the
+    /// rollout lives on the hub, so it can be watched, resumed, cancelled or reverted from any
+    /// machine (see docs/hub.md#rollouts).
+    #[command(subcommand)]
+    Rollout(crate::rollout::RolloutCommand),
     /// Check, sign and verify deployment manifests, or print their JSON Schema.
     #[command(subcommand)]
     Manifest(crate::manifest::ManifestCommand),
     /// Create signing keys.
     #[command(subcommand)]
     Keys(crate::manifest::KeysCommand),
+    /// Release tools for agent updates: stamp a build's version, print its `agent` section.
+    #[command(subcommand)]
+    Agent(crate::agent::AgentCommand),
     /// The provisioning responder: gives devices flashed from one image their own identity at
     /// first boot, and renews their certificates (see docs/provisioning.md).
     #[command(subcommand)]
@@ -229,6 +239,7 @@ fn run(cli: Cli) -> Result<u8> {
     let command = match cli.command {
         Command::Manifest(c) => return crate::manifest::run(c),
         Command::Keys(c) => return crate::manifest::keys(c),
+        Command::Agent(c) => return crate::agent::run(c),
         hub => hub,
     };
     let conn = &cli.connection;
@@ -241,7 +252,9 @@ fn run(cli: Cli) -> Result<u8> {
         let (settings, prefix) = connect::settings(conn)?;
         if let Command::Provision(crate::provision::ProvisionCommand::Serve(args)) = &command {
             // Logs are the responder's output: what it issued and refused, as it happens.
+            use std::io::IsTerminal as _;
             let _ = tracing_subscriber::fmt()
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_writer(std::io::stderr)
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
@@ -344,7 +357,8 @@ fn run(cli: Cli) -> Result<u8> {
                 )
                 .await
             }
-            Command::Manifest(_) | Command::Keys(_) | Command::Provision(_) => {
+            Command::Rollout(c) => rollout::run(op, c).await,
+            Command::Manifest(_) | Command::Keys(_) | Command::Agent(_) | Command::Provision(_) => {
                 unreachable!("handled before connecting")
             }
         }

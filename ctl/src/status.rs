@@ -44,12 +44,48 @@ fn row(v: &DeviceView) -> Value {
         "device": v.device,
         "online": v.online(),
         "groups": v.presence.as_ref().map(|p| p.groups.clone()).unwrap_or_default(),
-        "deployment": d.map(|d| json!({"id": d.id, "version": d.version, "status": status_name(d.status), "source": source_name(&d.source)})),
+        "deployment": d.map(|d| json!({"id": d.id, "version": d.version, "status": status_name(d.status), "source": source_name(&d.source), "waiting": d.waiting})),
         "modules": s.map(|s| s.modules.len()),
         "running": s.map(|s| s.modules.values().filter(|m| m.status == outpost_core::state::ModuleStatus::Running).count()),
         "lastRejected": s.and_then(|s| s.last_rejected.as_ref()).map(|r| json!({"id": r.id, "version": r.version, "reasons": r.reasons})),
+        "agent": s.map(|s| json!({"version": s.agent.version, "slot": s.agent.slot, "update": s.agent.update})),
         "unreadable": v.unreadable,
     })
+}
+
+/// The deployment's status; a waiting one says for what (`waiting:window`, `waiting:lock`).
+fn status_cell(d: &outpost_core::state::DeploymentReport) -> String {
+    use outpost_core::state::WaitReason;
+    match d.waiting.as_ref().map(|w| w.reason) {
+        Some(WaitReason::UpdateWindow) => "waiting:window".into(),
+        Some(WaitReason::UpdateLock) => "waiting:lock".into(),
+        None => status_name(d.status),
+    }
+}
+
+/// `0.2.0`, or `0.1.0 → 0.2.0 downloading 42%` while an update is under way, `0.1.0 (0.2.0
+/// rolled-back)` after one that did not take.
+fn agent_cell(agent: &outpost_core::state::AgentFacts) -> String {
+    use outpost_core::state::UpdatePhase::*;
+    let Some(u) = &agent.update else {
+        return agent.version.clone();
+    };
+    let phase = serde_json::to_value(u.phase)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    match u.phase {
+        Committed if u.version == agent.version => agent.version.clone(),
+        Downloading => {
+            let pct = match (u.downloaded_bytes, u.total_bytes) {
+                (Some(d), Some(t)) if t > 0 => format!(" {}%", d * 100 / t),
+                _ => String::new(),
+            };
+            format!("{} → {} {phase}{pct}", agent.version, u.version)
+        }
+        Verifying | Switching | Probation => format!("{} → {} {phase}", agent.version, u.version),
+        _ => format!("{} ({} {phase})", agent.version, u.version),
+    }
 }
 
 pub(crate) async fn status(mut op: Operator, device: Option<&str>, json_out: bool) -> Result<u8> {
@@ -64,8 +100,8 @@ pub(crate) async fn status(mut op: Operator, device: Option<&str>, json_out: boo
         return Ok(if device.is_some() { EXIT_REFUSED } else { 0 });
     }
     println!(
-        "{:<24} {:<8} {:<28} {:<12} {:<14} {:<8} LAST REJECTED",
-        "DEVICE", "ONLINE", "DEPLOYMENT", "STATUS", "SOURCE", "MODULES"
+        "{:<24} {:<8} {:<28} {:<14} {:<14} {:<8} {:<24} LAST REJECTED",
+        "DEVICE", "ONLINE", "DEPLOYMENT", "STATUS", "SOURCE", "MODULES", "AGENT"
     );
     for v in views.values() {
         let s = v.state.as_ref();
@@ -99,17 +135,20 @@ pub(crate) async fn status(mut op: Operator, device: Option<&str>, json_out: boo
             })
             .or_else(|| v.unreadable.clone())
             .unwrap_or_default();
+        let agent = s
+            .map(|s| agent_cell(&s.agent))
+            .unwrap_or_else(|| "-".into());
         println!(
-            "{:<24} {:<8} {:<28} {:<12} {:<14} {:<8} {}",
+            "{:<24} {:<8} {:<28} {:<14} {:<14} {:<8} {:<24} {}",
             v.device,
             online,
             d.map(|d| format!("{} v{}", d.id, d.version))
                 .unwrap_or_else(|| "-".into()),
-            d.map(|d| status_name(d.status))
-                .unwrap_or_else(|| "-".into()),
+            d.map(status_cell).unwrap_or_else(|| "-".into()),
             d.map(|d| source_name(&d.source))
                 .unwrap_or_else(|| "-".into()),
             modules,
+            agent,
             rejected
         );
     }
@@ -240,5 +279,37 @@ pub(crate) async fn watch(
         if count.is_some_and(|c| printed >= c) {
             return Ok(0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_core::state::{DeploymentReport, DeploymentStatus, Source, WaitReason, Waiting};
+
+    #[test]
+    fn a_waiting_deployment_says_for_what_in_the_table() {
+        let mut d = DeploymentReport {
+            id: "x".into(),
+            version: 2,
+            status: DeploymentStatus::Waiting,
+            source: Source::Device,
+            reasons: vec![],
+            digest: None,
+            updated_at: 0,
+            waiting: Some(Waiting {
+                reason: WaitReason::UpdateLock,
+                opens_at: None,
+                modules: vec!["app".into()],
+                deadline: Some(1),
+                message: "waiting for the update lock of `app`".into(),
+            }),
+        };
+        assert_eq!(status_cell(&d), "waiting:lock");
+        d.waiting.as_mut().unwrap().reason = WaitReason::UpdateWindow;
+        assert_eq!(status_cell(&d), "waiting:window");
+        d.waiting = None;
+        d.status = DeploymentStatus::Applied;
+        assert_eq!(status_cell(&d), "applied");
     }
 }

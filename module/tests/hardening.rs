@@ -190,9 +190,11 @@ async fn body_bytes_in_flight_are_bounded_and_the_rest_get_503() {
     // Wait until their reservations are in: then even a tiny request is refused. The probe
     // sends its whole (2-byte) body, so a probe admitted before the budget is taken gets its
     // answer (400) instead of waiting for a body that never comes.
+    // A minute: a condition, not a sleep; on a loaded CI machine (the ARM build beside the
+    // tests) ten seconds once ran out.
     wait_for(
         "the byte budget to be taken",
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         || async move {
             let mut t = connect(a).await;
             t.write_all(infer_head(Some(2)).as_bytes()).await.unwrap();

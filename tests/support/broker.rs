@@ -763,7 +763,18 @@ impl Broker {
         if self.kind == Kind::Ejabberd {
             // The node up, the login made (kept in its database across restarts, or made
             // again), then the listener: a device never meets a broker without its user.
-            self.ejabberdctl(&["started"])?;
+            // `started` polls for a minute, each probe an Erlang VM of its own: on a loaded
+            // machine (CI, with the ARM build beside it) the node once took longer. One more
+            // minute, unless the node is gone; then the node's log says why.
+            if let Err(first) = self.ejabberdctl(&["started"]) {
+                let exited = match self.process.as_mut() {
+                    Some(child) => child.try_wait()?.is_some(),
+                    None => true,
+                };
+                if exited || self.ejabberdctl(&["started"]).is_err() {
+                    bail!("{first} (the node's log: {})", self.log());
+                }
+            }
             if let Some((user, password)) = self.login.clone()
                 && let Err(e) = self.ejabberdctl(&["register", &user, "localhost", &password])
                 && !e.to_string().contains("already registered")

@@ -109,6 +109,30 @@ pub fn outpost_bin() -> PathBuf {
         .clone()
 }
 
+/// `outpost-infer`, beside the `outpost` binary (where `outpost demo` looks for it), built if
+/// this test run did not build it already.
+pub fn infer_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let beside = outpost_bin().with_file_name("outpost-infer");
+        if !beside.is_file() {
+            run(Command::new(env!("CARGO"))
+                .args([
+                    "build",
+                    "-q",
+                    "-p",
+                    "outpost-module",
+                    "--bin",
+                    "outpost-infer",
+                ])
+                .current_dir(workspace()));
+        }
+        assert!(beside.is_file(), "{} was not built", beside.display());
+        beside
+    })
+    .clone()
+}
+
 /// The `outpost-ctl` binary (the operator's), built if this test run did not build it already.
 pub fn ctl_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -190,15 +214,33 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Starts one, on another port when the one picked was taken meanwhile: a free port is
+    /// only free until someone binds it, and tests start brokers and registries in parallel
+    /// (CI once saw the wait connect to another test's listener, then `docker login` refused).
     pub fn start() -> Registry {
+        let mut tried = Vec::new();
+        for _ in 0..5 {
+            match Registry::try_start() {
+                Ok(r) => return r,
+                Err(why) => tried.push(why),
+            }
+        }
+        panic!("the registry could not be started: {}", tried.join("; "));
+    }
+
+    fn try_start() -> Result<Registry, String> {
         let bin = require("docker-registry", "apt-get install docker-registry");
         require("htpasswd", "apt-get install apache2-utils");
         let dir = tempfile::tempdir().expect("temp dir");
-        let (username, password) = ("edge".to_string(), format!("pw-{}", std::process::id()));
-        let htpasswd = run(Command::new("htpasswd").args(["-Bbn", &username, &password]));
-        std::fs::write(dir.path().join("htpasswd"), htpasswd).expect("write htpasswd");
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
+        // Credentials of this registry alone: a login that succeeds reached this one.
+        let (username, password) = (
+            "edge".to_string(),
+            format!("pw-{}-{port}", std::process::id()),
+        );
+        let htpasswd = run(Command::new("htpasswd").args(["-Bbn", &username, &password]));
+        std::fs::write(dir.path().join("htpasswd"), htpasswd).expect("write htpasswd");
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n\
              http:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: outpost-test\n    path: {root}/htpasswd\n",
@@ -206,17 +248,31 @@ impl Registry {
         );
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).expect("write registry config");
-        let log = std::fs::File::create(dir.path().join("registry.log")).expect("registry log");
-        let child = Command::new(bin)
+        let log_path = dir.path().join("registry.log");
+        let log = std::fs::File::create(&log_path).expect("registry log");
+        let mut child = Command::new(bin)
             .args(["serve"])
             .arg(&config_path)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start docker-registry");
-        wait_for("the registry to listen", Duration::from_secs(20), || {
-            std::net::TcpStream::connect(&addr).ok()
-        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(format!("it exited ({status}) on {addr}: {}", log.trim()));
+            }
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("it did not listen on {addr} within 20 s"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let docker_config = dir.path().join("docker-config");
         std::fs::create_dir_all(&docker_config).expect("docker config dir");
         let registry = Registry {
@@ -249,12 +305,15 @@ impl Registry {
                 .expect("password to docker login");
         }
         let out = login.wait_with_output().expect("docker login finished");
-        assert!(
-            out.status.success(),
-            "docker login failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        registry
+        if !out.status.success() {
+            // Dropped: the child is killed.
+            return Err(format!(
+                "docker login to {} failed: {}",
+                registry.addr,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(registry)
     }
 }
 
@@ -383,6 +442,23 @@ pub fn containers(device: &str) -> Vec<(String, String, String, String)> {
         .collect()
 }
 
+/// When `pid` started (ticks since boot), if it runs: the agent's own reading, so that the
+/// tests judge a process alive exactly as the agent does.
+pub fn start_ticks(pid: i64) -> Option<u64> {
+    outpost_agent::runtime::process::files::start_ticks(i32::try_from(pid).ok()?)
+}
+
+/// Every `run.json` under a state folder's `processes/`.
+fn process_runs(state: &Path) -> Vec<Value> {
+    let Ok(entries) = std::fs::read_dir(state.join("processes")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("run.json")).ok())
+        .filter_map(|b| serde_json::from_slice(&b).ok())
+        .collect()
+}
+
 /// The real agent as a child process.
 pub struct Agent {
     pub device: String,
@@ -391,6 +467,7 @@ pub struct Agent {
     /// Extra environment for the agent process (the clock drills preload libfaketime).
     pub env: Vec<(String, String)>,
     child: Option<Child>,
+    supervisor: Option<crate::supervisor::Supervisor>,
 }
 
 impl Agent {
@@ -452,6 +529,7 @@ impl Agent {
             config,
             env: Vec::new(),
             child: None,
+            supervisor: None,
         };
         agent.cleanup_containers();
         agent
@@ -475,6 +553,42 @@ impl Agent {
         wait_for("the agent's API socket", within, || {
             socket.exists().then_some(())
         });
+    }
+
+    /// Starts `outpost run` under a supervisor that starts it again whenever it exits, as the
+    /// service unit has systemd do (`Restart=always`, but not after exit code 78), and waits
+    /// for its API socket. [`Agent::pid`], [`Agent::kill9`] and [`Agent::stop`] then act on
+    /// the supervised process.
+    pub fn spawn_supervised(&mut self) {
+        let socket = self.dir.path().join("api.sock");
+        let _ = std::fs::remove_file(&socket);
+        let (env, config, log) = (
+            self.env.clone(),
+            self.config.clone(),
+            self.dir.path().join("agent.log"),
+        );
+        self.supervisor = Some(crate::supervisor::Supervisor::start(move || {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .expect("agent log");
+            let mut command = outpost_command();
+            command
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .arg("--config")
+                .arg(&config)
+                .arg("run")
+                .stdout(Stdio::null())
+                .stderr(log);
+            command
+        }));
+        self.wait_ready(Duration::from_secs(20));
+    }
+
+    /// How many times the supervisor has started the agent (0 when not supervised).
+    pub fn starts(&self) -> u32 {
+        self.supervisor.as_ref().map_or(0, |s| s.starts())
     }
 
     /// Starts `outpost run` without waiting for it.
@@ -501,11 +615,18 @@ impl Agent {
 
     /// The agent's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
+        if let Some(s) = &self.supervisor {
+            return s.pid();
+        }
         self.child.as_ref().map(Child::id)
     }
 
-    /// `kill -9`: no chance to clean up.
+    /// `kill -9`: no chance to clean up. A supervised agent is started again.
     pub fn kill9(&mut self) {
+        if let Some(s) = &self.supervisor {
+            s.kill9();
+            return;
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -514,6 +635,14 @@ impl Agent {
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
+        if let Some(mut s) = self.supervisor.take() {
+            let status = s.stop();
+            assert!(
+                status.is_none_or(|s| s.success()),
+                "agent exited with {status:?} on SIGTERM"
+            );
+            return;
+        }
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
@@ -590,11 +719,55 @@ impl Agent {
         for (_, id, _, _) in containers(&self.device) {
             let _ = Command::new("docker").args(["rm", "-f", &id]).output();
         }
+        // Process modules outlive the agent, as containers do: kill them (their process
+        // groups, so their children go too) and their shims.
+        // Only a process that is still the one recorded (same pid *and* kernel start time): a
+        // stale pid may belong to anything by now.
+        for run in process_runs(&self.state_dir()) {
+            if let Some(pid) = run["pid"].as_i64().filter(|p| *p > 1)
+                && run["startTicks"].as_u64().is_some()
+                && start_ticks(pid) == run["startTicks"].as_u64()
+            {
+                // The kill(2) system call, not the `kill` program: the one here took a
+                // negative number for "every process" and took the machine down with it.
+                outpost_agent::runtime::process::kill_group(pid as i32);
+            }
+        }
+    }
+
+    /// The process modules' records as `(module, id, run.json)`: what runs, from the agent's
+    /// own files.
+    pub fn processes(&self) -> Vec<(String, String, Value)> {
+        let Ok(entries) = std::fs::read_dir(self.state_dir().join("processes")) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| {
+                let dir = e.ok()?.path();
+                let record: Value =
+                    serde_json::from_slice(&std::fs::read(dir.join("record.json")).ok()?).ok()?;
+                let run: Value = std::fs::read(dir.join("run.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or(Value::Null);
+                Some((
+                    record["labels"]["io.outpost.module"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    record["id"].as_str().unwrap_or_default().to_string(),
+                    run,
+                ))
+            })
+            .collect()
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if let Some(mut s) = self.supervisor.take() {
+            s.kill_all();
+        }
         self.kill9();
         if std::thread::panicking() {
             eprintln!("---- agent log ({}) ----\n{}", self.device, self.log());
@@ -712,6 +885,7 @@ impl Agent {
             config,
             env: Vec::new(),
             child: None,
+            supervisor: None,
         };
         agent.cleanup_containers();
         agent.spawn();

@@ -10,6 +10,10 @@
 //! - [`hub`]: devices running the hub link, and waiting on what they report;
 //! - [`image`]: the Debian package and golden-image trees made by the scripts a person uses
 //!   (`golden_tree` for the provisioning test);
+//! - [`files`]: a file server with ranges, for artifact downloads;
+//! - [`fleet`]: many real agents on one broker, with process modules (rollouts, the fleet
+//!   benchmark);
+//! - [`supervisor`]: restarts the agent when it exits, as systemd does for the unit;
 //! - [`telemetry`]: a hub-side telemetry consumer, the bus address on the Docker bridge, the
 //!   Prometheus endpoint parsed, module logs and environment.
 
@@ -17,14 +21,20 @@ pub mod broker;
 pub mod cluster;
 pub mod drill;
 pub mod engine;
+pub mod files;
+pub mod fleet;
 pub mod hub;
 pub mod image;
+pub mod supervisor;
 pub mod telemetry;
 
 pub use broker::*;
 pub use cluster::*;
 pub use drill::*;
 pub use engine::*;
+pub use files::*;
+pub use fleet::*;
 pub use hub::*;
 pub use image::*;
+pub use supervisor::*;
 pub use telemetry::*;

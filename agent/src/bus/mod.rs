@@ -20,6 +20,10 @@ pub mod router;
 pub mod routes;
 pub mod start;
 
+/// How the embedded broker reaches the reconciler for modules' update locks: set once the
+/// reconciler is built (the bus starts before it, as the reconciler needs the bus's address).
+pub type LockHandle = std::sync::Arc<std::sync::OnceLock<crate::control::AgentHandle>>;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -24,12 +24,19 @@ pub enum StartError {
     Runtime(#[from] RuntimeError),
 }
 
+/// What the bus takes from the reconciler: the deployment's routes, and a way to reach it for
+/// modules' update locks (set once it is built).
+pub struct FromReconciler {
+    pub routes: watch::Receiver<Arc<RouteTable>>,
+    pub locks: super::LockHandle,
+}
+
 /// Starts the embedded bus (unless it is off or an external broker is configured) and says
 /// what modules are told about it.
 pub async fn start<R: Runtime>(
     config: &Config,
     runtime: &R,
-    routes: watch::Receiver<Arc<RouteTable>>,
+    reconciler: FromReconciler,
     outbox: &Outbox,
     counters: &Arc<BusCounters>,
     tasks: &TaskTracker,
@@ -37,6 +44,7 @@ pub async fn start<R: Runtime>(
 ) -> Result<ModuleEnv, StartError> {
     if !config.bus.enabled {
         info!("local bus off ([bus] enabled = false)");
+        let _ = reconciler;
         return Ok(ModuleEnv::default());
     }
     if let Some(url) = &config.bus.external_url {
@@ -55,7 +63,7 @@ pub async fn start<R: Runtime>(
                 url: url.clone(),
                 credentials,
                 client_id: format!("{}-router", config.device_id),
-                routes,
+                routes: reconciler.routes,
                 outbox: outbox.clone(),
                 counters: counters.clone(),
             },
@@ -68,9 +76,12 @@ pub async fn start<R: Runtime>(
         None => match runtime.bridge_gateway().await? {
             Some(ip) => std::net::SocketAddr::new(ip, BusConfig::DEFAULT_PORT),
             None => {
-                warn!(
-                    "no Docker bridge network found: the local bus listens on loopback, which modules on a bridge network cannot reach; set bus.listen"
-                );
+                // Process modules reach loopback; containers on a bridge network do not.
+                if config.runtime.kind == crate::manifest::RuntimeKind::Docker {
+                    warn!(
+                        "no Docker bridge network found: the local bus listens on loopback, which modules on a bridge network cannot reach; set bus.listen"
+                    );
+                }
                 std::net::SocketAddr::from(([127, 0, 0, 1], BusConfig::DEFAULT_PORT))
             }
         },
@@ -82,9 +93,10 @@ pub async fn start<R: Runtime>(
     tasks.spawn(super::broker::serve(
         listener,
         secret.clone(),
-        routes,
+        reconciler.routes,
         outbox.clone(),
         counters.clone(),
+        reconciler.locks,
         shutdown.clone(),
     ));
     Ok(ModuleEnv::embedded(format!("mqtt://{addr}"), secret))

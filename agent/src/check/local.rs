@@ -176,6 +176,34 @@ pub fn clock(now: u64, device: Option<&Validity>, server: Option<&Validity>) -> 
     Finding::ok("clock", format!("{stamp}{against}"))
 }
 
+/// How process modules' limits will hold, when process modules may run: in cgroups v2, or by
+/// `setrlimit` (memory only) and why. Reads only.
+pub fn process_limits(config: &Config) -> Option<Finding> {
+    use crate::runtime::process::cgroup;
+    if !config.runs_process_modules() {
+        return None;
+    }
+    if config.runtime.process_cgroup == cgroup::Setting::Off {
+        return Some(Finding::ok(
+            "process-limits",
+            "process modules' limits: setrlimit (memory only), as runtime.process_cgroup = \"off\" asks",
+        ));
+    }
+    Some(match cgroup::probe(&config.runtime.process_cgroup) {
+        Ok(placement) => Finding::ok(
+            "process-limits",
+            format!("process modules' limits: {}", placement.describe()),
+        ),
+        Err(why) => Finding::warning(
+            "process-limits",
+            format!(
+                "process modules get their memory limit by setrlimit and no CPU or pids limit: {why}"
+            ),
+            "boot with cgroup v2 (systemd.unified_cgroup_hierarchy=1) and let the agent write it (docs/reconciler.md#process-modules); or accept it",
+        ),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

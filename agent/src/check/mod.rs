@@ -21,6 +21,7 @@ pub mod engine;
 pub mod hub;
 pub mod identity;
 pub mod local;
+pub mod update;
 pub mod x509;
 
 use std::path::Path;
@@ -174,6 +175,8 @@ pub async fn run_with(config: &Config) -> Report {
     let identity = identity::check(config);
     findings.extend(identity.findings);
     findings.push(local::trusted_keys(config));
+    findings.push(update::check(config));
+    findings.extend(local::process_limits(config));
     // The network checks wait on other parties: run them side by side.
     let (hub, engine) = tokio::join!(hub::check(config), engine::check(config));
     findings.extend(hub.findings);

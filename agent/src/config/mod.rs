@@ -3,16 +3,18 @@
 //! Every problem is reported at once, each naming its key and value.
 //!
 //! Layout: `raw` (the serde form), `validate` (the top-level keys, `[runtime]`, `[api]`,
-//! `[disk]`, and the gathering of issues), `hub`, `provisioning`, `policy`, `bus`, `telemetry` (one section
-//! each), `types` (the validated form).
+//! `[disk]`, and the gathering of issues), `hub`, `provisioning`, `policy`, `bus`, `telemetry`, `update`,
+//! `maintenance` (one section each), `types` (the validated form).
 
 mod bus;
 mod hub;
+mod maintenance;
 mod policy;
 mod provisioning;
 mod raw;
 mod telemetry;
 mod types;
+mod update;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -21,8 +23,8 @@ use raw::RawConfig;
 use validate::validate;
 
 pub use types::{
-    BusConfig, Config, DiskConfig, HubConfig, ProvisioningConfig, RuntimeConfig, SerialSource,
-    TelemetryConfig,
+    BusConfig, Config, DiskConfig, HubConfig, MaintenanceConfig, ProvisioningConfig, RuntimeConfig,
+    SerialSource, TelemetryConfig, UpdateConfig,
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/outpost/config.toml";
@@ -91,6 +93,7 @@ impl Config {
                     .with_list_parse_key("policy.writable_host_paths")
                     .with_list_parse_key("policy.allowed_capabilities")
                     .with_list_parse_key("policy.allowed_devices")
+                    .with_list_parse_key("policy.allowed_executables")
                     .with_list_parse_key("policy.allowed_volumes")
                     .with_list_parse_key("policy.allowed_host_ports")
                     .with_list_parse_key("policy.allowed_host_ips")

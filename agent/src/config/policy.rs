@@ -39,6 +39,7 @@ pub(super) fn policy(p: RawPolicy, base: &Path, issues: &mut Issues) -> PolicyCo
         ("allowed_host_paths", &p.allowed_host_paths),
         ("writable_host_paths", &p.writable_host_paths),
         ("allowed_devices", &p.allowed_devices),
+        ("allowed_executables", &p.allowed_executables),
     ] {
         for (i, prefix) in prefixes.iter().enumerate() {
             if prefix.is_relative()
@@ -190,6 +191,7 @@ pub(super) fn policy(p: RawPolicy, base: &Path, issues: &mut Issues) -> PolicyCo
         max_pids_limit,
         allow_image_tags: p.allow_image_tags,
         forbidden_host_paths: Vec::new(),
+        allowed_executables: p.allowed_executables,
     }
 }
 

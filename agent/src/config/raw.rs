@@ -26,6 +26,29 @@ pub(super) struct RawConfig {
     pub(super) telemetry: RawTelemetry,
     #[serde(default)]
     pub(super) disk: RawDisk,
+    #[serde(default)]
+    pub(super) update: RawUpdate,
+    #[serde(default)]
+    pub(super) maintenance: RawMaintenance,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMaintenance {
+    #[serde(default, deserialize_with = "super::maintenance::windows")]
+    pub(super) windows: Option<Vec<String>>,
+    pub(super) timezone: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpdate {
+    pub(super) enabled: Option<bool>,
+    pub(super) probation_secs: Option<u64>,
+    pub(super) gate_timeout_secs: Option<u64>,
+    pub(super) max_starts: Option<u32>,
+    pub(super) max_mb: Option<u64>,
+    pub(super) ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,6 +93,7 @@ pub(super) struct RawRuntime {
     pub(super) max_concurrent_pulls: Option<usize>,
     pub(super) max_parallel_actions: Option<usize>,
     pub(super) image_gc_after_secs: Option<u64>,
+    pub(super) process_cgroup: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,6 +133,8 @@ pub(super) struct RawPolicy {
     pub(super) max_pids_limit: Option<u64>,
     #[serde(default)]
     pub(super) allow_image_tags: bool,
+    #[serde(default)]
+    pub(super) allowed_executables: Vec<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -29,6 +29,68 @@ pub struct Config {
     pub bus: BusConfig,
     pub telemetry: TelemetryConfig,
     pub disk: DiskConfig,
+    pub update: UpdateConfig,
+    pub maintenance: MaintenanceConfig,
+}
+
+impl Config {
+    /// Process modules may run here: a device without an engine, or a policy that names
+    /// executables. Only then does the agent touch cgroups for them.
+    pub fn runs_process_modules(&self) -> bool {
+        self.runtime.kind == crate::manifest::RuntimeKind::Process
+            || !self.policy.allowed_executables.is_empty()
+    }
+}
+
+/// `[maintenance]`, validated: when the device may switch to a new deployment.
+#[derive(Debug, Clone, Default)]
+pub struct MaintenanceConfig {
+    /// The update windows; none means always open.
+    pub windows: outpost_core::window::Windows,
+    /// The entries as written, for `config check` and messages.
+    pub entries: Vec<String>,
+    /// The zone the windows are in; `None` is the device's own (TZ, /etc/localtime), looked
+    /// up at each decision so a changed zone applies without a restart.
+    pub timezone: Option<jiff::tz::TimeZone>,
+}
+
+impl MaintenanceConfig {
+    /// The zone windows are judged in now.
+    pub fn zone(&self) -> jiff::tz::TimeZone {
+        self.timezone
+            .clone()
+            .unwrap_or_else(jiff::tz::TimeZone::system)
+    }
+}
+
+/// `[update]`, validated: how the agent takes an update of itself.
+#[derive(Debug, Clone)]
+pub struct UpdateConfig {
+    /// Off: a deployment's `agent` section is reported as skipped, and the agent left alone.
+    pub enabled: bool,
+    /// How long a new agent must run (connected, reconciling) before it is kept.
+    pub probation: Duration,
+    /// How long a new agent has to pass its gate before the previous one is restored.
+    pub gate_timeout: Duration,
+    /// Starts of a new agent that end before its gate (crashes, kills) before it is given up.
+    pub max_starts: u32,
+    /// The largest agent build the device downloads.
+    pub max_bytes: u64,
+    /// Another CA to trust for `https://` downloads, beside the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        UpdateConfig {
+            enabled: true,
+            probation: Duration::from_secs(60),
+            gate_timeout: Duration::from_secs(600),
+            max_starts: 3,
+            max_bytes: 256 << 20,
+            ca_file: None,
+        }
+    }
 }
 
 /// `[provisioning]`, validated.
@@ -80,6 +142,9 @@ pub struct HubConfig {
 
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
+    /// `docker`: the engine runs docker modules (process modules run beside them, as the
+    /// policy allows); `process`: no engine, process modules only.
+    pub kind: crate::manifest::RuntimeKind,
     pub docker_socket: PathBuf,
     pub stop_grace: Duration,
     pub max_concurrent_pulls: usize,
@@ -88,6 +153,8 @@ pub struct RuntimeConfig {
     pub max_parallel_actions: usize,
     /// Images no deployment uses are removed after this long.
     pub image_gc_after: Duration,
+    /// Where process modules' cgroups v2 go (`auto`, `off` or a folder).
+    pub process_cgroup: crate::runtime::process::cgroup::Setting,
 }
 
 /// What the agent does as disks fill up.

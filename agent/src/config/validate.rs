@@ -179,6 +179,10 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<Config
 
     let disk = disk(raw.disk, &mut issues);
 
+    let update = super::update::update(raw.update, base, &mut issues);
+
+    let maintenance = super::maintenance::maintenance(raw.maintenance, &mut issues);
+
     if !issues.0.is_empty() {
         return Err(issues.0);
     }
@@ -196,19 +200,26 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<Config
         bus,
         telemetry,
         disk,
+        update,
+        maintenance,
     })
 }
 
 /// `[runtime]`: the engine and how much is done at once.
 fn runtime(r: RawRuntime, issues: &mut Issues) -> RuntimeConfig {
-    if let Some(kind) = r.kind.as_deref()
-        && kind != "docker"
-    {
-        issues.push(
-            "runtime.kind",
-            format!("`{kind}` is not supported; use `docker`"),
-        );
-    }
+    let kind = match r.kind.as_deref() {
+        None | Some("docker") => crate::manifest::RuntimeKind::Docker,
+        Some("process") => crate::manifest::RuntimeKind::Process,
+        Some(other) => {
+            issues.push(
+                "runtime.kind",
+                format!(
+                    "`{other}` is not supported; use `docker` (an engine, and process modules as the policy allows) or `process` (no engine)"
+                ),
+            );
+            crate::manifest::RuntimeKind::Docker
+        }
+    };
     let max_concurrent_pulls = r.max_concurrent_pulls.unwrap_or(2);
     if !(1..=16).contains(&max_concurrent_pulls) {
         issues.push(
@@ -230,8 +241,27 @@ fn runtime(r: RawRuntime, issues: &mut Issues) -> RuntimeConfig {
             format!("{max_parallel_actions} is outside 1..=64"),
         );
     }
+    use crate::runtime::process::cgroup::Setting;
+    let process_cgroup = match r.process_cgroup.as_deref() {
+        None | Some("auto") => Setting::Auto,
+        Some("off") => Setting::Off,
+        Some(p) if p.starts_with("/sys/fs/cgroup/") && !p.split('/').any(|c| c == "..") => {
+            Setting::Path(PathBuf::from(p))
+        }
+        Some(other) => {
+            issues.push(
+                "runtime.process_cgroup",
+                format!(
+                    "`{other}` is not `auto`, `off` or a folder under /sys/fs/cgroup/ (without `..`)"
+                ),
+            );
+            Setting::Off
+        }
+    };
     RuntimeConfig {
+        kind,
         max_parallel_actions,
+        process_cgroup,
         docker_socket: r
             .docker_socket
             .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),

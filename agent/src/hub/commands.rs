@@ -266,7 +266,7 @@ async fn execute(ctx: &Context, name: &str, args: &Value) -> Result<Value, Strin
         "ping" => Ok(json!({
             "pong": true,
             "deviceId": ctx.topics.device,
-            "agentVersion": env!("CARGO_PKG_VERSION"),
+            "agentVersion": outpost_core::version::current(),
             "time": unix_now(),
         })),
         "state" => {

@@ -136,6 +136,7 @@ pub async fn run(ctx: Context, stop: CancellationToken) {
                             reasons,
                             digest: Some(hex_sha256(&slot.payload)),
                             updated_at: unix_now(),
+                            waiting: None,
                         }));
                     }
                 }
@@ -209,6 +210,7 @@ pub async fn run(ctx: Context, stop: CancellationToken) {
                     reasons,
                     digest: Some(accepted.digest.clone()),
                     updated_at: unix_now(),
+                    waiting: None,
                 }));
             }
             Err(e) => {
@@ -311,6 +313,7 @@ pub fn rejection(payload: &[u8], source: Source, reasons: Vec<Issue>) -> Deploym
         reasons,
         digest: Some(digest),
         updated_at: unix_now(),
+        waiting: None,
     }
 }
 

@@ -136,6 +136,7 @@ mod tests {
             reasons: vec![],
             digest: None,
             updated_at,
+            waiting: None,
         }
     }
 

@@ -162,6 +162,25 @@ impl<R: Runtime> Reconciler<R> {
                         &self.settings.policy,
                     );
                     spec.name = name;
+                    if !spec_module.artifacts.is_empty()
+                        && let Some(store) = &self.settings.artifacts
+                    {
+                        let dir = store.module_dir(&m);
+                        if spec_module.runtime == crate::manifest::RuntimeKind::Process {
+                            // A process reads the folder where it is, on the host.
+                            let var = crate::runtime::spec::ARTIFACTS_ENV;
+                            spec.env.retain(|e| !e.starts_with(&format!("{var}=")));
+                            spec.env.push(format!("{var}={}", dir.display()));
+                        } else {
+                            // The folder, not each file: a swapped link shows through a folder
+                            // bind, while a file bind would keep the old inode.
+                            spec.binds.push(format!(
+                                "{}:{}:ro",
+                                dir.display(),
+                                crate::runtime::spec::ARTIFACTS_MOUNT
+                            ));
+                        }
+                    }
                     Step::Create(Box::new(spec), start)
                 }
                 other => Step::Action(other),

@@ -205,6 +205,8 @@ impl<R: Runtime> Reconciler<R> {
         }
         self.next_gc = now + period;
         self.wake(self.next_gc);
+        // Artifacts are looked at again with the images (a part file left by a crash).
+        self.artifacts_collected_for = None;
         let mut in_use: BTreeSet<&str> = self.pulling.iter().map(String::as_str).collect();
         for d in self
             .desired

@@ -21,9 +21,13 @@
 //! - `execute.rs`: carrying out a plan's container actions, module by module.
 //! - `rollout.rs`: applied, failed, or rolled back (the health window).
 //! - `images.rs`: pulls, disk checks, image verification and cleanup.
+//! - `artifacts.rs`: the modules' artifacts: fetches asked for, links swapped, cleanup.
+//! - `hold.rs`: update windows and update locks: what holds a switch back, and the locks.
 //! - `report.rs`: the reported state, module logs and the redaction of secrets.
 
+mod artifacts;
 mod execute;
+mod hold;
 mod images;
 mod offer;
 mod pass;
@@ -48,9 +52,10 @@ use crate::runtime::registry::Platform;
 use crate::runtime::spec::config_hash;
 use crate::runtime::{EngineInfo, Observed, PullProgress, Runtime};
 use crate::state::{AgentFacts, Condition, DeploymentRef, DeploymentReport, ReportedState};
-use crate::store::{Store, StoreError, StoredDeployment};
+use crate::store::{Store, StoreError, StoredDeployment, SwitchGate};
 
 use execute::ActionDone;
+pub use hold::ModuleLock;
 use images::PullDone;
 pub use images::verify_image;
 use offer::PendingOffer;
@@ -92,6 +97,26 @@ pub struct Settings {
     /// Set when the store was found corrupt and replaced at start-up: reported until a
     /// deployment arrives.
     pub store_recovery: Option<String>,
+    /// The desired deployment's `agent` section, sent whenever the desired deployment changes
+    /// (the updater acts on it).
+    pub agent_spec: Option<watch::Sender<Option<crate::manifest::AgentSpec>>>,
+    /// Counts passes that reached the engine (an agent on trial waits for one).
+    pub passes: Option<watch::Sender<u64>>,
+    /// The agent's slot and update, from the updater or the health gate.
+    pub agent_status: Option<watch::Receiver<crate::update::AgentStatus>>,
+    /// Where the modules' artifacts are fetched, stored and linked; `None` (tests) fails any
+    /// module that names one.
+    pub artifacts: Option<crate::artifacts::Artifacts>,
+    /// The update windows a new deployment's switch waits for.
+    pub maintenance: crate::config::MaintenanceConfig,
+    /// Where modules' update locks are kept across agent restarts; `None` (tests) keeps them
+    /// in memory only.
+    pub locks_dir: Option<std::path::PathBuf>,
+    /// This start follows a reboot, or cannot tell ([`crate::clock::note_boot`]): exits found
+    /// at the first look were the reboot's, and every module comes back, whatever its restart
+    /// policy. In the same boot (an agent restart, a self-update) each exit follows its
+    /// module's policy: a `never` module that ended stays ended.
+    pub after_reboot: bool,
 }
 
 impl Settings {
@@ -112,6 +137,13 @@ impl Settings {
             clock,
             conditions: None,
             store_recovery: None,
+            agent_spec: None,
+            passes: None,
+            agent_status: None,
+            artifacts: None,
+            maintenance: crate::config::MaintenanceConfig::default(),
+            locks_dir: None,
+            after_reboot: true,
         }
     }
 }
@@ -171,6 +203,23 @@ pub struct Reconciler<R: Runtime> {
     /// The latest wall-clock time (Unix ms) the device has known to be true: expiry is never
     /// judged earlier than this, whatever the clock reads after a reboot.
     time_floor: u64,
+    /// What each module still waits for of its artifacts, as of the last pass (absent: all
+    /// in place).
+    artifact_waits: BTreeMap<String, planner::ArtifactWait>,
+    /// Modules waiting for an artifact to be fetched: their folders are left as they are.
+    fetch_waiting: BTreeSet<String>,
+    /// Artifact links that could not be made, per module, until they can.
+    link_errors: BTreeMap<String, String>,
+    /// The deployments artifacts were last collected for (desired, last good): collection
+    /// runs again when either changes, or with image cleanup.
+    artifacts_collected_for: Option<artifacts::Kept>,
+    /// Whether the desired deployment's switch has begun (windows and locks hold it until).
+    gate: Option<SwitchGate>,
+    /// Monotonic ms when an update lock first held the desired deployment back: its
+    /// deadline counts from here.
+    lock_since: Option<u64>,
+    /// The modules' update locks, by module.
+    locks: BTreeMap<String, ModuleLock>,
 }
 
 /// What [`Reconciler::build`] hands back: the task to run and the handle to reach it.
@@ -220,12 +269,40 @@ impl<R: Runtime> Reconciler<R> {
         };
         let (state, state_rx) = watch::channel(initial);
         let (progress, _) = broadcast::channel(256);
+        if let Some(artifacts) = &settings.artifacts {
+            artifacts.report_progress_to(progress.clone());
+        }
         let (requests_tx, requests) = mpsc::channel(REQUEST_CAPACITY);
         let desired = stored.map(|s| {
             let d = desired_of(&s, &settings);
             (s, d)
         });
-        if let (Some(tx), Some((s, _))) = (&settings.routes, &desired) {
+        let gate = match &desired {
+            Some((s, _)) => Some(hold::gate_of(store.gate()?, &s.digest)),
+            None => None,
+        };
+        // A lock's deadline goes on where it was in this boot; after a reboot it starts again.
+        let lock_since = gate.as_ref().and_then(|g| g.lock_since.as_ref()).map(|at| {
+            at.in_this_boot(clock.as_ref())
+                .filter(|at| *at <= now)
+                .unwrap_or(now)
+        });
+        let locks = settings
+            .locks_dir
+            .as_deref()
+            .map(hold::read_locks)
+            .unwrap_or_default();
+        // What the bus routes and the updater follow: the desired deployment once its switch
+        // has begun, else the one that still runs.
+        let in_force = if gate.as_ref().is_none_or(|g| g.passed) {
+            desired.as_ref().map(|(s, _)| s)
+        } else {
+            last_good.as_ref()
+        };
+        if let Some(tx) = &settings.agent_spec {
+            tx.send_replace(in_force.and_then(|s| s.deployment.agent.clone()));
+        }
+        if let (Some(tx), Some(s)) = (&settings.routes, in_force) {
             tx.send_replace(Arc::new(crate::bus::routes::RouteTable::for_deployment(
                 &s.deployment,
             )));
@@ -267,6 +344,13 @@ impl<R: Runtime> Reconciler<R> {
             last_observed: Vec::new(),
             agent_problems: BTreeMap::new(),
             time_floor: time_floor.max(crate::clock::PLAUSIBLE_AFTER_MS),
+            artifact_waits: BTreeMap::new(),
+            fetch_waiting: BTreeSet::new(),
+            link_errors: BTreeMap::new(),
+            artifacts_collected_for: None,
+            gate,
+            lock_since,
+            locks,
         };
         Ok(Parts {
             reconciler,
@@ -293,6 +377,8 @@ impl<R: Runtime> Reconciler<R> {
             shutdown.clone(),
         ));
         let mut conditions = self.settings.conditions.clone();
+        let mut agent_status = self.settings.agent_status.clone();
+        let mut artifacts = self.settings.artifacts.as_ref().map(|a| a.subscribe());
         let mut resync = tokio::time::interval(RESYNC_EVERY);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ctx = Ctx {
@@ -315,6 +401,9 @@ impl<R: Runtime> Reconciler<R> {
                     self.settle()
                 }
                 Ok(()) = changed(&mut conditions) => { self.publish(None); false }
+                Ok(()) = changed(&mut agent_status) => { self.publish(None); false }
+                // A fetch ended, failed or is retrying: its modules may move on.
+                Ok(()) = changed(&mut artifacts) => self.settle(),
                 _ = sleep_until(wake) => true,
                 _ = resync.tick() => true,
             };
@@ -324,6 +413,9 @@ impl<R: Runtime> Reconciler<R> {
         }
         tasks.close();
         tasks.wait().await;
+        if let Some(a) = &self.settings.artifacts {
+            a.shutdown().await;
+        }
         info!("reconciler stopped");
     }
 
@@ -357,6 +449,21 @@ impl<R: Runtime> Reconciler<R> {
                 let _ = reply.send(self.secrets_of(&name));
                 false
             }
+            Request::Lock {
+                module,
+                hold,
+                via,
+                reply,
+            } => {
+                let outcome = self.lock(&module, hold, via);
+                let changed = matches!(outcome, Ok(true));
+                let _ = reply.send(outcome);
+                // A released lock may let a waiting switch go.
+                if changed {
+                    self.publish(None);
+                }
+                changed && !hold
+            }
         }
     }
 
@@ -370,16 +477,32 @@ impl<R: Runtime> Reconciler<R> {
             .insert("store", format!("the store could not {what}: {e}"));
     }
 
-    /// Makes `stored` the deployment to carry out, and its routes the bus's: a route change
-    /// applies with the deployment, without restarting modules.
+    /// Makes `stored` the deployment to carry out; its routes and agent take effect now if
+    /// its switch may begin (a rollback), else when it does (see `hold.rs`).
     fn set_desired(&mut self, stored: StoredDeployment) {
+        if self.gate.as_ref().is_none_or(|g| g.passed) {
+            self.switch_extras(&stored);
+        }
+        let desired = desired_of(&stored, &self.settings);
+        self.desired = Some((stored, desired));
+    }
+
+    /// The deployment's routes become the bus's (a route change applies without restarting
+    /// modules) and its `agent` section the updater's.
+    fn switch_extras(&self, stored: &StoredDeployment) {
         if let Some(tx) = &self.settings.routes {
             tx.send_replace(Arc::new(crate::bus::routes::RouteTable::for_deployment(
                 &stored.deployment,
             )));
         }
-        let desired = desired_of(&stored, &self.settings);
-        self.desired = Some((stored, desired));
+        if let Some(tx) = &self.settings.agent_spec {
+            let agent = stored.deployment.agent.clone();
+            tx.send_if_modified(|a| {
+                let changed = *a != agent;
+                *a = agent;
+                changed
+            });
+        }
     }
 
     /// Whether to pass now after an event or a finished action: at once when nothing else is
@@ -432,10 +555,8 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Resolves when the watched conditions change; never without a watch.
-async fn changed(
-    rx: &mut Option<watch::Receiver<Vec<Condition>>>,
-) -> Result<(), watch::error::RecvError> {
+/// Resolves when the watched value changes; never without a watch.
+async fn changed<T>(rx: &mut Option<watch::Receiver<T>>) -> Result<(), watch::error::RecvError> {
     match rx {
         Some(rx) => rx.changed().await,
         None => std::future::pending().await,

@@ -90,6 +90,7 @@ impl<R: Runtime> Reconciler<R> {
                     )],
                     digest: Some(accepted.digest.clone()),
                     updated_at: self.wall_secs(),
+                    waiting: None,
                 });
                 self.pending = Some(PendingOffer {
                     accepted: *accepted,
@@ -180,6 +181,7 @@ impl<R: Runtime> Reconciler<R> {
                 reasons: issues.clone(),
                 digest: Some(accepted.digest.clone()),
                 updated_at: wall,
+                waiting: None,
             });
             self.publish(None);
             return Err(Refusal::Rules(issues));
@@ -199,6 +201,7 @@ impl<R: Runtime> Reconciler<R> {
             reasons: vec![],
             digest: Some(accepted.digest.clone()),
             updated_at: wall,
+            waiting: None,
         };
         let window = BootInstant::now(self.clock.as_ref());
         if let Err(e) = self.store.accept(&stored, &report, &window) {
@@ -206,6 +209,13 @@ impl<R: Runtime> Reconciler<R> {
         }
         info!(id = %d.id, version = d.version, modules = d.modules.len(), "deployment accepted");
         self.pending = None;
+        // Windows and locks may hold its switch (hold.rs); the store holds the same gate.
+        self.gate = Some(crate::store::SwitchGate {
+            digest: accepted.digest.clone(),
+            passed: false,
+            lock_since: None,
+        });
+        self.lock_since = None;
         if self.clock.wall_is_plausible() {
             self.time_floor = self.time_floor.max(self.clock.wall_ms());
         }

@@ -13,6 +13,10 @@ use crate::runtime::spec::container_name;
 use crate::runtime::{ContainerState, LogOptions, Runtime, RuntimeError};
 use crate::state::{AgentFacts, Condition, DeploymentRef, ModuleReport, ReportedState};
 
+/// What a module killed by the kernel for its memory limit reports: the exit code alone
+/// (137) does not tell it from a `kill -9`.
+const OOM_KILLED: &str = "ended by the kernel: out of memory (past its memory limit)";
+
 impl<R: Runtime> Reconciler<R> {
     /// Publishes the reported state if it changed.
     pub(super) fn publish(&self, plan: Option<&Plan>) {
@@ -62,7 +66,11 @@ impl<R: Runtime> Reconciler<R> {
                             last_error: p
                                 .problem
                                 .clone()
-                                .or_else(|| self.errors.get(name).cloned()),
+                                .or_else(|| self.errors.get(name).cloned())
+                                .or_else(|| {
+                                    c.filter(|c| c.oom_killed && c.state != ContainerState::Running)
+                                        .map(|_| OOM_KILLED.to_string())
+                                }),
                         },
                     );
                 }
@@ -73,6 +81,11 @@ impl<R: Runtime> Reconciler<R> {
         let mut agent =
             AgentFacts::local(self.clock.mono_ms().saturating_sub(self.started_mono) / 1000);
         agent.runtime_version = self.engine.as_ref().map(|e| e.version.clone());
+        if let Some(rx) = &self.settings.agent_status {
+            let status = rx.borrow();
+            agent.slot = Some(status.slot.name().to_string());
+            agent.update = status.update.clone();
+        }
         self.state.send_if_modified(|s| {
             let next = ReportedState {
                 device_id: self.settings.device.clone(),
@@ -124,6 +137,16 @@ impl<R: Runtime> Reconciler<R> {
                 message: format!(
                     "no deployment is stored on this device: {} module(s) found running are kept as they are (unmanaged) until a deployment arrives",
                     modules.len()
+                ),
+            });
+        }
+        let locked = self.locked_modules();
+        if !locked.is_empty() {
+            out.push(Condition {
+                kind: "update-locks".into(),
+                message: format!(
+                    "modules holding their update lock (a deployment that would replace them waits): {}",
+                    locked.join(", ")
                 ),
             });
         }

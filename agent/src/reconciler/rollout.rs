@@ -31,13 +31,19 @@ impl<R: Runtime> Reconciler<R> {
         if plan.converged {
             if matches!(
                 report.status,
-                DeploymentStatus::Applying | DeploymentStatus::Failed | DeploymentStatus::Received
+                DeploymentStatus::Applying
+                    | DeploymentStatus::Failed
+                    | DeploymentStatus::Received
+                    | DeploymentStatus::Waiting
             ) {
                 self.applied(now);
             }
             return;
         }
-        if report.status != DeploymentStatus::Applying {
+        // A waiting deployment's rollback window has not started; a definitive staging
+        // failure still fails it.
+        let waiting = report.status == DeploymentStatus::Waiting;
+        if report.status != DeploymentStatus::Applying && !waiting {
             return;
         }
         let window = stored
@@ -66,6 +72,9 @@ impl<R: Runtime> Reconciler<R> {
             .collect();
         if !definitive.is_empty() {
             self.fail(definitive, now);
+            return;
+        }
+        if waiting {
             return;
         }
         if now < deadline {
@@ -109,6 +118,7 @@ impl<R: Runtime> Reconciler<R> {
         }
         report.status = DeploymentStatus::Applied;
         report.reasons.clear();
+        report.waiting = None;
         report.updated_at = self.clock.wall_ms() / 1000;
         let (report, stored) = (report.clone(), stored.clone());
         if let Err(e) = self.store.set_report(&report) {
@@ -137,6 +147,7 @@ impl<R: Runtime> Reconciler<R> {
             .as_ref()
             .is_some_and(|r| r.on_failure);
         report.reasons = reasons;
+        report.waiting = None;
         report.updated_at = self.clock.wall_ms() / 1000;
         match self.last_good.clone() {
             Some(good) if rollback && good.digest != stored.digest => {
@@ -151,6 +162,13 @@ impl<R: Runtime> Reconciler<R> {
                 if let Err(e) = self.store.set_desired(&restored, &report, &window) {
                     self.store_problem("record the rollback", &e);
                 }
+                // A rollback is never held by a window or a lock.
+                self.gate = Some(crate::store::SwitchGate {
+                    digest: restored.digest.clone(),
+                    passed: true,
+                    lock_since: None,
+                });
+                self.lock_since = None;
                 self.set_desired(restored);
                 self.applying_since = now;
                 self.errors.clear();

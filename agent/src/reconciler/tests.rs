@@ -909,3 +909,217 @@ async fn after_a_reboot_at_1970_expiry_is_judged_by_the_last_time_the_device_kne
         .unwrap();
     agent.stop().await;
 }
+
+/// A deployment pinning `content` (served from a file in `dir`) as `model`, read by `app`.
+fn with_model(dir: &std::path::Path, version: u64, content: &[u8], pinned: &[u8]) -> String {
+    let file = dir.join(format!("model-{version}"));
+    std::fs::write(&file, content).expect("write the model");
+    let pin = dir.join("pin");
+    std::fs::write(&pin, pinned).expect("write");
+    let (sha256, size) = crate::fetch::digest_of(&pin).expect("digest");
+    format!(
+        r#"{{"schemaVersion":"1.0","id":"d","version":{version},
+        "artifacts":{{"model":{{"url":"file://{}","sha256":"{sha256}","size":{size}}}}},
+        "modules":{{"app":{{"image":"r.io/a:1","artifacts":["model"]}}}},
+        "rollback":{{"onFailure":true,"healthyWithinSecs":60}}}}"#,
+        file.display()
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_model_is_a_link_swap_and_a_wrong_one_rolls_back_without_touching_the_module() {
+    let (dir, clock, fake) = setup();
+    fake.publish_image("r.io/a:1");
+    let state = dir.path().join("state");
+    let store = crate::artifacts::Artifacts::new(&state, crate::fetch::Fetcher::new(None, 0), 2);
+    let agent = Agent::start_with(dir.path(), &clock, &fake, |s| {
+        s.artifacts = Some(store.clone());
+    });
+    let link = store.module_dir("app").join("model");
+
+    agent
+        .offer(&with_model(dir.path(), 1, b"model A", b"model A"))
+        .await
+        .unwrap();
+    agent.until("v1 applied", MINUTE, applied(1)).await;
+    assert_eq!(std::fs::read(&link).unwrap(), b"model A");
+    let containers = fake.containers();
+    assert_eq!(containers.len(), 1);
+    let id = containers[0].id.clone();
+
+    agent
+        .offer(&with_model(dir.path(), 2, b"model B", b"model B"))
+        .await
+        .unwrap();
+    agent.until("v2 applied", MINUTE, applied(2)).await;
+    assert_eq!(std::fs::read(&link).unwrap(), b"model B");
+    let containers = fake.containers();
+    assert_eq!(containers.len(), 1);
+    assert_eq!(
+        containers[0].id, id,
+        "the same container: nothing recreated"
+    );
+    assert_eq!(containers[0].state, ContainerState::Running);
+
+    // The file served is not the one pinned: rolled back to v2 at once, the link untouched.
+    agent
+        .offer(&with_model(dir.path(), 3, b"model C", b"model D"))
+        .await
+        .unwrap();
+    let s = agent
+        .until("v3 rolled back", MINUTE, |s| {
+            s.deployment
+                .as_ref()
+                .is_some_and(|d| d.version == 3 && d.status == DeploymentStatus::RolledBack)
+        })
+        .await;
+    let reasons = format!("{:?}", s.deployment.as_ref().map(|d| &d.reasons));
+    assert!(
+        reasons.contains("/modules/app") && reasons.contains("SHA-256"),
+        "{reasons}"
+    );
+    assert_eq!(std::fs::read(&link).unwrap(), b"model B");
+    assert_eq!(fake.containers()[0].id, id);
+    assert!(
+        !fake
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("stop") || c.starts_with("restart")),
+        "{:?}",
+        fake.calls()
+    );
+    agent.stop().await;
+    store.shutdown().await;
+}
+
+/// Windows judged on the wall clock: a clock that was never set (1970) keeps them closed, the
+/// deployment waits with no opening to report, and it switches once the clock is set inside a
+/// window (judged again within a minute, never slept towards); its rollback window starts
+/// then, not at acceptance.
+#[tokio::test(start_paused = true)]
+async fn windows_stay_closed_while_the_clock_is_not_set_and_open_when_it_is() {
+    let (dir, clock, fake) = setup();
+    fake.publish_image("r.io/a:1");
+    fake.publish_image("r.io/a:2");
+    let windows = outpost_core::window::Windows::parse(&["daily 00:00-24:00"]).unwrap();
+    let agent = Agent::start_with(dir.path(), &clock, &fake, |s| {
+        s.maintenance = crate::config::MaintenanceConfig {
+            windows,
+            entries: vec!["daily 00:00-24:00".into()],
+            timezone: Some(jiff::tz::TimeZone::UTC),
+        };
+    });
+    // Nothing runs yet: the first deployment is not held.
+    agent
+        .offer(&manifest(1, r#""a":{"image":"r.io/a:1"}"#))
+        .await
+        .unwrap();
+    agent.until("v1 applied", MINUTE, applied(1)).await;
+    let before = ids(&fake);
+
+    clock.set_wall(0);
+    agent
+        .offer(&with_rollback(2, r#""a":{"image":"r.io/a:2"}"#, 30))
+        .await
+        .unwrap();
+    let s = agent
+        .until("v2 waiting", MINUTE, |s| {
+            status(s) == Some(DeploymentStatus::Waiting)
+        })
+        .await;
+    let waiting = s.deployment.unwrap().waiting.expect("says why");
+    assert_eq!(waiting.reason, crate::state::WaitReason::UpdateWindow);
+    assert_eq!(
+        waiting.opens_at, None,
+        "no opening while the clock is not set"
+    );
+    assert!(
+        waiting.message.contains("clock is not set"),
+        "{}",
+        waiting.message
+    );
+    // Ten minutes at 1970: still waiting, nothing switched, and not failed by its 30 s
+    // rollback window (which has not started).
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(
+        status(&agent.handle.state.borrow()),
+        Some(DeploymentStatus::Waiting)
+    );
+    // v1's container still runs; v2's is staged (created) beside it.
+    let running: Vec<_> = fake
+        .containers()
+        .into_iter()
+        .filter(|c| c.state == ContainerState::Running)
+        .map(|c| (c.module, c.id))
+        .collect();
+    assert_eq!(running, before, "v1's container untouched");
+
+    // NTP answers: inside the (all-day) window, it switches within a minute.
+    clock.set_wall(NOW_2026);
+    agent.until("v2 applied", 2 * MINUTE, applied(2)).await;
+    assert_ne!(ids(&fake), before);
+    agent.stop().await;
+}
+
+/// A lock holds only a switch that replaces its module; released, the switch goes on; a lock
+/// outliving the deadline is dropped with the module's old container.
+#[tokio::test(start_paused = true)]
+async fn a_lock_defers_the_replacement_of_its_module_until_release_or_deadline() {
+    let (dir, clock, fake) = setup();
+    for image in ["r.io/a:1", "r.io/a:2", "r.io/a:3"] {
+        fake.publish_image(image);
+    }
+    let agent = Agent::start(dir.path(), &clock, &fake);
+    agent
+        .offer(&manifest(
+            1,
+            r#""a":{"image":"r.io/a:1"},"b":{"image":"r.io/a:1"}"#,
+        ))
+        .await
+        .unwrap();
+    agent.until("v1 applied", MINUTE, applied(1)).await;
+    assert_eq!(agent.handle.lock("b", true, "api").await.unwrap(), Ok(true));
+    assert!(
+        agent
+            .handle
+            .lock("nope", true, "api")
+            .await
+            .unwrap()
+            .is_err()
+    );
+    // v2 changes a only: b's lock does not matter.
+    agent
+        .offer(&manifest(
+            2,
+            r#""a":{"image":"r.io/a:2"},"b":{"image":"r.io/a:1"}"#,
+        ))
+        .await
+        .unwrap();
+    agent.until("v2 applied", MINUTE, applied(2)).await;
+    // v3 changes b, with a 100 s deadline: waits on b's lock.
+    agent
+        .offer(
+            r#"{"schemaVersion":"1.0","id":"d","version":3,"updateLockDeadlineSecs":100,"modules":{"a":{"image":"r.io/a:2"},"b":{"image":"r.io/a:3"}}}"#,
+        )
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let s = agent
+        .until("v3 waiting", MINUTE, |s| {
+            status(s) == Some(DeploymentStatus::Waiting)
+        })
+        .await;
+    let waiting = s.deployment.unwrap().waiting.expect("says why");
+    assert_eq!(waiting.reason, crate::state::WaitReason::UpdateLock);
+    assert_eq!(waiting.modules, ["b"]);
+    // Past the deadline it applies, and b's lock is gone.
+    agent.until("v3 applied", 3 * MINUTE, applied(3)).await;
+    assert!(started.elapsed() >= Duration::from_secs(100));
+    let s = agent.handle.state.borrow().clone();
+    assert!(
+        !s.conditions.iter().any(|c| c.kind == "update-locks"),
+        "{:?}",
+        s.conditions
+    );
+    agent.stop().await;
+}

@@ -2,8 +2,10 @@
 //! implementation of it. Only containers labelled as Outpost's for this device are ever listed,
 //! so nothing the agent did not create can reach the planner.
 
+pub mod combined;
 pub mod docker;
 pub mod fake;
+pub mod process;
 pub mod registry;
 /// How a module's spec is built from the manifest and the policy (pure: in the core crate).
 pub use outpost_core::spec;

@@ -8,13 +8,27 @@ use redb::ReadableTable as _;
 
 use super::files::wall_ms;
 use super::tables::{
-    DESIRED, DIGESTS, HISTORY, IMAGES, LAST_GOOD, REPORT, TIME_FLOOR, VERSIONS, WINDOW, decode,
-    encode, storage,
+    DESIRED, DIGESTS, GATE, HISTORY, IMAGES, LAST_GOOD, REPORT, TIME_FLOOR, VERSIONS, WINDOW,
+    decode, encode, storage,
 };
 use super::{Kind, Store, StoreError, StoredDeployment};
 use crate::clock::BootInstant;
 use crate::planner::ModuleHistory;
 use crate::state::{DeploymentReport, Source};
+
+/// Where the desired deployment stands against update windows and locks
+/// (docs/reconciler.md#update-windows-and-locks), kept so a restarted agent neither holds a
+/// switch under way nor forgets when a lock's deadline started.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SwitchGate {
+    /// The desired deployment's digest: a gate of another deployment means nothing.
+    pub digest: String,
+    /// The switch began (or the deployment is a rollback): windows and locks no longer hold it.
+    pub passed: bool,
+    /// When an update lock first held it back: the lock's deadline counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_since: Option<BootInstant>,
+}
 
 impl Store {
     pub fn desired(&self) -> Result<Option<StoredDeployment>, StoreError> {
@@ -29,6 +43,27 @@ impl Store {
     /// agent in the same boot keeps the deadline; one from another boot starts it again.
     pub fn window(&self) -> Result<Option<BootInstant>, StoreError> {
         self.get(WINDOW)
+    }
+
+    /// The desired deployment's gate; `None` from an agent before gates (its switch is then
+    /// taken as begun).
+    pub fn gate(&self) -> Result<Option<SwitchGate>, StoreError> {
+        self.get(GATE)
+    }
+
+    /// Restarts the rollback window (a held deployment's switch begins).
+    pub fn set_window(&self, window: &BootInstant) -> Result<(), StoreError> {
+        self.write("set window", Kind::Write, |t| {
+            t.put(WINDOW, window)?;
+            Ok(((), true))
+        })
+    }
+
+    pub fn set_gate(&self, gate: &SwitchGate) -> Result<(), StoreError> {
+        self.write("set gate", Kind::Write, |t| {
+            t.put(GATE, gate)?;
+            Ok(((), true))
+        })
     }
 
     /// The highest version accepted from each source (`device`, `group:NAME`, `local`).
@@ -67,6 +102,14 @@ impl Store {
             t.put(DIGESTS, &digests)?;
             t.put(REPORT, report)?;
             t.put(WINDOW, window)?;
+            t.put(
+                GATE,
+                &SwitchGate {
+                    digest: d.digest.clone(),
+                    passed: false,
+                    lock_since: None,
+                },
+            )?;
             if d.accepted_at >= crate::clock::PLAUSIBLE_AFTER_MS {
                 let floor: u64 = t.get(TIME_FLOOR)?.unwrap_or(0);
                 t.put(TIME_FLOOR, &floor.max(d.accepted_at))?;
@@ -80,8 +123,9 @@ impl Store {
         Ok(self.get(TIME_FLOOR)?.unwrap_or(0))
     }
 
-    /// Replaces the desired deployment (a rollback), the report and the window's start. On a
-    /// full disk the reserve is given back for it.
+    /// Replaces the desired deployment (a rollback, or a switch that begins), the report and
+    /// the window's start; its gate is passed (a rollback is never held by a window or a
+    /// lock). On a full disk the reserve is given back for it.
     pub fn set_desired(
         &self,
         d: &StoredDeployment,
@@ -92,12 +136,23 @@ impl Store {
             t.put(DESIRED, d)?;
             t.put(REPORT, report)?;
             t.put(WINDOW, window)?;
+            t.put(
+                GATE,
+                &SwitchGate {
+                    digest: d.digest.clone(),
+                    passed: true,
+                    lock_since: None,
+                },
+            )?;
             Ok(((), true))
         })
     }
 
+    /// Critical: the last good deployment is what a rollback restores, so a full disk may
+    /// spend the reserve on it (whether the acceptance before it needed the reserve depends on
+    /// the database's free pages, not on anything the device decides).
     pub fn set_last_good(&self, d: &StoredDeployment) -> Result<(), StoreError> {
-        self.write("set last good", Kind::Write, |t| {
+        self.write("set last good", Kind::Critical, |t| {
             t.put(LAST_GOOD, d)?;
             Ok(((), true))
         })

@@ -54,7 +54,7 @@ use crate::intake::Provenance;
 use crate::manifest::Deployment;
 use crate::state::Source;
 
-pub use deployments::source_key;
+pub use deployments::{SwitchGate, source_key};
 use files::{OpenFailure, move_aside, set_mode};
 pub use reopen::ReopenLimiter;
 use tables::{HISTORY, IMAGES, META, table_missing, validate};
@@ -410,6 +410,7 @@ mod tests {
             reasons: vec![],
             digest: None,
             updated_at: 1,
+            waiting: None,
         }
     }
 

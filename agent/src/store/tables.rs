@@ -31,6 +31,9 @@ pub(super) const WINDOW: &str = "window";
 /// The latest wall-clock time (Unix ms) known to be true: when a deployment was accepted with a
 /// plausible clock. Expiry is never judged earlier than this after a reboot at 1970.
 pub(super) const TIME_FLOOR: &str = "time_floor";
+/// Whether the desired deployment's switch has begun, and since when an update lock holds it
+/// ([`SwitchGate`](super::SwitchGate)).
+pub(super) const GATE: &str = "gate";
 
 /// The tables of one write transaction.
 pub(super) struct Tables<'t> {
@@ -166,6 +169,7 @@ fn check_entry(key: &str, bytes: &[u8]) -> Result<(), serde_json::Error> {
         DIGESTS => serde_json::from_slice::<BTreeMap<String, String>>(bytes).map(drop),
         REPORT => serde_json::from_slice::<DeploymentReport>(bytes).map(drop),
         WINDOW => serde_json::from_slice::<BootInstant>(bytes).map(drop),
+        GATE => serde_json::from_slice::<super::SwitchGate>(bytes).map(drop),
         _ => Ok(()),
     }
 }

@@ -329,6 +329,13 @@ async fn build(path: &Path, config: Result<Config, ConfigError>, origin: Origin<
         ("engine.json".to_string(), pretty(&engine)),
         ("agent.log".to_string(), agent_log),
     ];
+    // The agent's update record (versions, slots, outcomes: no secret in it).
+    if let Ok(c) = &config {
+        let record = crate::update::record::Paths::new(&c.state_dir).record();
+        if let Ok(text) = std::fs::read_to_string(&record) {
+            pending.push(("agent-update.json".to_string(), text));
+        }
+    }
     for (name, text) in modules {
         let safe: String = name
             .chars()
@@ -371,12 +378,13 @@ fn readme(device: &str, now: u64, left_out: &[String], notes: &[String]) -> Stri
          check.txt     `outpost check`, as printed; check.json the same for machines\n\
          state.json    the reported state (from the running agent) or a summary of the store\n\
          agent.log     the agent's recent journal (journalctl -u outpost)\n\
+         agent-update.json  the agent's update record, when it has been updated\n\
          modules/*.log each module's recent output, secrets redacted\n\
          engine.json   the engine's version, facts and the images this device's modules run\n\n\
          Never included: password files' or keys' contents, the bus secret, registry passwords,\n\
          module environment values, stored manifests.\n",
         outpost_core::time::format_rfc3339(now),
-        env!("CARGO_PKG_VERSION"),
+        outpost_core::version::current(),
     );
     if !left_out.is_empty() {
         s.push_str(&format!(

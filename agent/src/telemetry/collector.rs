@@ -124,7 +124,7 @@ async fn snapshot<R: Runtime>(ctx: &mut Context<R>) -> Snapshot {
     let c = &ctx.counters;
     let applied = c.deployments.applied_total.load(Relaxed);
     let agent = AgentMetrics {
-        version: env!("CARGO_PKG_VERSION").to_string(),
+        version: outpost_core::version::current().to_string(),
         rss_bytes: agent_rss_bytes(),
         outbox_records: outbox.records,
         outbox_bytes: outbox.bytes,

@@ -66,6 +66,64 @@ pub struct Deployment {
     /// already in force keeps running after it. Required on a device that trusts keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// The agent this device should run. Updated like a module but with more care: downloaded,
+    /// verified, switched under a health gate and rolled back when the new agent does not pass
+    /// it (docs/operations.md#updating-the-agent). Without it the agent is left as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentSpec>,
+    /// Files the modules read (models, lookup tables), by name (a lowercase DNS label), each
+    /// pinned by its SHA-256. Fetched and verified before a module that names one is started;
+    /// a new digest reaches a running module without restarting it (docs/manifest.md#artifacts).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub artifacts: BTreeMap<String, Artifact>,
+    /// Apply at once, outside the device's update windows (a security fix). Update locks
+    /// still hold it until their deadline (docs/manifest.md#update-windows-and-locks).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub urgent: bool,
+    /// How long a module's update lock may hold this deployment back, in seconds from when
+    /// only locks held it (default 3600, at most a week). Past it, the deployment switches
+    /// anyway and the lock is dropped with the module's old container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 604800))]
+    pub update_lock_deadline_secs: Option<u64>,
+}
+
+/// How long an update lock holds a deployment without `updateLockDeadlineSecs`.
+pub const DEFAULT_UPDATE_LOCK_DEADLINE_SECS: u64 = 3600;
+
+impl Deployment {
+    /// How long an update lock may hold this deployment back.
+    pub fn update_lock_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.update_lock_deadline_secs
+                .unwrap_or(DEFAULT_UPDATE_LOCK_DEADLINE_SECS),
+        )
+    }
+}
+
+/// The wanted agent: a version and, per platform, the build to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentSpec {
+    /// What the new agent reports (`outpost --version`): `1.4.2`, `1.5.0-rc.1`.
+    pub version: String,
+    /// One build per platform, by the platform's name (`linux/amd64`, `linux/arm64`,
+    /// `linux/arm/v7`). A device whose platform is not named keeps its agent.
+    #[schemars(length(min = 1))]
+    pub artifacts: BTreeMap<String, Artifact>,
+}
+
+/// A file the device downloads and checks before using it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Artifact {
+    /// `https://…`, `http://…` (the digest protects it) or `file:///absolute/path`.
+    pub url: String,
+    /// SHA-256 of the file, 64 lowercase hex digits: the file is used only if it matches.
+    pub sha256: String,
+    /// Its size in bytes: a download stops at it, and the disk is checked for it first.
+    #[schemars(range(min = 1))]
+    pub size: u64,
 }
 
 /// Where a deployment may apply.
@@ -95,11 +153,23 @@ fn is_zero(n: &u32) -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Module {
-    /// The runtime that runs the module.
+    /// The runtime that runs the module: `docker` (a container) or `process` (a native
+    /// executable the agent runs itself, on a device without a container engine).
     #[serde(default)]
     pub runtime: RuntimeKind,
-    /// `registry/repository:tag` or `registry/repository@sha256:<64 hex>`.
+    /// `registry/repository:tag` or `registry/repository@sha256:<64 hex>`; required for a
+    /// `docker` module, left out for a `process` one (whose executable takes its place once
+    /// the device accepted the deployment: in its plans and reports).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub image: String,
+    /// For a `process` module: the executable (an absolute path the device's policy allows,
+    /// `policy.allowed_executables`) and its arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// For a `process` module: its working directory (absolute). Without it, a private folder
+    /// of the module's own under the agent's state directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
     /// The platform to pull for a multi-platform image (`linux/arm64`, `linux/arm/v7`), when
     /// it must not be the engine's own: an armv7 image on an arm64 board, say. Without it the
     /// engine's platform is pulled.
@@ -129,6 +199,10 @@ pub struct Module {
     pub requires: Option<Requires>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security: Option<Security>,
+    /// The deployment's artifacts this module reads, by name: each appears read-only as
+    /// `$OUTPOST_ARTIFACTS_DIR/NAME` (`/outpost/artifacts/NAME` in a container).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -136,6 +210,16 @@ pub struct Module {
 pub enum RuntimeKind {
     #[default]
     Docker,
+    Process,
+}
+
+impl RuntimeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Docker => "docker",
+            RuntimeKind::Process => "process",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

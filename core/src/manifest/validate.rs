@@ -12,6 +12,8 @@ use super::{Deployment, HostConfig, Issue, Module, SCHEMA_VERSION, pointer};
 
 /// Most modules one deployment may hold.
 pub const MAX_MODULES: usize = 100;
+/// Most artifacts one deployment may name: each is a file fetched, stored and linked.
+pub const MAX_ARTIFACTS: usize = 64;
 /// Most environment variables per module, and the largest value.
 pub const MAX_ENV: usize = 256;
 pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
@@ -87,6 +89,165 @@ struct Validator {
 }
 
 impl Validator {
+    fn agent(&mut self, a: &super::AgentSpec) {
+        if !crate::version::is_valid(&a.version)
+            || a.version.len() > crate::version::MAX_VERSION_BYTES
+        {
+            self.push(
+                "/agent/version",
+                format!(
+                    "`{}` is not a version such as `1.4.2` or `1.5.0-rc.1` (MAJOR.MINOR.PATCH, \
+                     an optional -pre-release and +build, at most {} bytes)",
+                    a.version,
+                    crate::version::MAX_VERSION_BYTES
+                ),
+            );
+        }
+        if a.artifacts.is_empty() {
+            self.push(
+                "/agent/artifacts",
+                "name at least one build, by platform (`linux/arm64`: {url, sha256, size})",
+            );
+        }
+        for (platform, artifact) in &a.artifacts {
+            let at = pointer("/agent/artifacts", platform);
+            match crate::platform::Platform::parse(platform) {
+                Err(e) => self.push(at.clone(), e),
+                Ok(p) if p.to_string() != *platform => self.push(
+                    at.clone(),
+                    format!(
+                        "write the platform as `{p}`: a device looks its build up by that name"
+                    ),
+                ),
+                Ok(_) => {}
+            }
+            self.artifact(&at, artifact);
+        }
+    }
+
+    /// The rules of a downloadable file, at `at`.
+    fn artifact(&mut self, at: &str, a: &super::Artifact) {
+        if let Err(e) = check_artifact_url(&a.url) {
+            self.push(format!("{at}/url"), e);
+        }
+        if a.sha256.len() != 64
+            || !a
+                .sha256
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            self.push(
+                format!("{at}/sha256"),
+                format!(
+                    "`{}` is not a SHA-256 digest: 64 lowercase hex digits (`sha256sum FILE`)",
+                    a.sha256
+                ),
+            );
+        }
+        if a.size == 0 {
+            self.push(
+                format!("{at}/size"),
+                "the size is the file's length in bytes, at least 1",
+            );
+        }
+    }
+
+    /// The deployment's artifacts and the modules' references to them: names are file names
+    /// on the device, every reference resolves, every artifact is read by some module (like
+    /// registry credentials: an unused one is a typo or a leftover), and one digest has one
+    /// size (the device stores it once).
+    fn artifacts(&mut self, d: &Deployment) {
+        if d.artifacts.len() > MAX_ARTIFACTS {
+            self.push(
+                "/artifacts",
+                format!(
+                    "{} artifacts is more than the {MAX_ARTIFACTS} a deployment may name",
+                    d.artifacts.len()
+                ),
+            );
+        }
+        let mut sizes: BTreeMap<&str, (&str, u64)> = BTreeMap::new();
+        for (name, artifact) in &d.artifacts {
+            let at = pointer("/artifacts", name);
+            if !is_dns_label(name) {
+                self.push(
+                    at.clone(),
+                    format!(
+                        "artifact name `{name}` is not valid: use 1 to 63 lowercase letters, \
+                         digits and `-`, starting and ending with a letter or digit (it is the \
+                         file's name in the module's artifact folder)"
+                    ),
+                );
+            }
+            self.artifact(&at, artifact);
+            match sizes.get(artifact.sha256.as_str()) {
+                Some((other, size)) if *size != artifact.size => self.push(
+                    format!("{at}/size"),
+                    format!(
+                        "artifact `{other}` has the same SHA-256 with {size} bytes: one file \
+                         has one size"
+                    ),
+                ),
+                Some(_) => {}
+                None => {
+                    sizes.insert(&artifact.sha256, (name, artifact.size));
+                }
+            }
+            if !d.modules.values().any(|m| m.artifacts.contains(name)) {
+                self.push(
+                    at,
+                    format!(
+                        "artifact `{name}` is not read by any module; remove it or name it in \
+                         a module's `artifacts`"
+                    ),
+                );
+            }
+        }
+        for (module, m) in &d.modules {
+            let path = format!("{}/artifacts", pointer("/modules", module));
+            for (i, name) in m.artifacts.iter().enumerate() {
+                if !d.artifacts.contains_key(name) {
+                    self.push(
+                        format!("{path}/{i}"),
+                        format!("artifact `{name}` is not defined in the deployment's `artifacts`"),
+                    );
+                } else if m.artifacts[..i].contains(name) {
+                    self.push(
+                        format!("{path}/{i}"),
+                        format!("artifact `{name}` is listed twice; keep one"),
+                    );
+                }
+            }
+            if m.artifacts.is_empty() {
+                continue;
+            }
+            let binds = m
+                .create_options
+                .as_ref()
+                .and_then(|o| o.host_config.as_ref())
+                .map_or(&[][..], |h| &h.binds[..]);
+            for (i, bind) in binds.iter().enumerate() {
+                if let Ok(b) = Bind::parse(bind)
+                    && (b.target.trim_end_matches('/') == crate::spec::ARTIFACTS_MOUNT
+                        || b.target
+                            .starts_with(&format!("{}/", crate::spec::ARTIFACTS_MOUNT)))
+                {
+                    self.push(
+                        format!(
+                            "{}/createOptions/HostConfig/Binds/{i}",
+                            pointer("/modules", module)
+                        ),
+                        format!(
+                            "`{}` is where the agent mounts the module's artifacts; bind \
+                             elsewhere",
+                            crate::spec::ARTIFACTS_MOUNT
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
     fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.issues.push(Issue::new(path, message));
     }
@@ -139,6 +300,10 @@ impl Validator {
                 ),
             );
         }
+        if let Some(agent) = &d.agent {
+            self.agent(agent);
+        }
+        self.artifacts(d);
         let mut used_registries = BTreeSet::new();
         for (name, module) in &d.modules {
             let path = pointer("/modules", name);
@@ -157,7 +322,11 @@ impl Validator {
         }
         // The engine keeps one image per reference: one platform per image.
         let mut platforms: BTreeMap<&str, (&str, Option<&str>)> = BTreeMap::new();
-        for (name, module) in &d.modules {
+        for (name, module) in d
+            .modules
+            .iter()
+            .filter(|(_, m)| m.runtime == super::RuntimeKind::Docker)
+        {
             let platform = module.platform.as_deref();
             match platforms.get(module.image.as_str()) {
                 Some((other, theirs)) if *theirs != platform => self.push(
@@ -209,12 +378,88 @@ impl Validator {
     }
 
     /// Checks one module; returns the registry its image comes from when the image is valid.
+    /// A process module's own rules: a command with an absolute executable, no image, none
+    /// of the container-only settings.
+    fn process_module(&mut self, path: &str, m: &Module) {
+        if !m.image.is_empty() {
+            self.push(
+                format!("{path}/image"),
+                "a process module runs its `command`, not an image: leave `image` out (or use runtime `docker`)",
+            );
+        }
+        match m.command.first() {
+            None => self.push(
+                format!("{path}/command"),
+                "a process module needs a `command`: the executable's absolute path, then its arguments",
+            ),
+            Some(exe) if !exe.starts_with('/') || exe.split('/').any(|c| c == "..") => self.push(
+                format!("{path}/command/0"),
+                format!("`{exe}` is not an absolute path without `..`: name the executable by its full path"),
+            ),
+            Some(_) => {}
+        }
+        for (i, arg) in m.command.iter().enumerate() {
+            if arg.contains('\0') {
+                self.push(format!("{path}/command/{i}"), "contains a NUL character");
+            }
+        }
+        if let Some(dir) = &m.working_dir
+            && (!dir.starts_with('/') || dir.split('/').any(|c| c == ".."))
+        {
+            self.push(
+                format!("{path}/workingDir"),
+                format!("`{dir}` is not an absolute path without `..`"),
+            );
+        }
+        for (field, set) in [
+            ("createOptions", m.create_options.is_some()),
+            ("platform", m.platform.is_some()),
+        ] {
+            if set {
+                self.push(
+                    format!("{path}/{field}"),
+                    format!("`{field}` is for docker modules; a process module has none"),
+                );
+            }
+        }
+    }
+
     fn module(&mut self, path: &str, m: &Module) -> Option<String> {
-        let registry = match ImageRef::parse(&m.image) {
-            Ok(image) => Some(image.registry),
-            Err(e) => {
-                self.push(format!("{path}/image"), e);
+        let registry = match m.runtime {
+            super::RuntimeKind::Process => {
+                self.process_module(path, m);
                 None
+            }
+            super::RuntimeKind::Docker => {
+                if !m.command.is_empty() || m.working_dir.is_some() {
+                    let field = if m.command.is_empty() {
+                        "workingDir"
+                    } else {
+                        "command"
+                    };
+                    self.push(
+                        format!("{path}/{field}"),
+                        format!(
+                            "`{field}` is for process modules; a docker module's is createOptions.{}",
+                            if field == "command" { "Cmd" } else { "WorkingDir" }
+                        ),
+                    );
+                }
+                if m.image.is_empty() {
+                    self.push(
+                        format!("{path}/image"),
+                        "required field `image` is missing: a docker module names its image",
+                    );
+                    None
+                } else {
+                    match ImageRef::parse(&m.image) {
+                        Ok(image) => Some(image.registry),
+                        Err(e) => {
+                            self.push(format!("{path}/image"), e);
+                            None
+                        }
+                    }
+                }
             }
         };
         if let Some(platform) = &m.platform
@@ -246,8 +491,8 @@ impl Validator {
                     at.clone(),
                     format!(
                         "`{name}` is set by the agent (names starting with \
-                         `{RESERVED_ENV_PREFIX}BUS_` or `{RESERVED_ENV_PREFIX}MODULE` are \
-                         reserved); choose another name"
+                         `{RESERVED_ENV_PREFIX}BUS_`, `{RESERVED_ENV_PREFIX}MODULE` or \
+                         `{RESERVED_ENV_PREFIX}ARTIFACTS` are reserved); choose another name"
                     ),
                 );
             }
@@ -542,6 +787,48 @@ impl<'a> Bind<'a> {
 
 /// Checks an MQTT topic (or a filter when `filter` is true): non-empty levels' characters, and
 /// wildcards only where MQTT allows them.
+/// Whether an artifact URL is one the agent can fetch: `https://host/…`, `http://host/…` (the
+/// digest protects the content) or `file:///absolute/path`, without credentials in it (they
+/// would be reported and logged with the URL).
+pub fn check_artifact_url(url: &str) -> Result<(), String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!(
+            "`{url}` is not a URL: use https://…, http://… or file:///absolute/path"
+        ));
+    };
+    match scheme {
+        "https" | "http" => {
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+            if authority.is_empty() {
+                return Err(format!("`{url}` names no host"));
+            }
+            if authority.contains('@') {
+                return Err(format!(
+                    "`{url}` carries credentials: they would show in logs and reported state; serve the file without them (its digest protects it)"
+                ));
+            }
+            if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(format!("`{url}` holds spaces or control characters"));
+            }
+            Ok(())
+        }
+        "file" => {
+            if !rest.starts_with('/') {
+                return Err(format!(
+                    "`{url}` is not an absolute file URL: write file:///absolute/path"
+                ));
+            }
+            if rest.split('/').any(|c| c == "..") {
+                return Err(format!("`{url}` climbs out of its folder with `..`"));
+            }
+            Ok(())
+        }
+        other => Err(format!(
+            "scheme `{other}` is not one the agent fetches: use https, http or file"
+        )),
+    }
+}
+
 pub fn check_topic(topic: &str, filter: bool) -> Result<(), String> {
     if topic.is_empty() || topic.len() > 1024 {
         return Err("a topic must be 1 to 1024 bytes".into());
@@ -610,7 +897,7 @@ fn is_env_name(s: &str) -> bool {
 /// `OUTPOST_*` names the agent does not set itself stay free for modules (e.g. `OUTPOST_MODEL`).
 fn is_user_outpost_env(name: &str) -> bool {
     let rest = &name[RESERVED_ENV_PREFIX.len()..];
-    !(rest.starts_with("BUS_") || rest.starts_with("MODULE"))
+    !(rest.starts_with("BUS_") || rest.starts_with("MODULE") || rest.starts_with("ARTIFACTS"))
 }
 
 fn is_user(s: &str) -> bool {
@@ -661,6 +948,89 @@ mod tests {
         assert!(Bind::parse("/a").is_err());
     }
 
+    fn issues_of(json: &str) -> Vec<(String, String)> {
+        let d: Deployment = serde_json::from_str(json).unwrap();
+        validate(&d)
+            .into_iter()
+            .map(|i| (i.path, i.message))
+            .collect()
+    }
+
+    const DIGEST: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn artifacts_are_named_used_and_resolved() {
+        let ok = format!(
+            r#"{{"schemaVersion":"1.0","id":"d","version":1,
+            "artifacts":{{"model":{{"url":"https://h/m.onnx","sha256":"{DIGEST}","size":5}}}},
+            "modules":{{"a":{{"image":"r.io/a:1","artifacts":["model"]}},
+                        "b":{{"image":"r.io/b:1","artifacts":["model"]}}}}}}"#
+        );
+        assert_eq!(issues_of(&ok), [], "one artifact shared by two modules");
+
+        let bad = format!(
+            r#"{{"schemaVersion":"1.0","id":"d","version":1,
+            "artifacts":{{
+                "model":{{"url":"https://h/m.onnx","sha256":"{DIGEST}","size":5}},
+                "Bad_Name":{{"url":"ftp://h/x","sha256":"sha256:00","size":0}},
+                "spare":{{"url":"https://h/s","sha256":"{DIGEST}","size":6}}}},
+            "modules":{{"a":{{"image":"r.io/a:1","artifacts":["model","labels","model","Bad_Name","spare"],
+                "createOptions":{{"HostConfig":{{"Binds":["/srv/x:/outpost/artifacts:ro"]}}}}}}}}}}"#
+        );
+        let issues = issues_of(&bad);
+        let has = |path: &str, fragment: &str| {
+            assert!(
+                issues
+                    .iter()
+                    .any(|(p, m)| p == path && m.contains(fragment)),
+                "no `{fragment}` at {path}: {issues:#?}"
+            );
+        };
+        has("/artifacts/Bad_Name", "is not valid");
+        has("/artifacts/Bad_Name/url", "scheme `ftp`");
+        has("/artifacts/Bad_Name/sha256", "64 lowercase hex digits");
+        has("/artifacts/Bad_Name/size", "at least 1");
+        has("/artifacts/spare/size", "same SHA-256");
+        has("/modules/a/artifacts/1", "`labels` is not defined");
+        has("/modules/a/artifacts/2", "listed twice");
+        has(
+            "/modules/a/createOptions/HostConfig/Binds/0",
+            "mounts the module's artifacts",
+        );
+
+        let unused = format!(
+            r#"{{"schemaVersion":"1.0","id":"d","version":1,
+            "artifacts":{{"model":{{"url":"file:///srv/m","sha256":"{DIGEST}","size":5}}}},
+            "modules":{{"a":{{"image":"r.io/a:1"}}}}}}"#
+        );
+        assert_eq!(
+            issues_of(&unused),
+            [(
+                "/artifacts/model".to_string(),
+                "artifact `model` is not read by any module; remove it or name it in a \
+                 module's `artifacts`"
+                    .to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn artifacts_are_capped() {
+        let artifacts: Vec<String> = (0..=MAX_ARTIFACTS)
+            .map(|i| format!(r#""a{i}":{{"url":"file:///m{i}","sha256":"{DIGEST}","size":5}}"#))
+            .collect();
+        let names: Vec<String> = (0..=MAX_ARTIFACTS).map(|i| format!(r#""a{i}""#)).collect();
+        let json = format!(
+            r#"{{"schemaVersion":"1.0","id":"d","version":1,"artifacts":{{{}}},
+            "modules":{{"a":{{"image":"r.io/a:1","artifacts":[{}]}}}}}}"#,
+            artifacts.join(","),
+            names.join(",")
+        );
+        let issues = issues_of(&json);
+        assert_eq!(issues.len(), 1, "{issues:#?}");
+        assert_eq!(issues[0].0, "/artifacts");
+    }
+
     #[test]
     fn names() {
         assert!(is_dns_label("infer-2"));
@@ -670,6 +1040,7 @@ mod tests {
         assert!(!is_env_name("1X"));
         assert!(is_user_outpost_env("OUTPOST_MODEL"));
         assert!(!is_user_outpost_env("OUTPOST_BUS_URL"));
+        assert!(!is_user_outpost_env("OUTPOST_ARTIFACTS_DIR"));
         assert!(is_user("1000:1000") && is_user("nobody") && !is_user("a b"));
     }
 }

@@ -10,7 +10,7 @@ use crate::spec::container_name;
 use crate::state::ModuleStatus;
 
 use super::restart::{PULL_RETRY_BASE_MS, keep_alive, retry_delay, start_backoff};
-use super::types::{Action, Desired, ModulePlan, Plan, World};
+use super::types::{Action, ArtifactWait, Desired, Held, ModulePlan, Plan, World};
 use super::{Keep, best, group_label, is_exited, is_up};
 
 /// What the planner knows of one desired module's containers.
@@ -51,7 +51,9 @@ pub(super) fn managed(
     }
     let taken: BTreeSet<&str> = world.observed.iter().map(|o| o.name.as_str()).collect();
 
-    // Staging: every running module needs its image, verified, and then a created container.
+    // Staging: every running module needs its image, verified, its artifacts, verified, and
+    // then a created container. A module whose container already matches still waits for its
+    // artifacts: a new digest is part of the deployment being staged.
     let mut images_ready = true;
     for (name, m) in modules {
         if m.status != DesiredStatus::Running {
@@ -59,6 +61,9 @@ pub(super) fn managed(
         }
         let has_new = split.get(name.as_str()).is_some_and(|c| c.new.is_some());
         if !has_new && !image_ready(world, &mut plan, name, m) {
+            images_ready = false;
+        }
+        if !artifacts_ready(world, &mut plan, name) {
             images_ready = false;
         }
     }
@@ -117,6 +122,63 @@ pub(super) fn managed(
         }
     }
     plan.staged = images_ready && created;
+
+    // What the switch would change of what runs: an update lock protects a module whose
+    // running container it would replace, stop or remove; a window holds any switch with
+    // work to do (a new module to start too). Nothing of the device running yet: nothing to
+    // disturb, so neither holds.
+    for c in leaving.iter().filter(|c| is_up(c)) {
+        plan.changing.insert(c.module.clone());
+    }
+    let mut switch_work = !leaving.is_empty();
+    for (name, m) in modules {
+        let cs = split.get(name.as_str());
+        let up = |c: &&Observed| is_up(c);
+        match m.status {
+            DesiredStatus::Running => {
+                let old_up = cs.is_some_and(|c| c.old.iter().any(up));
+                if old_up {
+                    plan.changing.insert(name.clone());
+                }
+                switch_work |= cs.is_none_or(|c| {
+                    !c.old.is_empty() || c.new.is_none_or(|n| n.state == ContainerState::Created)
+                });
+            }
+            DesiredStatus::Stopped => {
+                if cs.is_some_and(|c| c.new.iter().chain(c.old.iter()).any(up)) {
+                    plan.changing.insert(name.clone());
+                    switch_work = true;
+                }
+            }
+        }
+    }
+    if let Some(hold) = world.hold {
+        for name in hold.relinks {
+            let up = split
+                .get(name.as_str())
+                .is_some_and(|c| c.new.iter().chain(c.old.iter()).any(|c| is_up(c)));
+            if modules.contains_key(name) && up {
+                plan.changing.insert(name.clone());
+                switch_work = true;
+            }
+        }
+    }
+    let held = match world.hold {
+        Some(hold) if !fresh && switch_work => {
+            if hold.window_closed {
+                Some(Held::Window)
+            } else {
+                let locks: Vec<String> = plan.changing.intersection(hold.locked).cloned().collect();
+                (!locks.is_empty()).then_some(Held::Locks(locks))
+            }
+        }
+        _ => None,
+    };
+    if held.is_some() {
+        // Not switched, so not staged either: artifacts keep their old links.
+        plan.staged = false;
+        plan.held = held;
+    }
 
     if !plan.staged {
         // Until the whole deployment is ready, what runs keeps running as it was (in startup
@@ -185,6 +247,16 @@ pub(super) fn managed(
         for (name, m) in modules {
             if m.status == DesiredStatus::Stopped {
                 plan.set(name, ModuleStatus::Staged, None);
+            }
+        }
+        if plan.held.is_some() {
+            // Held: a module whose new container waits beside the old one is staged, not
+            // the old one's status.
+            for (name, cs) in &split {
+                let waits = cs.new.is_some() && !cs.old.is_empty();
+                if waits && plan.modules.get(*name).is_none_or(|p| p.problem.is_none()) {
+                    plan.set(name, ModuleStatus::Staged, None);
+                }
             }
         }
         return plan;
@@ -321,6 +393,40 @@ fn image_ready(world: &World<'_>, plan: &mut Plan, name: &str, m: &Module) -> bo
         });
     }
     plan.set(name, ModuleStatus::Pulling, None);
+    false
+}
+
+/// Whether the module's artifacts are all fetched and verified; if not, says so in the plan
+/// (a failure wins over a pull under way; a pull failure already reported wins over a fetch).
+/// The agent fetches them on its own and wakes the planner when one lands.
+fn artifacts_ready(world: &World<'_>, plan: &mut Plan, name: &str) -> bool {
+    let Some(wait) = world.artifacts.get(name) else {
+        return true;
+    };
+    let failed_already = plan
+        .modules
+        .get(name)
+        .is_some_and(|p| p.status == ModuleStatus::Failed);
+    match wait {
+        ArtifactWait::Fetching { problem } => {
+            if !failed_already {
+                let problem = plan
+                    .modules
+                    .get(name)
+                    .and_then(|p| p.problem.clone())
+                    .or_else(|| problem.clone());
+                plan.set(name, ModuleStatus::Pulling, problem);
+            }
+        }
+        ArtifactWait::Failed {
+            message,
+            definitive,
+        } => {
+            if !(failed_already && plan.modules.get(name).is_some_and(|p| p.definitive)) {
+                plan.fail(name, message.clone(), *definitive);
+            }
+        }
+    }
     false
 }
 

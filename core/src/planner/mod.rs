@@ -8,7 +8,8 @@
 //!   container found is kept and reported `unmanaged`, restarted by the policy in its labels;
 //!   only a deployment removes modules.
 //! - **Stage, verify, switch.** A deployment first *stages*: every image it needs is pulled
-//!   and verified while the old containers keep running; then every module that needs a new
+//!   and verified, and every artifact its modules read fetched and verified, while the old
+//!   containers keep running; then every module that needs a new
 //!   container gets one *created* (not started). Only when the whole deployment is staged does
 //!   the *switch* begin: modules leaving the deployment are stopped and removed, highest startup
 //!   group first; then, group by group from the lowest, each changed module's old container is
@@ -41,7 +42,10 @@ pub use restart::{
     BACKOFF_CAP_MS, CRASH_LOOP_AFTER, HEALTHY_RUN_MS, PULL_RETRY_BASE_MS, backoff_delay,
     failures_after, retry_delay,
 };
-pub use types::{Action, Desired, Exit, Failure, ModuleHistory, ModulePlan, Plan, World};
+pub use types::{
+    Action, ArtifactWait, Desired, Exit, Failure, Held, Hold, ModuleHistory, ModulePlan, Plan,
+    World,
+};
 
 use deployment::managed;
 use unmanaged::unmanaged;
@@ -176,6 +180,7 @@ mod tests {
         images: BTreeSet<String>,
         none: BTreeSet<String>,
         pull_failures: BTreeMap<String, Failure>,
+        artifacts: BTreeMap<String, ArtifactWait>,
         start_failures: BTreeMap<String, Failure>,
         history: BTreeMap<String, ModuleHistory>,
         exits: BTreeMap<String, Exit>,
@@ -193,6 +198,7 @@ mod tests {
                     .collect(),
                 none: BTreeSet::new(),
                 pull_failures: BTreeMap::new(),
+                artifacts: BTreeMap::new(),
                 start_failures: BTreeMap::new(),
                 history: BTreeMap::new(),
                 exits: BTreeMap::new(),
@@ -219,11 +225,13 @@ mod tests {
                 pulling: &self.none,
                 pulled: &self.none,
                 pull_failures: &self.pull_failures,
+                artifacts: &self.artifacts,
                 start_failures: &self.start_failures,
                 history: &self.history,
                 exits: &self.exits,
                 busy: &self.busy,
                 now: NOW,
+                hold: None,
             }
         }
     }
@@ -358,6 +366,179 @@ mod tests {
         );
     }
 
+    /// v1 runs db, api, ui; v2 changes api only and has api's new container staged.
+    fn api_update_staged() -> (Desired, Vec<Observed>) {
+        let v1 = three();
+        let v2 = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":2,"modules":{
+            "db":{"image":"r.io/db:1","startupOrder":0},
+            "api":{"image":"r.io/api:2","startupOrder":10},
+            "ui":{"image":"r.io/ui:1","startupOrder":20}}}"#,
+        );
+        let mut new_api = staged(&v2, "api");
+        new_api.name = "outpost.dev1.api.1".into();
+        let observed = vec![
+            container(&v2, "db", ContainerState::Running),
+            container(&v1, "api", ContainerState::Running),
+            container(&v2, "ui", ContainerState::Running),
+            new_api,
+        ];
+        (v2, observed)
+    }
+
+    #[test]
+    fn a_closed_window_holds_the_switch_but_not_staging() {
+        let (v2, observed) = api_update_staged();
+        let f = Fixture::new(&v2);
+        let locked = BTreeSet::new();
+        let mut world = f.world(Some(&v2), &observed);
+        world.hold = Some(Hold {
+            window_closed: true,
+            locked: &locked,
+            relinks: &locked,
+        });
+        let p = plan(&world);
+        assert_eq!(p.held, Some(Held::Window));
+        assert!(p.actions.is_empty(), "nothing switched: {:?}", p.actions);
+        assert!(!p.staged && !p.converged);
+        assert_eq!(p.modules["api"].status, ModuleStatus::Staged);
+        assert_eq!(p.changing, BTreeSet::from(["api".to_string()]));
+
+        // Not staged yet: the pull still goes ahead while the window is closed.
+        let mut f = Fixture::new(&v2);
+        f.images.remove("r.io/api:2");
+        let running = &observed[..3];
+        let mut world = f.world(Some(&v2), running);
+        world.hold = Some(Hold {
+            window_closed: true,
+            locked: &locked,
+            relinks: &locked,
+        });
+        let p = plan(&world);
+        assert_eq!(p.held, Some(Held::Window));
+        assert!(matches!(&p.actions[..], [Action::Pull { .. }]));
+    }
+
+    #[test]
+    fn a_lock_holds_only_a_switch_that_changes_its_module() {
+        let (v2, observed) = api_update_staged();
+        let f = Fixture::new(&v2);
+        let none = BTreeSet::new();
+        let hold = |locked| Hold {
+            window_closed: false,
+            locked,
+            relinks: &none,
+        };
+        // ui holds a lock, but v2 does not change ui: the switch goes ahead.
+        let ui = BTreeSet::from(["ui".to_string()]);
+        let mut world = f.world(Some(&v2), &observed);
+        world.hold = Some(hold(&ui));
+        let p = plan(&world);
+        assert_eq!(p.held, None);
+        assert!(matches!(&p.actions[..], [Action::Replace { module, .. }] if module == "api"));
+
+        // api holds one: nothing is switched, and the plan says which lock.
+        let api = BTreeSet::from(["api".to_string()]);
+        world.hold = Some(hold(&api));
+        let p = plan(&world);
+        assert_eq!(p.held, Some(Held::Locks(vec!["api".into()])));
+        assert!(p.actions.is_empty());
+
+        // A module leaving the deployment is protected by its lock too.
+        let v3 = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":3,"modules":{
+            "db":{"image":"r.io/db:1","startupOrder":0},
+            "api":{"image":"r.io/api:1","startupOrder":10}}}"#,
+        );
+        let v1 = three();
+        let running = [
+            container(&v1, "db", ContainerState::Running),
+            container(&v1, "api", ContainerState::Running),
+            container(&v1, "ui", ContainerState::Running),
+        ];
+        let f = Fixture::new(&v3);
+        let mut world = f.world(Some(&v3), &running);
+        world.hold = Some(hold(&ui));
+        let p = plan(&world);
+        assert_eq!(p.held, Some(Held::Locks(vec!["ui".into()])));
+        assert!(p.actions.is_empty());
+        // Without the hold (a switch under way, a rollback), ui is removed.
+        world.hold = None;
+        assert!(
+            matches!(&plan(&world).actions[..], [Action::Remove { module, .. }] if module == "ui")
+        );
+    }
+
+    #[test]
+    fn nothing_holds_a_deployment_that_changes_nothing_or_a_device_running_nothing() {
+        let d = three();
+        let f = Fixture::new(&d);
+        let locked = BTreeSet::from(["api".to_string()]);
+        let none = BTreeSet::new();
+        let closed = Some(Hold {
+            window_closed: true,
+            locked: &locked,
+            relinks: &none,
+        });
+        // Already in force: converged, whatever the window.
+        let all_up = [
+            container(&d, "db", ContainerState::Running),
+            container(&d, "api", ContainerState::Running),
+            container(&d, "ui", ContainerState::Running),
+        ];
+        let mut world = f.world(Some(&d), &all_up);
+        world.hold = closed;
+        let p = plan(&world);
+        assert!(p.converged && p.held.is_none());
+        // A device running nothing of its own: the first deployment starts at once.
+        let mut world = f.world(Some(&d), &[]);
+        world.hold = closed;
+        let p = plan(&world);
+        assert!(p.held.is_none());
+        assert!(
+            p.actions
+                .iter()
+                .any(|a| matches!(a, Action::Create { start: true, .. }))
+        );
+    }
+
+    #[test]
+    fn a_new_model_alone_waits_for_the_window_and_for_its_modules_lock() {
+        // Every container matches the deployment; only api's artifact links would change.
+        let d = three();
+        let f = Fixture::new(&d);
+        let all_up = [
+            container(&d, "db", ContainerState::Running),
+            container(&d, "api", ContainerState::Running),
+            container(&d, "ui", ContainerState::Running),
+        ];
+        let none = BTreeSet::new();
+        let api = BTreeSet::from(["api".to_string()]);
+        let ui = BTreeSet::from(["ui".to_string()]);
+        let judge = |window_closed, locked, relinks| {
+            let mut world = f.world(Some(&d), &all_up);
+            world.hold = Some(Hold {
+                window_closed,
+                locked,
+                relinks,
+            });
+            plan(&world)
+        };
+        // Outside the window: held, and not staged, so the links are not swapped.
+        let p = judge(true, &none, &api);
+        assert_eq!(p.held, Some(Held::Window));
+        assert!(!p.staged && !p.converged);
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
+        // api's lock holds it; ui's does not.
+        let p = judge(false, &api, &api);
+        assert_eq!(p.held, Some(Held::Locks(vec!["api".into()])));
+        let p = judge(false, &ui, &api);
+        assert!(p.held.is_none() && p.staged && p.converged);
+        // Nothing to swap: nothing to hold.
+        let p = judge(true, &api, &none);
+        assert!(p.held.is_none() && p.converged);
+    }
+
     #[test]
     fn a_failed_pull_leaves_the_running_module_alone_and_fails_the_deployment() {
         let v1 = desired(
@@ -385,6 +566,78 @@ mod tests {
         assert_eq!(app.status, ModuleStatus::Failed);
         assert!(app.definitive);
         assert!(app.problem.as_deref().unwrap().contains("404"));
+    }
+
+    #[test]
+    fn a_new_artifact_digest_holds_the_deployment_without_touching_the_container() {
+        // The model's digest changed, not its name: the container still matches its hash.
+        let d = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":2,
+            "artifacts":{"model":{"url":"file:///m","sha256":"00","size":1}},
+            "modules":{"app":{"image":"r.io/app:1","artifacts":["model"]}}}"#,
+        );
+        let mut f = Fixture::new(&d);
+        f.artifacts.insert(
+            "app".into(),
+            ArtifactWait::Fetching {
+                problem: Some("connection reset; retrying".into()),
+            },
+        );
+        let running = [container(&d, "app", ContainerState::Running)];
+        let p = plan(&f.world(Some(&d), &running));
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
+        assert!(
+            !p.staged && !p.converged,
+            "not applied before the model is in"
+        );
+        assert_eq!(p.modules["app"].status, ModuleStatus::Pulling);
+        assert_eq!(
+            p.modules["app"].problem.as_deref(),
+            Some("connection reset; retrying")
+        );
+
+        // A wrong digest fails the module at once, and still nothing is touched.
+        f.artifacts.insert(
+            "app".into(),
+            ArtifactWait::Failed {
+                message: "artifact `model`: the file's SHA-256 is ab…".into(),
+                definitive: true,
+            },
+        );
+        let p = plan(&f.world(Some(&d), &running));
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
+        assert_eq!(p.modules["app"].status, ModuleStatus::Failed);
+        assert!(p.modules["app"].definitive);
+
+        // Fetched: converged as it is, the same container.
+        f.artifacts.clear();
+        let p = plan(&f.world(Some(&d), &running));
+        assert!(p.actions.is_empty() && p.staged && p.converged);
+    }
+
+    #[test]
+    fn a_new_module_is_not_created_before_its_artifacts() {
+        let d = desired(
+            r#"{"schemaVersion":"1.0","id":"d","version":1,
+            "artifacts":{"model":{"url":"file:///m","sha256":"00","size":1}},
+            "modules":{"app":{"image":"r.io/app:1","artifacts":["model"]},
+                       "other":{"image":"r.io/other:1"}}}"#,
+        );
+        let mut f = Fixture::new(&d);
+        f.artifacts
+            .insert("app".into(), ArtifactWait::Fetching { problem: None });
+        let p = plan(&f.world(Some(&d), &[]));
+        assert!(p.actions.is_empty(), "nothing is created: {:?}", p.actions);
+        assert_eq!(p.modules["app"].status, ModuleStatus::Pulling);
+        f.artifacts.clear();
+        let p = plan(&f.world(Some(&d), &[]));
+        assert_eq!(
+            p.actions,
+            [
+                create_started("app", "outpost.dev1.app"),
+                create_started("other", "outpost.dev1.other")
+            ]
+        );
     }
 
     #[test]
@@ -1009,8 +1262,8 @@ mod tests {
                 engine.see_exits(now, pass == 0);
                 let world = World {
                     device: DEV, desired: d.as_ref(), observed: &engine.containers, images: &engine.images,
-                    pulling: &none, pulled: &none, pull_failures: &failures, start_failures: &start_failures,
-                    history: &history, exits: &engine.exits, busy: &busy, now,
+                    pulling: &none, pulled: &none, pull_failures: &failures, artifacts: &BTreeMap::new(),
+                    start_failures: &start_failures, history: &history, exits: &engine.exits, busy: &busy, now, hold: None,
                 };
                 let p = plan(&world);
                 if p.actions.is_empty() && p.wake_at.is_none() {

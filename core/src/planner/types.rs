@@ -40,6 +40,18 @@ pub struct Exit {
     pub before_agent: bool,
 }
 
+/// Why a module's artifacts are not all in place; a module without an entry has every
+/// artifact it names fetched and verified (or names none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArtifactWait {
+    /// Still being fetched and verified; `problem` is the last transient failure (a lost
+    /// link, a busy server), which is being retried.
+    Fetching { problem: Option<String> },
+    /// Cannot be had as the deployment names it: a wrong digest or size, a file the server
+    /// does not have. `definitive` when retrying cannot help without a new deployment.
+    Failed { message: String, definitive: bool },
+}
+
 /// The desired deployment with each module's config hash computed.
 #[derive(Debug, Clone)]
 pub struct Desired {
@@ -60,6 +72,9 @@ pub struct World<'a> {
     pub pulled: &'a BTreeSet<String>,
     /// Failed pulls and verifications, by image.
     pub pull_failures: &'a BTreeMap<String, Failure>,
+    /// Modules whose artifacts are not all fetched and verified yet, by module: they are
+    /// staged like a missing image (nothing created, nothing switched until they are).
+    pub artifacts: &'a BTreeMap<String, ArtifactWait>,
     /// Failed creates and starts, by module.
     pub start_failures: &'a BTreeMap<String, Failure>,
     pub history: &'a BTreeMap<String, ModuleHistory>,
@@ -69,6 +84,31 @@ pub struct World<'a> {
     pub busy: &'a BTreeSet<String>,
     /// Monotonic milliseconds.
     pub now: u64,
+    /// What may hold back the switch of a deployment that has not begun switching; `None`
+    /// once it has, and for a rollback: a switch under way is never held halfway.
+    pub hold: Option<Hold<'a>>,
+}
+
+/// What may hold back a switch (docs/reconciler.md#update-windows-and-locks).
+#[derive(Debug, Clone, Copy)]
+pub struct Hold<'a> {
+    /// The device is outside its update windows and the deployment is not urgent.
+    pub window_closed: bool,
+    /// Modules holding an update lock whose deadline has not passed.
+    pub locked: &'a BTreeSet<String>,
+    /// Modules whose artifact links the switch would swap (a new digest, a name dropped):
+    /// work for the switch even when no container changes, so a new model waits for the
+    /// window, and for its module's lock, like a new image.
+    pub relinks: &'a BTreeSet<String>,
+}
+
+/// Why the planner did not switch a deployment that is (or is being) staged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    /// Outside the update windows.
+    Window,
+    /// These modules, which the switch would replace, stop or remove, hold their locks.
+    Locks(Vec<String>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,10 +191,16 @@ pub struct Plan {
     /// The earliest monotonic time a new pass is due even without events (backoffs, retries).
     pub wake_at: Option<u64>,
     pub modules: BTreeMap<String, ModulePlan>,
-    /// Every image the deployment needs is present and every new container created.
+    /// Every image and artifact the deployment needs is present and every new container
+    /// created.
     pub staged: bool,
     /// Every module is in its desired status and nothing is left to do.
     pub converged: bool,
+    /// The switch was held back (a window or a lock): what runs was kept as it was.
+    pub held: Option<Held>,
+    /// The modules whose running containers the switch replaces, stops or removes (what an
+    /// update lock protects); a module the deployment does not change is not here.
+    pub changing: BTreeSet<String>,
 }
 
 impl Plan {

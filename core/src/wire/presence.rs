@@ -25,7 +25,7 @@ pub fn presence(online: bool, groups: &[String]) -> Vec<u8> {
     let p = Presence {
         online,
         since: Some(crate::time::unix_now()),
-        agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+        agent_version: Some(crate::version::current().to_string()),
         groups: groups.to_vec(),
     };
     // Serializing a struct of strings, numbers and bools cannot fail.

@@ -46,6 +46,8 @@ pub(super) struct Shared {
     pub(super) unauthenticated: std::sync::Mutex<HashMap<std::net::IpAddr, usize>>,
     /// Per module: when a refusal was last warned about, and how many were not since.
     pub(super) unstored_log: std::sync::Mutex<HashMap<String, (tokio::time::Instant, u64)>>,
+    /// The reconciler, for modules' update locks; empty until it is built.
+    pub(super) locks: super::super::LockHandle,
 }
 
 impl Shared {

@@ -48,7 +48,7 @@ use crate::telemetry::outbox::Outbox;
 use clients::{Pending, Shared};
 use connect::connection;
 
-pub use topics::{allowed_filter, allowed_publish};
+pub use topics::{allowed_filter, allowed_publish, lock_topic};
 
 /// Largest packet either way.
 pub const MAX_PACKET: usize = 512 * 1024;
@@ -90,9 +90,10 @@ pub async fn serve(
     routes: watch::Receiver<Arc<RouteTable>>,
     outbox: Outbox,
     counters: Arc<BusCounters>,
+    locks: super::LockHandle,
     stop: CancellationToken,
 ) {
-    let shared = Broker::new(secret, routes, outbox, counters).shared;
+    let shared = Broker::new(secret, routes, outbox, counters, locks).shared;
     let tracker = TaskTracker::new();
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "local bus listening");
@@ -163,6 +164,7 @@ impl Broker {
         routes: watch::Receiver<Arc<RouteTable>>,
         outbox: Outbox,
         counters: Arc<BusCounters>,
+        locks: super::LockHandle,
     ) -> Broker {
         Broker {
             shared: Arc::new(Shared {
@@ -175,6 +177,7 @@ impl Broker {
                 connections: AtomicUsize::new(0),
                 unauthenticated: std::sync::Mutex::new(HashMap::new()),
                 unstored_log: std::sync::Mutex::new(HashMap::new()),
+                locks,
             }),
         }
     }
@@ -253,6 +256,7 @@ mod tests {
             routes,
             outbox.clone(),
             counters.clone(),
+            Default::default(),
             stop.clone(),
         ));
         let mut options = MqttOptions::new("cam-1", "127.0.0.1", port);
@@ -324,6 +328,7 @@ mod tests {
             routes,
             outbox.clone(),
             Arc::new(BusCounters::default()),
+            Default::default(),
         ));
         let mut login = rumqttc::Connect::new("cam-1");
         login.set_login("cam", secret.password("cam"));

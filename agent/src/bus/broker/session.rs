@@ -20,7 +20,7 @@ use super::super::routes::Target;
 use super::Stream;
 use super::clients::{ClientKey, Shared};
 use super::codec::{packet_kind, write};
-use super::topics::{allowed_filter, allowed_publish};
+use super::topics::{allowed_filter, allowed_publish, lock_topic};
 use super::{MAX_FILTERS, MAX_PACKET, MAX_PENDING_ACKS};
 use crate::telemetry::outbox::OutboxError;
 
@@ -190,6 +190,14 @@ impl<S: Stream> Conn<'_, S> {
         if p.qos == QoS::ExactlyOnce {
             return Err("QoS 2 is not supported on the local bus; use QoS 0 or 1".into());
         }
+        if p.topic == lock_topic(&self.module) {
+            let module = self.module.clone();
+            lock(self.shared, &module, &p.payload).await;
+            if p.qos == QoS::AtLeastOnce {
+                self.acks.push_back((p.pkid, Box::pin(async { Ok(()) })));
+            }
+            return Ok(());
+        }
         if !allowed_publish(&self.module, &p.topic) {
             self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(module = %self.module, topic = %p.topic, "publish outside the module's outputs refused; connection closed");
@@ -236,6 +244,34 @@ impl<S: Stream> Conn<'_, S> {
             self.shared.unstored(&self.module, p.qos, &e);
         }
         Ok(())
+    }
+}
+
+/// `lock` or `unlock` on the module's own lock topic: handed to the reconciler, which
+/// answers at once; the outcome is logged (MQTT 3.1.1 has no reply to a publish).
+async fn lock(shared: &Shared, module: &str, payload: &[u8]) {
+    let hold = match payload {
+        b"lock" => true,
+        b"unlock" => false,
+        _ => {
+            tracing::warn!(
+                module,
+                "a lock publish must carry `lock` or `unlock`; ignored"
+            );
+            return;
+        }
+    };
+    let Some(handle) = shared.locks.get() else {
+        tracing::warn!(
+            module,
+            "update lock asked before the agent is ready; ignored"
+        );
+        return;
+    };
+    match handle.lock(module, hold, "bus").await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(module, error = %e, "update lock refused"),
+        Err(e) => tracing::warn!(module, error = %e, "update lock not handled"),
     }
 }
 

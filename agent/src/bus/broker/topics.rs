@@ -6,6 +6,12 @@ pub fn allowed_publish(module: &str, topic: &str) -> bool {
     topic.len() > prefix.len() && topic.starts_with(&prefix) && rumqttc::valid_topic(topic)
 }
 
+/// The topic a module publishes `lock` or `unlock` to, to take or release its own update
+/// lock (docs/reconciler.md#update-windows-and-locks): only its own.
+pub fn lock_topic(module: &str) -> String {
+    format!("modules/{module}/lock")
+}
+
 /// A module may subscribe to filters under its own inputs (wildcards only below them).
 pub fn allowed_filter(module: &str, filter: &str) -> bool {
     let prefix = format!("modules/{module}/inputs/");

@@ -100,6 +100,8 @@ pub fn device_facts() -> crate::policy::DeviceFacts {
     crate::policy::DeviceFacts {
         arch: crate::manifest::Arch::current(),
         memory_mb: total / (1024 * 1024),
+        // The daemon says otherwise when it runs without an engine.
+        engine: true,
     }
 }
 
