@@ -163,6 +163,23 @@ impl Node {
         Ok(())
     }
 
+    /// Drops every packet clients send to the node's MQTT port (a firewall rule in its
+    /// namespace), so it acknowledges nothing more while it goes on routing what it already
+    /// acknowledged to the other nodes; its cluster links stay up.
+    pub fn cut_clients(&self) -> Result<()> {
+        let port = NODE_PORT.to_string();
+        let status = Command::new("ip")
+            .args([
+                "netns", "exec", &self.ns, "iptables", "-I", "INPUT", "-p", "tcp",
+            ])
+            .args(["--dport", &port, "-j", "DROP"])
+            .status()?;
+        if !status.success() {
+            bail!("iptables in {}: {status}", self.ns);
+        }
+        Ok(())
+    }
+
     /// Ends the node as a power cut would.
     pub fn kill(&mut self) {
         if let Some(child) = self.process.take() {
