@@ -426,3 +426,96 @@ fn a_new_model_artifact_is_served_without_restarting_the_module() {
     assert_eq!(running(&agent, "infer"), Some(process), "untouched");
     assert_eq!(score(port), Some(second));
 }
+
+/// Run as root, the agent starts process modules as `nobody` (`runtime.process_user` unset):
+/// a module writes its own folder, but cannot read another module's record (its environment,
+/// with its bus password), the agent's store, or list the modules.
+#[test]
+fn process_modules_run_as_nobody_and_reach_only_what_is_theirs() {
+    let agent = device("user", "process");
+    let v1 = manifest(1, json!({ "first": testmod(json!({}), 0) }));
+    let (code, out) = agent.deploy(&v1, 120);
+    assert_eq!(code, 0, "{out}\n{}", agent.log());
+    assert!(
+        agent
+            .log()
+            .contains("process modules run as uid 65534, gid 65534"),
+        "{}",
+        agent.log()
+    );
+    let check = agent.outpost(&["check", "--json"]);
+    let report: Value = serde_json::from_slice(&check.stdout).expect("check --json");
+    let finding = report["findings"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["check"] == "process-user"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no process-user finding: {report}"));
+    assert_eq!(finding["level"], "ok", "{finding}");
+    assert!(
+        finding["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("uid 65534")),
+        "{finding}"
+    );
+    let (first_id, first_pid, _) = running(&agent, "first").expect("first runs");
+    let status = std::fs::read_to_string(format!("/proc/{first_pid}/status")).expect("status");
+    let ids = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    // Real, effective, saved and filesystem ids; no supplementary group.
+    assert_eq!(ids("Uid:"), "65534 65534 65534 65534", "{status}");
+    assert_eq!(ids("Gid:"), "65534 65534 65534 65534", "{status}");
+    assert_eq!(ids("Groups:"), "", "{status}");
+
+    let state = agent.state_dir();
+    let record = state.join("processes").join(&first_id).join("record.json");
+    let store = state.join("outpost.redb");
+    assert!(
+        std::fs::read_to_string(&record)
+            .expect("the record")
+            .contains("OUTPOST_BUS_PASSWORD"),
+        "the record holds a secret worth keeping"
+    );
+    let probe = format!(
+        "echo id $(id -u):$(id -g); echo kept > data && echo wrote $(cat data); \
+         cat {record} > /dev/null 2>&1 && echo LEAK record || echo denied record; \
+         cat {store} > /dev/null 2>&1 && echo LEAK store || echo denied store; \
+         ls {processes} > /dev/null 2>&1 && echo LEAK list || echo denied list; echo probe done; \
+         exec sleep 600",
+        record = record.display(),
+        store = store.display(),
+        processes = state.join("processes").display(),
+    );
+    let v2 = manifest(
+        2,
+        json!({
+            "first": testmod(json!({}), 0),
+            "probe": { "runtime": "process", "command": ["/bin/sh", "-c", probe] }
+        }),
+    );
+    let (code, out) = agent.deploy(&v2, 120);
+    assert_eq!(code, 0, "{out}\n{}", agent.log());
+    let said = wait_for("the probe's report", MINUTE, || {
+        let out = agent.outpost(&["logs", "probe"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.contains("probe done").then_some(text)
+    });
+    for line in [
+        "id 65534:65534",
+        "wrote kept",
+        "denied record",
+        "denied store",
+        "denied list",
+    ] {
+        assert!(said.contains(line), "`{line}` in:\n{said}");
+    }
+    assert!(!said.contains("LEAK"), "{said}");
+    // Its folder is its own.
+    use std::os::unix::fs::MetadataExt as _;
+    let work = std::fs::metadata(state.join("processes/work/probe")).expect("its folder");
+    assert_eq!((work.uid(), work.gid()), (65534, 65534));
+}

@@ -618,14 +618,22 @@ fn worse(a: Option<ArtifactWait>, b: Option<ArtifactWait>) -> Option<ArtifactWai
     }
 }
 
-/// A folder the module (any user) may read: the store's own folder stays private.
+/// A module's folder, which the module may read whatever its user (a container's, a process
+/// module's), and the two it is reached through (`artifacts/modules/`, `artifacts/`). Set
+/// after creating: the service's umask (0077) takes the bits off a new folder's mode. The
+/// store's own folder stays private (its files are read through the links).
 fn create_dir(dir: &Path) -> Result<(), ArtifactError> {
-    use std::os::unix::fs::DirBuilderExt as _;
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
         .create(dir)
-        .map_err(io_err("cannot create", dir))
+        .map_err(io_err("cannot create", dir))?;
+    for d in dir.ancestors().take(3) {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+            .map_err(io_err("cannot open up", d))?;
+    }
+    Ok(())
 }
 
 /// Points `path` at `target`'s inode atomically: a reader sees the old file or the new one,

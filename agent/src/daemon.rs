@@ -142,6 +142,7 @@ async fn run_until(
     let process = if !config.runs_process_modules() {
         process
     } else {
+        let process = process.with_user(process_user(&config)?);
         match crate::runtime::process::cgroup::prepare(&config.runtime.process_cgroup) {
             Ok(placement) => {
                 info!(limits = %placement.describe(), "process modules' limits");
@@ -414,4 +415,51 @@ pub async fn cancel_on_signal(token: CancellationToken) {
         _ = int.recv() => info!("SIGINT"),
     }
     token.cancel();
+}
+
+/// The user process modules run as (`runtime.process_user`), said once at start-up. A module
+/// of another user must pass through the state folder to its working folder and artifacts:
+/// the folder gets the "others may pass" bit (never "may list"; what is inside stays private
+/// where it is not the modules' to read).
+fn process_user(
+    config: &Config,
+) -> Result<Option<crate::runtime::process::user::RunAs>, DaemonError> {
+    use crate::runtime::process::user;
+    let run_as =
+        user::resolve_here(&config.runtime.process_user).map_err(|why| RuntimeError::Engine {
+            op: "prepare",
+            target: "runtime.process_user".into(),
+            message: why,
+        })?;
+    match run_as {
+        Some(who) => {
+            use std::os::unix::fs::PermissionsExt as _;
+            let dir = &config.state_dir;
+            let mode = std::fs::metadata(dir)
+                .map(|m| m.permissions().mode())
+                .unwrap_or(0o700);
+            if mode & 0o001 == 0 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o001))
+                    .map_err(|e| RuntimeError::Engine {
+                        op: "prepare",
+                        target: dir.display().to_string(),
+                        message: format!("cannot let process modules pass through it: {e}"),
+                    })?;
+            }
+            info!(
+                uid = who.uid,
+                gid = who.gid,
+                "process modules run as uid {}, gid {} (runtime.process_user)",
+                who.uid,
+                who.gid
+            );
+        }
+        None if user::agent_uid() == 0 => {
+            warn!(
+                "process modules run as root, as runtime.process_user asks: they can do anything on the device"
+            );
+        }
+        None => info!("process modules run as the agent's user"),
+    }
+    Ok(run_as)
 }

@@ -61,6 +61,13 @@ impl Folder {
         let _ = std::fs::remove_dir_all(&dir);
         crate::update::record::private_dir(&dir)
             .with_context(|| format!("cannot make {}", dir.display()))?;
+        // Run as root, the agent starts the process module as `nobody`, which must pass
+        // through here to its model (it may pass, not list).
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
+                .with_context(|| format!("cannot open up {}", dir.display()))?;
+        }
         Ok(Folder(dir))
     }
 

@@ -57,6 +57,13 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// Lets any user pass through `dir` (not list it), as `/var/lib` lets a process module reach
+/// the agent's state folder: a temporary folder is private to root.
+pub fn passable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).expect("chmod 0711");
+}
+
 /// Waits until `f` returns `Some`, polling every 100 ms; panics with `what` after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -505,6 +512,9 @@ impl Agent {
     fn write_config(device: &str, id_line: &str, runtime: &str, extra: &str) -> Agent {
         require_docker();
         let dir = tempfile::tempdir().expect("agent dir");
+        // Process modules run as `nobody` and pass through here to their folders, as they
+        // pass through /var/lib on a device.
+        passable(dir.path());
         // Agents of parallel tests share the engine: each gets its own bus port on the bridge
         // (the default, port 1884, is one per host).
         let bus = if extra.contains("[bus]") {

@@ -116,6 +116,7 @@ impl Fleet {
     /// [`Fleet::wait_online`]).
     pub fn start(broker: &Broker, options: FleetOptions) -> Result<Fleet> {
         let dir = tempfile::Builder::new().prefix("fleet-").tempdir()?;
+        crate::engine::passable(dir.path());
         let mut members = Vec::with_capacity(options.devices);
         let hub = broker.device_hub_section();
         for i in 0..options.devices {

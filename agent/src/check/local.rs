@@ -204,6 +204,38 @@ pub fn process_limits(config: &Config) -> Option<Finding> {
     })
 }
 
+/// Who process modules will run as (`runtime.process_user`), where they may run: an unknown
+/// user stops the agent at start-up, and root is worth a warning.
+pub fn process_user(config: &Config) -> Option<Finding> {
+    use crate::runtime::process::user;
+    if !config.runs_process_modules() {
+        return None;
+    }
+    Some(match user::resolve_here(&config.runtime.process_user) {
+        Ok(Some(who)) => Finding::ok(
+            "process-user",
+            format!("process modules run as uid {}, gid {}", who.uid, who.gid),
+        ),
+        Ok(None) if user::agent_uid() == 0 => Finding::warning(
+            "process-user",
+            "process modules run as root (runtime.process_user): outside a container, they can read the device's keys and lift their own limits",
+            "leave runtime.process_user out (nobody) or name an unprivileged user",
+        ),
+        Ok(None) => Finding::ok(
+            "process-user",
+            format!(
+                "process modules run as the agent's user (uid {})",
+                user::agent_uid()
+            ),
+        ),
+        Err(why) => Finding::error(
+            "process-user",
+            format!("runtime.process_user: {why}; the agent will not start"),
+            "name a user of /etc/passwd, or a uid[:gid]",
+        ),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -177,6 +177,7 @@ pub async fn run_with(config: &Config) -> Report {
     findings.push(local::trusted_keys(config));
     findings.push(update::check(config));
     findings.extend(local::process_limits(config));
+    findings.extend(local::process_user(config));
     // The network checks wait on other parties: run them side by side.
     let (hub, engine) = tokio::join!(hub::check(config), engine::check(config));
     findings.extend(hub.findings);

@@ -94,6 +94,7 @@ pub(super) struct RawRuntime {
     pub(super) max_parallel_actions: Option<usize>,
     pub(super) image_gc_after_secs: Option<u64>,
     pub(super) process_cgroup: Option<String>,
+    pub(super) process_user: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -155,6 +155,8 @@ pub struct RuntimeConfig {
     pub image_gc_after: Duration,
     /// Where process modules' cgroups v2 go (`auto`, `off` or a folder).
     pub process_cgroup: crate::runtime::process::cgroup::Setting,
+    /// The user process modules run as (`nobody` by default when the agent is root).
+    pub process_user: crate::runtime::process::user::Setting,
 }
 
 /// What the agent does as disks fill up.

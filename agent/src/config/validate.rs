@@ -258,10 +258,19 @@ fn runtime(r: RawRuntime, issues: &mut Issues) -> RuntimeConfig {
             Setting::Off
         }
     };
+    use crate::runtime::process::user;
+    let process_user = match r.process_user.as_deref() {
+        None => user::Setting::Default,
+        Some(v) => user::Setting::parse(v).unwrap_or_else(|why| {
+            issues.push("runtime.process_user", why);
+            user::Setting::Default
+        }),
+    };
     RuntimeConfig {
         kind,
         max_parallel_actions,
         process_cgroup,
+        process_user,
         docker_socket: r
             .docker_socket
             .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),

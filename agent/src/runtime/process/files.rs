@@ -36,6 +36,9 @@ pub struct Record {
     /// The module's cgroup v2 folder, when the device offers one ([`super::cgroup`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+    /// The user the module runs as; absent: the agent's own ([`super::user`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<super::user::RunAs>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

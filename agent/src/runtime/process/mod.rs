@@ -18,7 +18,9 @@ pub mod cgroup;
 pub mod files;
 pub mod logs;
 pub mod shim;
+pub mod user;
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -49,18 +51,32 @@ pub struct ProcessRuntime {
     shim: PathBuf,
     /// Where modules' cgroups go, when the device offers cgroup v2 ([`cgroup::prepare`]).
     cgroups: Option<cgroup::Placement>,
+    /// The user modules run as; `None`: the agent's own ([`user::resolve`]).
+    run_as: Option<user::RunAs>,
 }
 
 impl ProcessRuntime {
     pub fn new(state_dir: &Path) -> std::io::Result<ProcessRuntime> {
         let root = state_dir.join("processes");
-        crate::update::record::private_dir(&root)?;
-        crate::update::record::private_dir(&root.join("work"))?;
+        // Modules that run as another user pass through these two to their working folders:
+        // they may pass, not list. Each module's record folder (its environment, with its bus
+        // password) stays the agent's alone.
+        for dir in [root.clone(), root.join("work")] {
+            crate::update::record::private_dir(&dir)?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+        }
         Ok(ProcessRuntime {
             root,
             shim: std::env::current_exe()?,
             cgroups: None,
+            run_as: None,
         })
+    }
+
+    /// Modules started from now on run as `run_as` (`None`: as the agent).
+    pub fn with_user(mut self, run_as: Option<user::RunAs>) -> ProcessRuntime {
+        self.run_as = run_as;
+        self
     }
 
     /// Modules created from now on run in cgroups under `placement`.
@@ -260,7 +276,6 @@ impl Runtime for ProcessRuntime {
 
     /// The executable, as an image: present when it is a regular executable file.
     async fn image(&self, image: &str) -> Result<Option<ImageInfo>, RuntimeError> {
-        use std::os::unix::fs::PermissionsExt as _;
         let Ok(meta) = std::fs::metadata(image) else {
             return Ok(None);
         };
@@ -326,6 +341,7 @@ impl Runtime for ProcessRuntime {
             log_max_files: spec.log_max_files.max(1),
             created: outpost_core::time::unix_now(),
             cgroup: self.cgroups.as_ref().map(|c| c.module(&id)),
+            user: self.run_as,
         };
         crate::update::record::private_dir(&dir).map_err(|e| error("create", &spec.name, e))?;
         files::write(&dir.join(RECORD), &record).map_err(|e| error("create", &spec.name, e))?;
@@ -333,9 +349,38 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
-        let (dir, record) = self.record(id)?;
+        let (dir, mut record) = self.record(id)?;
         if self.running(&dir).is_some() {
             return Ok(());
+        }
+        // The user is the device's current setting, not the one at create: a change of
+        // `runtime.process_user` applies at each module's next start.
+        if record.user != self.run_as {
+            record.user = self.run_as;
+            files::write(&dir.join(RECORD), &record).map_err(|e| error("start", id, e))?;
+        }
+        let module = record
+            .labels
+            .get(labels::MODULE)
+            .cloned()
+            .unwrap_or_default();
+        if let Some(run_as) = self.run_as
+            && record.working_dir == self.default_working_dir(&module)
+        {
+            user::hand_over(&record.working_dir, run_as).map_err(|e| {
+                let hint = match e.raw_os_error() {
+                    Some(1) => user::not_permitted(run_as),
+                    _ => String::new(),
+                };
+                error(
+                    "start",
+                    id,
+                    format!(
+                        "cannot give {} to its user: {e}{hint}",
+                        record.working_dir.display()
+                    ),
+                )
+            })?;
         }
         for f in [RUN, EXIT] {
             let _ = std::fs::remove_file(dir.join(f));

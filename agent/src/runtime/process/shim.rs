@@ -85,6 +85,11 @@ pub fn run(dir: &Path) -> u8 {
     {
         use std::os::unix::process::CommandExt as _;
         command.process_group(0);
+        // Set in the child between fork and exec: the module never runs as root, not even
+        // for a moment; std also drops the shim's supplementary groups.
+        if let Some(user) = record.user {
+            command.uid(user.uid).gid(user.gid);
+        }
     }
     let spawned = command.spawn();
     // The module is in its cgroup from its fork on; the shim goes back where it was, so its
@@ -95,7 +100,10 @@ pub fn run(dir: &Path) -> u8 {
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            let why = format!("cannot start {}: {e}", record.executable);
+            let mut why = format!("cannot start {}: {e}", record.executable);
+            if let (Some(user), Some(1)) = (record.user, e.raw_os_error()) {
+                why.push_str(&super::user::not_permitted(user));
+            }
             if let Ok(mut l) = log.lock() {
                 let _ = l.line("stderr", format!("outpost: {why}").as_bytes());
             }
